@@ -1,0 +1,1 @@
+"""The scoring worker: consume frames, score them, route decisions, commit."""

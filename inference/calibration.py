@@ -1,0 +1,74 @@
+"""Thresholds from normal frames, without any defect examples.
+
+A line starts with no labelled defects, so the alert threshold is set from
+held-out normal frames: it is the conformal quantile that bounds the false-alarm
+rate on exchangeable normal frames at ``false_alarm_rate``. The review band
+below it is set the same way at a (larger) review rate: normal frames land in
+review at about that rate, which is the budget of operator attention.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    alert: float
+    review: float
+    n_normals: int
+    guaranteed: bool  # False when too few normals to bound the alert rate at the target
+
+    def decide(self, score: float) -> str:
+        if score >= self.alert:
+            return "alert"
+        if score >= self.review:
+            return "review"
+        return "normal"
+
+
+def conformal_quantile(scores: Sequence[float], rate: float) -> tuple[float, bool]:
+    """Smallest threshold t with P(normal score >= t) <= rate (split-conformal).
+
+    Returns (t, guaranteed). With n normals the guarantee needs
+    ceil((n + 1)(1 - rate)) <= n; with fewer, the maximum is returned just above
+    itself and ``guaranteed`` is False (the caller must say so, not hide it).
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(s)
+    if n == 0:
+        raise ValueError("no normal scores to calibrate from")
+    k = math.ceil((n + 1) * (1.0 - rate))
+    if k > n:
+        return float(np.nextafter(s[-1], np.inf)), False
+    return float(np.nextafter(s[k - 1], np.inf)), True
+
+
+def thresholds_from_normals(scores: Sequence[float], false_alarm_rate: float = 0.01,
+                            review_rate: float = 0.1) -> Thresholds:
+    if not 0 < false_alarm_rate < review_rate < 1:
+        raise ValueError("need 0 < false_alarm_rate < review_rate < 1")
+    alert, ok = conformal_quantile(scores, false_alarm_rate)
+    review, _ = conformal_quantile(scores, review_rate)
+    if not ok:
+        log.warning(
+            "only %d held-out normal frames: the alert threshold is set just above the highest "
+            "normal score and cannot guarantee a false-alarm rate of %.2g; give at least %d.",
+            len(scores), false_alarm_rate, math.ceil(1 / false_alarm_rate))
+    return Thresholds(alert=alert, review=min(review, alert), n_normals=len(scores), guaranteed=ok)
+
+
+def calibrate_scorer(scorer: object, holdout: Sequence[np.ndarray], false_alarm_rate: float = 0.01,
+                     review_rate: float = 0.1, batch_size: int = 8) -> Thresholds:
+    """Score held-out normal frames (never the references themselves) and set thresholds."""
+    scores: list[float] = []
+    for i in range(0, len(holdout), batch_size):
+        scores.extend(r.score for r in scorer.score(holdout[i:i + batch_size]))  # type: ignore[attr-defined]
+    return thresholds_from_normals(scores, false_alarm_rate, review_rate)

@@ -1,0 +1,141 @@
+"""The scorer interface the worker talks to, and the scorers that implement it.
+
+A scorer is fitted on a handful of normal images (few-shot) and then scores
+batches of frames. Every scorer returns one :class:`ScoreResult` per frame, in
+input order, with an image-level score and a low-resolution anomaly map; the
+map is upsampled only where a person will look at it (overlays), never in the
+per-frame hot path.
+
+The CLIP-based methods (WinCLIP, WinCLIP+) plug in by implementing the same
+:class:`Scorer` protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from inference.backbones import DinoV2Backbone
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """One frame's verdict from a scorer.
+
+    ``score`` grows with abnormality; its scale is the scorer's own, which is why
+    thresholds are calibrated per line from normal frames, never hard-coded.
+    ``anomaly_map`` is (h, w) float32 on the model's grid, covering the whole frame.
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What the worker needs from a scoring method."""
+
+    name: str
+
+    def fit(self, normals: Sequence[np.ndarray]) -> None:
+        """Build the reference memory from RGB uint8 images of normal parts."""
+
+    def add_normals(self, normals: Sequence[np.ndarray]) -> None:
+        """Grow the reference memory (operator verdicts use this)."""
+
+    def score(self, images: Sequence[np.ndarray]) -> list[ScoreResult]:
+        """Score RGB uint8 frames; results in input order."""
+
+
+class NotFittedError(RuntimeError):
+    """score() was called before fit() gave the scorer any normal references."""
+
+
+class PatchKNNScorer:
+    """Few-shot nearest-patch scoring on a visual backbone (AnomalyDINO-style).
+
+    Each patch of a test frame is compared with every patch of the reference
+    images; its anomaly is the cosine distance to the nearest one, so a defect is
+    anything that looks like no part of any normal image. Tokens of several
+    intermediate layers are L2-normalised and concatenated: middle layers keep
+    the local texture that small defects disturb, later ones add context.
+    The image score is the mean of the top 1% patch distances, which is steadier
+    than the single maximum on noisy frames.
+    """
+
+    name = "patch-knn"
+
+    def __init__(
+        self,
+        backbone: DinoV2Backbone | None = None,
+        top_fraction: float = 0.01,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.backbone = (backbone or DinoV2Backbone()).to(device)
+        self.device = torch.device(device)
+        self.top_fraction = top_fraction
+        self._memory: torch.Tensor | None = None  # (M, D), unit norm
+
+    @property
+    def memory_size(self) -> int:
+        return 0 if self._memory is None else int(self._memory.shape[0])
+
+    def _patch_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, H, W, D) unit-norm concatenated layer features."""
+        x = self.backbone.preprocess(list(images)).to(self.device)
+        feats = self.backbone(x)
+        parts = [torch.nn.functional.normalize(p.float(), dim=-1) for p in feats.patch_tokens]
+        return torch.nn.functional.normalize(torch.cat(parts, dim=-1), dim=-1)
+
+    def fit(self, normals: Sequence[np.ndarray]) -> None:
+        if len(normals) == 0:
+            raise ValueError("fit() needs at least one normal reference image")
+        self._memory = None
+        self.add_normals(normals)
+
+    def add_normals(self, normals: Sequence[np.ndarray]) -> None:
+        if len(normals) == 0:
+            return
+        f = self._patch_features(normals)
+        flat = f.reshape(-1, f.shape[-1])
+        self._memory = flat if self._memory is None else torch.cat([self._memory, flat])
+
+    def score(self, images: Sequence[np.ndarray]) -> list[ScoreResult]:
+        if self._memory is None:
+            raise NotFittedError("PatchKNNScorer.score() called before fit()")
+        if len(images) == 0:
+            return []
+        f = self._patch_features(images)
+        b, h, w, d = f.shape
+        sims = f.reshape(b * h * w, d) @ self._memory.T
+        dist = (1.0 - sims.max(dim=1).values).clamp_min_(0.0).reshape(b, h * w)
+        k = max(1, round(self.top_fraction * h * w))
+        img_scores = dist.topk(k, dim=1).values.mean(dim=1)
+        maps = dist.reshape(b, h, w).cpu().numpy().astype(np.float32)
+        return [
+            ScoreResult(score=float(s), anomaly_map=m)
+            for s, m in zip(img_scores.tolist(), maps, strict=True)
+        ]
+
+
+class NoopScorer:
+    """Returns zero for every frame without looking at it.
+
+    Exists only to measure the pipeline's own overhead (``--scorer noop`` in the
+    benchmark); never the default, and the worker logs loudly when it is used.
+    """
+
+    name = "noop"
+
+    def fit(self, normals: Sequence[np.ndarray]) -> None:
+        return None
+
+    def add_normals(self, normals: Sequence[np.ndarray]) -> None:
+        return None
+
+    def score(self, images: Sequence[np.ndarray]) -> list[ScoreResult]:
+        return [ScoreResult(0.0, np.zeros((1, 1), np.float32)) for _ in images]

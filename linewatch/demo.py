@@ -1,0 +1,159 @@
+"""``linewatch demo``: the whole line on one machine, no Docker.
+
+Embedded broker -> synthetic conveyor camera -> one worker process (with its
+metrics endpoint) -> a tally of everything the worker produced. The camera's
+ground truth rides along in a header, so the summary can say how many frames
+were lost or duplicated and how good the decisions were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+
+from linewatch.broker import EmbeddedBroker, create_topics
+from linewatch.tally import TallyReader
+from linewatch.wire import FrameMeta, Topics
+
+log = logging.getLogger(__name__)
+
+
+def _write_pngs(folder: Path, images: list) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        cv2.imwrite(str(folder / f"{i:04d}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with code {proc.returncode} before it was "
+                               f"ready. Its log ({log_path}) ends with:\n{_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the worker was not ready after {timeout_s:.0f}s; see {log_path}")
+        time.sleep(0.1)
+
+
+def print_table(summary: dict) -> None:
+    rows = [(k, v) for k, v in summary.items() if not isinstance(v, dict)]
+    rows += [(f"latency_ms.{k}", v) for k, v in summary["latency_ms"].items()]
+    rows += [(f"dead_letter.{k}", v) for k, v in summary["dead_letter_reasons"].items()]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "-" * (width + 14))
+    for k, v in rows:
+        print(f"{k:<{width}}  {'-' if v is None else v}")
+    print("-" * (width + 14))
+
+
+def run_demo(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from producers.producer import ProducerConfig, run_producer
+    from producers.sources import SyntheticConveyor
+
+    workdir = Path(a.workdir or tempfile.mkdtemp(prefix="linewatch-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    conveyor = SyntheticConveyor(texture=a.texture, defect_rate=a.defect_rate, seed=a.seed)
+    _write_pngs(workdir / "references", conveyor.normals(a.shots))
+    _write_pngs(workdir / "holdout", conveyor.normals(a.holdout, offset=20_000_000))
+    topics = Topics("linewatch")
+    broker = EmbeddedBroker(port=a.broker_port or None, log_path=workdir / "broker.log").start()
+    worker_log = workdir / "worker.log"
+    ready = workdir / "worker.ready"
+    worker: subprocess.Popen | None = None
+    stop = threading.Event()
+    produced: set[tuple[str, str]] = set()
+    reader: TallyReader | None = None
+    try:
+        create_topics(broker.bootstrap, topics, partitions=4)
+        cmd = [sys.executable, "-m", "linewatch", "worker", "--bootstrap-servers", broker.bootstrap,
+               "--references", str(workdir / "references"), "--shots", str(a.shots),
+               "--holdout", str(workdir / "holdout"), "--false-alarm-rate", str(a.false_alarm_rate),
+               "--metrics-port", str(a.metrics_port), "--ready-file", str(ready),
+               "--group-id", "linewatch-demo"]
+        with open(worker_log, "ab") as wl:
+            worker = subprocess.Popen(cmd, stdout=wl, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        print(f"broker   {broker.bootstrap}\nmetrics  http://127.0.0.1:{a.metrics_port}/metrics\n"
+              f"workdir  {workdir} (references, holdout, worker.log, broker.log)\n"
+              "loading the model and calibrating thresholds...", flush=True)
+        _wait_ready(worker, ready, worker_log, timeout_s=300)
+        reader = TallyReader(broker.bootstrap, topics)
+
+        def on_sent(meta: FrameMeta) -> None:
+            produced.add((meta.camera, str(meta.seq)))
+
+        cfg = ProducerConfig(bootstrap=broker.bootstrap, topics=topics, camera="demo-cam",
+                             line="demo-line", fps=a.fps, max_frames=a.frames, start_seq=0)
+        done = threading.Event()
+
+        def produce() -> None:
+            try:
+                run_producer(cfg, iter(conveyor), stop, on_sent)
+            finally:
+                done.set()
+
+        t0 = time.monotonic()
+        threading.Thread(target=produce, name="camera", daemon=True).start()
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+        bar = tqdm(total=a.frames, unit="frame", desc="scored", dynamic_ncols=True)
+        drain_deadline: float | None = None
+        try:
+            while True:
+                reader.poll(200)
+                t = reader.tally
+                bar.n = len(t.accounted)
+                bar.set_postfix(sent=len(produced), alerts=len(t.alerts), review=len(t.reviews),
+                                dead=len(t.dead), refresh=False)
+                bar.refresh()
+                if done.is_set():
+                    if produced <= t.accounted:
+                        break
+                    drain_deadline = drain_deadline or time.monotonic() + 60
+                    if time.monotonic() > drain_deadline:
+                        log.error("%d frames not accounted for 60s after the camera stopped",
+                                  len(produced - t.accounted))
+                        break
+                if worker.poll() is not None:
+                    log.error("the worker exited (code %s):\n%s", worker.returncode, _tail(worker_log))
+                    break
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, previous)
+        elapsed = time.monotonic() - t0
+        summary = reader.tally.summary(produced, elapsed)
+        print_table(summary)
+        if a.json:
+            Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
+            print(f"summary written to {a.json}")
+        return 0 if summary["frames_lost"] == 0 else 1
+    finally:
+        stop.set()
+        if reader is not None:
+            reader.close()
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        broker.stop()

@@ -1,0 +1,1 @@
+"""Camera sources and the loop that turns their frames into Kafka frame messages."""

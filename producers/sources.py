@@ -1,0 +1,218 @@
+"""Where frames come from: image folders, video files, cameras and a synthetic conveyor.
+
+Every source yields :class:`SourceFrame` objects holding an RGB uint8 array and,
+where the source knows it, the ground truth ("normal"/"defect"). Ground truth
+travels in a frame header so the demo and evaluation feeds can report
+precision and recall; live cameras have none.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from linewatch.images import IMAGE_SUFFIXES, list_images, read_rgb
+
+
+
+class SourceError(RuntimeError):
+    """A source cannot be opened; the message names it and says what to check."""
+
+
+@dataclass
+class SourceFrame:
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    truth: str | None = None
+    name: str = ""
+    mask: np.ndarray | None = None  # (H, W) bool, where known (synthetic feed)
+
+
+class FolderSource:
+    """Every image of a folder, in sorted order (optionally looping forever)."""
+
+    def __init__(self, root: str | Path, loop: bool = False) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"image folder {self.root} does not exist")
+        self.files = list_images(self.root)
+        if not self.files:
+            raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {self.root}")
+        self.loop = loop
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        while True:
+            for path, truth in self.files:
+                yield SourceFrame(read_rgb(path), truth, str(path))
+            if not self.loop:
+                return
+
+
+class VideoSource:
+    """A video file, a camera device index or an RTSP/HTTP stream, through OpenCV."""
+
+    def __init__(self, target: str | int, loop: bool = False) -> None:
+        import cv2
+
+        self.target = target
+        self.loop = loop and isinstance(target, str) and Path(target).is_file()
+        self._cv2 = cv2
+        cap = cv2.VideoCapture(target)
+        if not cap.isOpened():
+            cap.release()
+            kind = "camera index" if isinstance(target, int) else "video or stream"
+            raise SourceError(
+                f"OpenCV could not open {kind} {target!r}: check the path/URL, that the "
+                "camera is connected and not used by another process, and that this "
+                "OpenCV build has the needed backend (FFmpeg for RTSP/HTTP)."
+            )
+        cap.release()
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        cv2 = self._cv2
+        n = 0
+        while True:
+            cap = cv2.VideoCapture(self.target)
+            try:
+                while True:
+                    ok, bgr = cap.read()
+                    if not ok:
+                        break
+                    n += 1
+                    yield SourceFrame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None, f"{self.target}#{n}")
+            finally:
+                cap.release()
+            if not self.loop:
+                return
+
+
+TEXTURES = ("brick", "gravel", "grass")
+DEFECT_KINDS = ("scratch", "crack", "stain", "pit", "burn")
+
+
+def _texture(name: str) -> np.ndarray:
+    """A real 512x512 greyscale texture photo shipped with scikit-image (CC0)."""
+    from skimage import data
+
+    if name not in TEXTURES:
+        raise SourceError(f"unknown texture {name!r}; choose one of {', '.join(TEXTURES)}")
+    im = getattr(data, name)()
+    return im if im.ndim == 2 else im[..., 0]
+
+
+class SyntheticConveyor:
+    """A conveyor belt made of a real texture photo, with synthetic surface defects.
+
+    The belt is the texture tiled with mirrored copies (so it has no seams) and
+    it moves by ``step`` pixels a frame; lighting drifts slightly from frame to
+    frame, as on a real line. With probability ``defect_rate`` a frame gets one
+    defect from ``defect-synthesis`` (scratch, crack, stain, pitting or burn),
+    whose exact mask decides the ground truth: a generator that happened to
+    paint nothing leaves the frame "normal".
+
+    Deterministic for a given ``seed``: the same seed gives the same frames.
+    """
+
+    def __init__(self, texture: str = "brick", size: tuple[int, int] = (448, 448),
+                 defect_rate: float = 0.1, seed: int = 0, step: int = 23,
+                 brightness: float = 1.0) -> None:
+        if not 0.0 <= defect_rate <= 1.0:
+            raise SourceError(f"defect rate must be within [0, 1], got {defect_rate}")
+        tex = _texture(texture)
+        row = np.concatenate([tex, tex[:, ::-1]], axis=1)
+        self.belt = np.concatenate([row, row[::-1, :]], axis=0)  # 1024x1024, seamless
+        self.width, self.height = size
+        if self.width > self.belt.shape[1] or self.height > self.belt.shape[0]:
+            raise SourceError(f"frame size {size} is larger than the belt {self.belt.shape[::-1]}")
+        self.defect_rate = defect_rate
+        self.seed = seed
+        self.step = step
+        self.brightness = brightness  # a lamp dimming on the line is brightness < 1
+
+    def frame(self, index: int, allow_defect: bool = True) -> SourceFrame:
+        """The ``index``-th frame of the belt (pure function of seed and index)."""
+        rng = np.random.default_rng((self.seed, index))
+        bh, bw = self.belt.shape
+        x = (index * self.step) % (bw - self.width)
+        y = int(rng.integers(0, bh - self.height))
+        patch = self.belt[y:y + self.height, x:x + self.width].astype(np.float32)
+        gain = self.brightness * float(rng.uniform(0.97, 1.03))
+        rgb = np.clip(np.repeat(patch[..., None] * gain, 3, axis=2), 0, 255).astype(np.uint8)
+        truth, mask, name = "normal", None, f"synthetic#{index}"
+        if allow_defect and rng.random() < self.defect_rate:
+            kind = DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]
+            rgb, mask = _apply_defect(rgb, kind, int(rng.integers(2**31)))
+            if mask.any():
+                truth, name = "defect", f"synthetic#{index}:{kind}"
+            else:
+                mask = None
+        return SourceFrame(rgb, truth, name, mask)
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        i = 0
+        while True:
+            yield self.frame(i)
+            i += 1
+
+    def normals(self, count: int, offset: int = 10_000_000) -> list[np.ndarray]:
+        """Defect-free frames from a part of the belt's sequence the live feed never reaches
+        quickly, used as references and held-out normals for calibration."""
+        return [self.frame(offset + i, allow_defect=False).image for i in range(count)]
+
+
+def _apply_defect(rgb: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one defect with defect-synthesis; returns the image and its exact mask."""
+    try:
+        import defect_synthesis as ds
+    except ImportError as exc:
+        raise SourceError(
+            "the synthetic conveyor needs defect-synthesis: "
+            "`pip install --no-deps defect-synthesis==0.1.0` (its opencv-python "
+            "dependency would clash with opencv-python-headless, hence --no-deps)"
+        ) from exc
+    gens = {
+        "scratch": lambda: ds.ScratchGenerator(length_range=(60, 160), width_range=(2, 4)),
+        "crack": lambda: ds.CrackGenerator(),
+        "stain": lambda: ds.StainGenerator(),
+        "pit": lambda: ds.PittingGenerator(),
+        "burn": lambda: ds.BurnGenerator(),
+    }
+    # defect-synthesis draws from the global `random` and `np.random` generators;
+    # seed both so a frame is reproducible, and restore them so nobody else notices.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        result = gens[kind]().apply(rgb.copy())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return result.image.astype(np.uint8), result.anomaly_mask > 0
+
+
+def open_source(spec: str, loop: bool = False, **synthetic: object) -> Iterator[SourceFrame]:
+    """Open a source from its command-line spelling.
+
+    ``synthetic[:TEXTURE]``, a camera index (``0``), an ``rtsp://``/``http(s)://`` URL,
+    a folder of images, or a video file.
+    """
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        texture = spec.split(":", 1)[1] if ":" in spec else "brick"
+        return iter(SyntheticConveyor(texture=texture, **synthetic))  # type: ignore[arg-type]
+    if re.fullmatch(r"\d+", spec):
+        return iter(VideoSource(int(spec)))
+    if re.match(r"^(rtsp|rtsps|http|https)://", spec):
+        return iter(VideoSource(spec))
+    path = Path(spec)
+    if path.is_dir():
+        return iter(FolderSource(path, loop=loop))
+    if path.is_file():
+        return iter(VideoSource(str(path), loop=loop))
+    raise SourceError(
+        f"source {spec!r} is not a folder, a video file, a camera index, an RTSP/HTTP URL "
+        "or 'synthetic[:brick|gravel|grass]'"
+    )
