@@ -1,0 +1,91 @@
+"""The command line as a plant engineer meets it: help, errors, the demo, the broker."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+from linewatch.broker import free_port
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "linewatch", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.parametrize("cmd", ["broker", "topics", "produce", "worker", "demo"])
+def test_every_subcommand_explains_itself(cmd):
+    r = run(cmd, "--help")
+    assert r.returncode == 0
+    assert "usage: linewatch " + cmd in r.stdout
+    assert len(r.stdout) > 400
+
+
+def test_top_level_help_lists_commands_and_an_example():
+    r = run("--help")
+    assert r.returncode == 0
+    for word in ("broker", "produce", "worker", "demo", "linewatch demo --frames"):
+        assert word in r.stdout
+
+
+def test_worker_without_references_says_what_to_do():
+    r = run("worker", "--bootstrap-servers", "127.0.0.1:1")
+    assert r.returncode == 2
+    assert "--references DIR is required" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_worker_with_missing_reference_folder_names_it(tmp_path):
+    r = run("worker", "--bootstrap-servers", "127.0.0.1:1", "--references", str(tmp_path / "nope"))
+    assert r.returncode == 2 and str(tmp_path / "nope") in r.stderr and "does not exist" in r.stderr
+
+
+def test_produce_from_unknown_source_says_what_is_accepted():
+    r = run("produce", "--bootstrap-servers", "127.0.0.1:1", "--source", "/no/such/thing")
+    assert r.returncode == 2
+    assert "not a folder, a video file, a camera index" in r.stderr
+
+
+def test_broker_command_creates_topics_and_stops_on_sigterm():
+    from kafka.admin import KafkaAdminClient
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "linewatch", "broker", "--port", str(port),
+                             "--topic-prefix", "clitest"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        line = ""
+        deadline = time.monotonic() + 30
+        while "broker ready" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None
+            line = proc.stdout.readline()
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+        assert {"clitest.frames", "clitest.deadletter"} <= set(admin.list_topics())
+        admin.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+def test_demo_60_frames_loses_nothing(tmp_path):
+    out = tmp_path / "out.json"
+    r = run("demo", "--frames", "60", "--json", str(out), "--metrics-port", "0",
+            "--workdir", str(tmp_path / "w"), timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    for key in ("frames_produced", "frames_scored", "frames_lost", "duplicates", "alerts",
+                "review_items", "dead_letters", "frames_per_second", "latency_ms", "precision",
+                "recall"):
+        assert key in s
+    assert s["frames_produced"] == 60
+    assert s["frames_lost"] == 0
+    assert s["frames_scored"] + s["dead_letters"] == 60
+    assert s["latency_ms"]["p50"] > 0 and s["latency_ms"]["p99"] >= s["latency_ms"]["p50"]
+    assert s["defects_in_feed"] > 0 and s["recall"] is not None
+    assert "frames_lost" in r.stdout  # the summary table

@@ -1,0 +1,182 @@
+"""Unit tests of the pure parts: wire contract, decoding, calibration, sources, visuals."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from consumers.decode import decode_frame
+from inference.calibration import conformal_quantile, thresholds_from_normals
+from inference.visualize import describe_location, overlay, regions
+from linewatch.images import list_images
+from linewatch.wire import (
+    FRAME_SCHEMA,
+    FrameMeta,
+    FrameRef,
+    Label,
+    ReviewItem,
+    Score,
+    Topics,
+    WireError,
+)
+from producers.producer import encode_frame
+from producers.sources import SyntheticConveyor
+
+
+def meta(**kw) -> FrameMeta:
+    base = dict(camera="c1", line="L1", seq=7, capture_ns=123, encoding="jpeg", width=32, height=24)
+    return FrameMeta(**(base | kw))
+
+
+def test_frame_headers_round_trip():
+    m = meta(truth="defect")
+    assert FrameMeta.from_headers(m.headers()) == m
+    assert m.key == b"c1"
+    assert dict(m.headers())["lw-schema"] == str(FRAME_SCHEMA).encode()
+
+
+@pytest.mark.parametrize(("mutate", "reason"), [
+    (lambda h: [x for x in h if x[0] != "lw-schema"], "missing_header"),
+    (lambda h: [x for x in h if x[0] != "lw-seq"], "missing_header"),
+    (lambda h: [(k, b"2" if k == "lw-schema" else v) for k, v in h], "unknown_schema"),
+    (lambda h: [(k, b"x" if k == "lw-schema" else v) for k, v in h], "bad_header"),
+    (lambda h: [(k, b"-1" if k == "lw-seq" else v) for k, v in h], "bad_header"),
+    (lambda h: [(k, b"gif" if k == "lw-encoding" else v) for k, v in h], "bad_header"),
+    (lambda h: [(k, b"\xff\xfe" if k == "lw-line" else v) for k, v in h], "bad_header"),
+    (lambda h: [*h, ("lw-truth", b"maybe")], "bad_header"),
+])
+def test_frame_header_errors_name_the_reason(mutate, reason):
+    with pytest.raises(WireError) as e:
+        FrameMeta.from_headers(mutate(meta().headers()))
+    assert e.value.reason == reason
+
+
+def test_result_messages_round_trip():
+    ref = FrameRef("p.frames", 2, 99)
+    s = Score(camera="c", line="l", seq=1, capture_ns=1, decided_ns=2, score=0.5, decision="review",
+              alert_threshold=0.7, review_threshold=0.4, scorer="patch-knn", worker="w", ref=ref)
+    assert Score.from_bytes(s.to_bytes()) == s
+    lab = Label(item_id="c:1", camera="c", line="l", seq=1, verdict="normal", operator="ann")
+    assert Label.from_bytes(lab.to_bytes()) == lab
+    with pytest.raises(WireError):
+        Label(item_id="c:1", camera="c", line="l", seq=1, verdict="maybe", operator="ann")
+    with pytest.raises(WireError):
+        ReviewItem.from_bytes(s.to_bytes())  # a score is not a review item
+    with pytest.raises(WireError):
+        Score.from_bytes(b"\x00not json")
+    assert Topics("x").all() == ["x.frames", "x.scores", "x.alerts", "x.review", "x.labels", "x.deadletter"]
+
+
+def _jpeg(w=32, h=24) -> bytes:
+    return encode_frame(np.full((h, w, 3), 128, np.uint8), "jpeg", 90)
+
+
+def test_decode_accepts_good_frame_and_matches_pixels():
+    im = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    m, rgb = decode_frame(meta(encoding="png").headers(), encode_frame(im, "png"))
+    assert m.seq == 7 and np.array_equal(rgb, im)
+
+
+@pytest.mark.parametrize(("value", "hdr", "kw", "reason"), [
+    (b"", {}, {}, "empty_payload"),
+    (b"GIF89a....", {}, {}, "not_an_image"),
+    (None, {}, {}, "empty_payload"),
+    ("truncated", {}, {}, "truncated_image"),
+    ("jpeg", {"encoding": "png"}, {}, "encoding_mismatch"),
+    ("jpeg", {"width": 33}, {}, "size_mismatch"),
+    ("jpeg", {}, {"max_bytes": 100}, "too_large"),
+    ("jpeg", {}, {"max_pixels": 700}, "too_many_pixels"),
+])
+def test_decode_rejections(value, hdr, kw, reason):
+    if value == "jpeg":
+        value = _jpeg()
+    elif value == "truncated":
+        value = encode_frame(np.random.default_rng(1).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+        value = value[: len(value) // 2]
+        hdr = {"width": 320, "height": 240}
+    with pytest.raises(WireError) as e:
+        decode_frame(meta(**hdr).headers(), value, **kw)
+    assert e.value.reason == reason
+
+
+def test_decode_refuses_decompression_bomb_before_decoding():
+    buf = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buf, "PNG")  # 400 MP that compresses to ~0.4 MB
+    with pytest.raises(WireError) as e:
+        decode_frame(meta(encoding="png", width=20000, height=20000).headers(), buf.getvalue())
+    assert e.value.reason in ("too_many_pixels", "not_an_image")
+
+
+def test_conformal_quantile_hand_computed():
+    scores = list(range(1, 20))  # 19 normals: ceil(20 * 0.9) = 18 -> 18th smallest = 18
+    t, ok = conformal_quantile(scores, 0.1)
+    assert ok and t == np.nextafter(18.0, np.inf)
+    t, ok = conformal_quantile(scores, 0.01)  # needs 99 normals
+    assert not ok and t > 19
+    th = thresholds_from_normals(scores, 0.05, 0.2)  # ceil(20*.95)=19 -> 19; ceil(20*.8)=16 -> 16
+    assert math.isclose(th.alert, 19, rel_tol=1e-12) and math.isclose(th.review, 16, rel_tol=1e-12)
+    assert th.decide(19.5) == "alert" and th.decide(17) == "review" and th.decide(3) == "normal"
+    with pytest.raises(ValueError):
+        thresholds_from_normals(scores, 0.2, 0.1)
+
+
+def test_conformal_false_alarm_rate_holds_on_fresh_normals():
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(200):
+        cal = rng.gamma(2.0, 1.0, 199)
+        th, _ = conformal_quantile(cal, 0.05)
+        rates.append(np.mean(rng.gamma(2.0, 1.0, 2000) >= th))
+    assert np.mean(rates) <= 0.05 + 0.005
+
+
+def test_synthetic_conveyor_is_deterministic_and_masks_match_changes():
+    a, b = SyntheticConveyor(seed=5, defect_rate=1.0), SyntheticConveyor(seed=5, defect_rate=1.0)
+    for i in range(6):
+        fa, fb = a.frame(i), b.frame(i)
+        assert np.array_equal(fa.image, fb.image)
+        clean = a.frame(i, allow_defect=False).image
+        diff = np.abs(fa.image.astype(int) - clean).max(axis=2)
+        changed = diff > 0
+        if fa.truth == "defect":
+            assert fa.mask is not None and fa.mask.any()
+            # the defect visibly changed pixels on its mask; outside it (beyond a 2 px rim)
+            # burns and stains leave only a faint halo of at most 8 grey levels
+            near = cv2.dilate(fa.mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+            assert (diff[fa.mask] > 8).any()
+            assert diff[~near].max() <= 8
+        else:
+            assert not changed.any()
+    assert all(SyntheticConveyor(seed=1, defect_rate=0.0).frame(i).truth == "normal" for i in range(5))
+
+
+def test_list_images_understands_dataset_layouts(tmp_path):
+    for rel in ["train/good/0.png", "test/good/1.png", "test/crack/2.png",
+                "ground_truth/crack/2_mask.png", "MT_Free/Imgs/a.jpg", "MT_Free/Imgs/a.png",
+                "MT_Break/Imgs/b.jpg", "MT_Break/Imgs/b.png", "plain/x.jpg", "notes.txt"]:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+    got = {str(p.relative_to(tmp_path)): t for p, t in list_images(tmp_path)}
+    assert got == {"train/good/0.png": "normal", "test/good/1.png": "normal",
+                   "test/crack/2.png": "defect", "MT_Free/Imgs/a.jpg": "normal",
+                   "MT_Break/Imgs/b.jpg": "defect", "plain/x.jpg": None}
+
+
+def test_regions_overlay_and_location_words():
+    amap = np.zeros((100, 200), np.float32)
+    amap[10:20, 10:30] = 1.0  # upper left blob
+    amap[80:90, 150:190] = 0.8
+    found = regions(amap, 0.5)
+    assert [b for b, _ in found] == [(10, 10, 30, 20), (150, 80, 190, 90)]
+    assert describe_location(found[0][0], 200, 100) == "upper left, 1.0% of the frame"
+    assert describe_location((90, 40, 110, 60), 200, 100).startswith("centre")
+    rgb = np.full((100, 200, 3), 100, np.uint8)
+    out = overlay(rgb, amap, 0.0, 1.0)
+    assert np.array_equal(out[50, 100], rgb[50, 100])  # cold stays untouched
+    assert out[15, 15, 2] != 100  # hot is tinted
