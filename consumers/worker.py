@@ -69,7 +69,7 @@ class WorkerConfig:
     group_id: str = "linewatch-workers"
     worker_id: str = field(default_factory=default_worker_id)
     max_batch: int = 8
-    max_wait_ms: int = 100
+    max_wait_ms: int = 20
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_pixels: int = DEFAULT_MAX_FRAME_PIXELS
     # kafka-python's 45 s default session means 45 s of a dead worker's partitions

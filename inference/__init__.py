@@ -8,9 +8,8 @@ The public surface is small on purpose::
 """
 
 from inference import _torchvision_fix  # noqa: F401 - must run before anything imports torchvision
-
-from inference.calibration import Thresholds, thresholds_from_normals  # noqa: E402
-from inference.scoring import NoopScorer, PatchKNNScorer, Scorer, ScoreResult  # noqa: E402
+from inference.calibration import Thresholds, thresholds_from_normals
+from inference.scoring import NoopScorer, PatchKNNScorer, Scorer, ScoreResult
 
 SCORERS = ("patch-knn", "noop")
 

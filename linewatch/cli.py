@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for the model (default: torch's choice; set 1-2 per worker "
                         "when several workers share a machine)")
     w.add_argument("--max-batch", type=int, default=8, help="frames per micro-batch (default: %(default)s)")
-    w.add_argument("--max-wait-ms", type=int, default=100,
+    w.add_argument("--max-wait-ms", type=int, default=20,
                    help="longest wait to fill a batch after its first frame (default: %(default)s)")
     w.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
     w.add_argument("--max-frame-pixels", type=int, default=DEFAULT_MAX_FRAME_PIXELS)
@@ -250,7 +250,7 @@ def cmd_produce(a: argparse.Namespace) -> int:
     return 1 if stats.errors else 0
 
 
-def build_worker(a: argparse.Namespace):  # noqa: ANN201 - returns consumers.worker.Worker
+def build_worker(a: argparse.Namespace):
     import inference
     from consumers.worker import Worker, WorkerConfig, default_worker_id
     from inference.backbones import BackboneUnavailable

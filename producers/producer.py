@@ -64,7 +64,7 @@ class ProducerStats:
     last_seq: int | None = None
 
 
-def make_kafka_producer(bootstrap: str, max_request_bytes: int, acks: int | str = "all"):  # noqa: ANN201
+def make_kafka_producer(bootstrap: str, max_request_bytes: int, acks: int | str = "all"):
     from kafka import KafkaProducer
 
     # acks=0 silently loses large records on some brokers; never use it for frames.

@@ -19,7 +19,6 @@ import numpy as np
 from linewatch.images import IMAGE_SUFFIXES, list_images, read_rgb
 
 
-
 class SourceError(RuntimeError):
     """A source cannot be opened; the message names it and says what to check."""
 

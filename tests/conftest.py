@@ -20,9 +20,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing weight must fail now, not after 50 s
 
-from linewatch.broker import EmbeddedBroker, create_topics  # noqa: E402
-from linewatch.tally import TallyReader  # noqa: E402
-from linewatch.wire import FrameMeta, Topics  # noqa: E402
+from linewatch.broker import EmbeddedBroker, create_topics
+from linewatch.tally import TallyReader
+from linewatch.wire import FrameMeta, Topics
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -98,7 +98,7 @@ class WorkerProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"worker {self.name} ignored SIGTERM:\n{self.log.read_text()}")
+                raise AssertionError(f"worker {self.name} ignored SIGTERM:\n{self.log.read_text()}") from None
         return self.proc.returncode
 
 

@@ -10,7 +10,6 @@ Tansu, Kafka-protocol compatible; the code uses only standard client APIs).
 from __future__ import annotations
 
 import signal
-import time
 
 import cv2
 import numpy as np

@@ -68,7 +68,8 @@ def test_bottle_one_shot_quality(scorer):
             amap = upsample_map(res.anomaly_map, 900, 900)
             gt = np.zeros((900, 900), bool)
             if truth == "defect":
-                gt = cv2.imread(str(root / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"), 0) > 0
+                mask = root / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+                gt = cv2.imread(str(mask), 0) > 0
             pix_true.append(gt[::6, ::6].ravel())
             pix_score.append(amap[::6, ::6].ravel())
     image_auroc = roc_auc_score(labels, scores)

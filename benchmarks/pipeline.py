@@ -1,0 +1,149 @@
+"""Pipeline benchmark: frames/s and capture-to-decision latency, real scorer vs no-op.
+
+Both runs use the same embedded broker, the same synthetic frames and the same
+worker process code; only ``--scorer`` differs, so the ratio shows how much of
+the cost is the model and how much is the pipeline itself (decode, Kafka,
+routing, commits).
+
+- throughput: a backlog of N frames is produced first; frames/s = N / time for
+  the worker to account for all of them (from its readiness);
+- latency: frames paced at ``--paced-fps`` (below capacity), p50/p99 of
+  capture -> decision.
+
+    python -m benchmarks.pipeline [--frames 160] [--json benchmarks/results/pipeline.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from linewatch.broker import EmbeddedBroker, create_topics, free_port
+from linewatch.tally import TallyReader
+from linewatch.wire import Topics
+from producers.producer import ProducerConfig, run_producer
+from producers.sources import SyntheticConveyor
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _produce(broker: EmbeddedBroker, topics: Topics, n: int, fps: float, seed: int) -> set:
+    sent: set = set()
+    cfg = ProducerConfig(bootstrap=broker.bootstrap, topics=topics, camera="bench", line="bench",
+                         fps=fps, max_frames=n, start_seq=0)
+    run_producer(cfg, iter(SyntheticConveyor(seed=seed, defect_rate=0.1)), None,
+                 lambda m: sent.add((m.camera, str(m.seq))))
+    return sent
+
+
+def _start_worker(broker, topics, refs: Path, scorer: str, workdir: Path, name: str):
+    ready = workdir / f"{name}.ready"
+    cmd = [sys.executable, "-m", "linewatch", "--log-level", "WARNING", "worker",
+           "--bootstrap-servers", broker.bootstrap, "--topic-prefix", topics.prefix,
+           "--group-id", f"bench-{name}", "--scorer", scorer, "--references", str(refs),
+           "--shots", "4", "--alert-threshold", "0.5", "--review-threshold", "0.3",
+           "--metrics-port", "0", "--ready-file", str(ready), "--max-batch", "8"]
+    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError((workdir / f"{name}.log").read_text())
+        time.sleep(0.05)
+    return proc
+
+
+def _drain(broker, topics, expected: set, timeout_s: float = 600) -> tuple[float, object]:
+    reader = TallyReader(broker.bootstrap, topics)
+    t0 = time.monotonic()
+    while not expected <= reader.tally.accounted:
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError("benchmark timed out")
+        reader.poll(100)
+    elapsed = time.monotonic() - t0
+    reader.close()
+    return elapsed, reader.tally
+
+
+def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fps: float,
+              workdir: Path) -> dict:
+    # throughput: backlog first, then the worker
+    t_topics = Topics(f"bench-{scorer}-tp")
+    create_topics(broker.bootstrap, t_topics, partitions=4)
+    sent = _produce(broker, t_topics, frames, 0, seed=1)
+    proc = _start_worker(broker, t_topics, refs, scorer, workdir, f"{scorer}-tp")
+    t0 = time.monotonic()
+    reader = TallyReader(broker.bootstrap, t_topics)
+    while not sent <= reader.tally.accounted:
+        reader.poll(100)
+    throughput_s = time.monotonic() - t0
+    dup = reader.tally.duplicates
+    reader.close()
+    proc.terminate()
+    proc.wait(30)
+    # latency: worker first, then paced frames
+    l_topics = Topics(f"bench-{scorer}-lat")
+    create_topics(broker.bootstrap, l_topics, partitions=4)
+    proc = _start_worker(broker, l_topics, refs, scorer, workdir, f"{scorer}-lat")
+    sent = _produce(broker, l_topics, paced, paced_fps, seed=2)
+    _, tally = _drain(broker, l_topics, sent)
+    proc.terminate()
+    proc.wait(30)
+    lat = np.array([s.latency_s * 1000 for s in tally.scores.values()])
+    return {"scorer": scorer, "frames": frames,
+            "frames_per_second": round(frames / throughput_s, 2),
+            "paced_fps": paced_fps, "paced_frames": paced,
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
+            "latency_ms_p99": round(float(np.percentile(lat, 99)), 1),
+            "duplicates": dup}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=160, help="backlog size for throughput")
+    ap.add_argument("--paced-frames", type=int, default=40)
+    ap.add_argument("--paced-fps", type=float, default=4.0)
+    ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "pipeline.json"))
+    a = ap.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="linewatch-bench-"))
+    refs = workdir / "refs"
+    refs.mkdir()
+    for i, im in enumerate(SyntheticConveyor(seed=0).normals(4)):
+        cv2.imwrite(str(refs / f"{i}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+    rows = []
+    with EmbeddedBroker(port=free_port(), log_path=workdir / "broker.log") as broker:
+        for scorer in ("patch-knn", "noop"):
+            print(f"running {scorer} ...", flush=True)
+            rows.append(bench_one(broker, refs, scorer, a.frames, a.paced_frames, a.paced_fps, workdir))
+    real, noop = rows
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+        "rows": rows,
+        "ratio_noop_over_real_fps": round(noop["frames_per_second"] / real["frames_per_second"], 2),
+        "pipeline_share_of_real_latency_p50": round(noop["latency_ms_p50"] / real["latency_ms_p50"], 3),
+    }
+    head = f"{'scorer':<10} {'frames/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'dups':>5}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        print(f"{r['scorer']:<10} {r['frames_per_second']:>9} {r['latency_ms_p50']:>8} "
+              f"{r['latency_ms_p99']:>8} {r['duplicates']:>5}")
+    print(f"\nno-op / real throughput: {result['ratio_noop_over_real_fps']}x; the pipeline alone "
+          f"is {100 * result['pipeline_share_of_real_latency_p50']:.0f}% of the real p50 latency")
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
