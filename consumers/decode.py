@@ -40,8 +40,9 @@ def decode_frame(headers: Headers | None, value: bytes | None,
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(value))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            OSError, ValueError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise WireError("too_many_pixels", f"declared image size is a decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise WireError("not_an_image", f"not a readable JPEG/PNG: {exc}") from exc
     fmt = _PIL_FORMATS.get(im.format or "")
     if fmt is None:

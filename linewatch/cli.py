@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from linewatch import __version__
 from linewatch.wire import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_FRAME_PIXELS, DEFAULT_TOPIC_PREFIX
@@ -186,7 +186,7 @@ def _layers(text: str) -> tuple[int, ...]:
         raise CliError(f"--layers {text!r}: expected comma-separated block numbers, e.g. 5,8") from None
 
 
-def _install_stop_signals(stop: callable) -> None:  # type: ignore[valid-type]
+def _install_stop_signals(stop: Callable[[], None]) -> None:
     def handler(signum: int, _frame: object) -> None:
         log.info("%s received: finishing the work in hand, then exiting",
                  signal.Signals(signum).name)

@@ -99,7 +99,10 @@ def run_producer(cfg: ProducerConfig, frames: Iterator[SourceFrame],
 
     try:
         for frame in frames:
-            if stop.is_set() or (cfg.max_frames is not None and stats.sent >= cfg.max_frames):
+            # --frames counts frames taken from the camera, sent or refused: a camera whose
+            # every frame is over the limit must still stop after N
+            if stop.is_set() or (cfg.max_frames is not None
+                                 and stats.sent + stats.rejected >= cfg.max_frames):
                 break
             if period:
                 delay = next_at - time.monotonic()

@@ -109,7 +109,7 @@ def test_decode_refuses_decompression_bomb_before_decoding():
     Image.new("L", (20000, 20000)).save(buf, "PNG")  # 400 MP that compresses to ~0.4 MB
     with pytest.raises(WireError) as e:
         decode_frame(meta(encoding="png", width=20000, height=20000).headers(), buf.getvalue())
-    assert e.value.reason in ("too_many_pixels", "not_an_image")
+    assert e.value.reason == "too_many_pixels"
 
 
 def test_conformal_quantile_hand_computed():
