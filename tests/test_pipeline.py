@@ -9,7 +9,9 @@ Tansu, Kafka-protocol compatible; the code uses only standard client APIs).
 
 from __future__ import annotations
 
+import re
 import signal
+import urllib.request
 
 import cv2
 import numpy as np
@@ -46,6 +48,14 @@ def test_frames_flow_end_to_end_exactly_once(broker, topics, workers):
     n = [s.score for s in t.scores.values() if s.truth == "normal"]
     assert d and n and np.median(d) > np.percentile(n, 90)
     assert all(s.capture_ns <= s.decided_ns for s in t.scores.values())
+    # the worker's Prometheus endpoint counts the same frames
+    url = re.search(r"metrics on (http://\S+/metrics)", w.log.read_text()).group(1)
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    scored = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("linewatch_frames_scored_total{"))
+    assert scored == 40
+    assert 'linewatch_end_to_end_latency_seconds_count{camera="cam-t",line="L"} 40.0' in text
+    assert re.search(r'linewatch_threshold\{kind="alert",worker="w1"\} 0\.5', text)
     assert w.stop() == 0
 
 
