@@ -195,10 +195,11 @@ class Worker:
 
     def _process_pending(self) -> None:
         batch, self._pending = self._pending, []
+        outputs = self._score_and_route(batch)  # scored once; a retry only re-sends
         attempt = 0
         while True:
             try:
-                self._flush(self._score_and_route(batch))  # step 1: outputs are in Kafka
+                self._send_and_flush(outputs)  # step 1: outputs are in Kafka
                 break
             except DeliveryFailed as exc:
                 attempt += 1
@@ -215,7 +216,7 @@ class Worker:
         except CommitRefused as exc:
             log.warning("%s", exc)
 
-    def _score_and_route(self, batch: Sequence[Any]) -> list[Any]:
+    def _score_and_route(self, batch: Sequence[Any]) -> list[Outbound]:
         cfg, w = self.cfg, self.cfg.worker_id
         self.stats.batches += 1
         self.stats.received += len(batch)
@@ -238,8 +239,7 @@ class Worker:
                                 self.scorer.name, w, decided_ns)
             outputs.extend(outs)
             self._count(meta, score.decision, score.latency_s, res.score)
-        return [self.producer.send(o.topic, key=o.key, value=o.value, headers=o.headers)
-                for o in outputs]
+        return outputs
 
     def _score(self, images: list[np.ndarray]) -> list[ScoreResult | WireError]:
         """Score the batch; if the batch fails, score frames one by one to isolate the culprit."""
@@ -285,7 +285,9 @@ class Worker:
             self.stats.reviews += 1
             metrics.REVIEW_ITEMS.labels(**lc).inc()
 
-    def _flush(self, futures: list[Any]) -> None:
+    def _send_and_flush(self, outputs: list[Outbound]) -> None:
+        futures = [self.producer.send(o.topic, key=o.key, value=o.value, headers=o.headers)
+                   for o in outputs]
         self.producer.flush(timeout=30)
         failed = []
         for f in futures:

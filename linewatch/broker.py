@@ -91,6 +91,11 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def exit_code(self) -> int | None:
+        """None while the broker runs (or was never started); its exit code once it died."""
+        return self._proc.poll() if self._proc else None
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 

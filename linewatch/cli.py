@@ -209,8 +209,8 @@ def cmd_broker(a: argparse.Namespace) -> int:
               f"{', '.join(Topics(a.topic_prefix).all())} ({len(created)} created). Ctrl-C stops.",
               flush=True)
         while not stop.wait(0.5):
-            if broker._proc is not None and broker._proc.poll() is not None:
-                raise CliError(f"the broker process exited with code {broker._proc.returncode}")
+            if broker.exit_code is not None:
+                raise CliError(f"the broker process exited with code {broker.exit_code}")
     return 0
 
 
