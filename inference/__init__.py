@@ -1,32 +1,72 @@
-"""Pure ML: backbones, scorers, calibration and pictures. Imports nothing about Kafka.
+"""Pure ML: backbones, scorers, calibration, metrics and pictures. Imports nothing about Kafka.
 
 The public surface is small on purpose::
 
-    scorer = inference.create_scorer("patch-knn")   # DINOv2-S, layers 5+8, 224 px
+    scorer = inference.create_scorer("patch-knn")                 # DINOv2-S, layers 5+8, 224 px
+    scorer = inference.create_scorer("winclip+", backbone="openclip:ViT-B-16-plus-240",
+                                     weights="/models/vit_b16_plus_240_laion400m_e31.bin")
     scorer.fit(normal_images)
-    results = scorer.score(frames)                   # list[ScoreResult]
+    results = scorer.score(frames)                                 # list[ScoreResult]
+
+Methods: ``patch-knn`` (nearest patch on any visual backbone), ``winclip``
+(zero-shot, needs a CLIP backbone), ``winclip+`` (zero- plus few-shot), and
+``noop`` (scores nothing; only for measuring pipeline overhead). Backbones:
+``dinov2-s`` and ``efficientnet-lite0`` (installable from the package registry)
+and ``openclip:ARCH`` with a local ``weights`` file.
 """
 
 from inference import _torchvision_fix  # noqa: F401 - must run before anything imports torchvision
 from inference.calibration import Thresholds, thresholds_from_normals
 from inference.scoring import NoopScorer, PatchKNNScorer, Scorer, ScoreResult
 
-SCORERS = ("patch-knn", "noop")
+METHODS = ("patch-knn", "winclip", "winclip+", "noop")
+BACKBONES = ("dinov2-s", "efficientnet-lite0", "openclip:ARCH")
+DEFAULT_IMAGE_SIZE = {"dinov2-s": 224, "efficientnet-lite0": 256}
 
 
-def create_scorer(name: str = "patch-knn", *, image_size: int = 224,
-                  layers: tuple[int, ...] = (5, 8), weights: str | None = None,
-                  device: str = "cpu") -> Scorer:
-    """Build a scorer by name. ``noop`` exists only to measure pipeline overhead."""
-    if name == "patch-knn":
+def create_backbone(backbone: str = "dinov2-s", *, weights: str | None = None,
+                    image_size: int | None = None, layers: tuple[int, ...] | None = None,
+                    random_init: bool = False):
+    """Build a backbone by name from local files (see :data:`BACKBONES`)."""
+    if backbone == "dinov2-s":
         from inference.backbones import DinoV2Backbone
 
-        return PatchKNNScorer(DinoV2Backbone(weights, image_size=image_size, layers=layers),
-                              device=device)
+        return DinoV2Backbone(weights, image_size=image_size or 224, layers=layers or (5, 8))
+    if backbone == "efficientnet-lite0":
+        from inference.backbones import EfficientNetLite0Backbone
+
+        return EfficientNetLite0Backbone(weights, image_size=image_size or 256,
+                                         stages=layers or (2, 3))
+    if backbone.startswith("openclip:"):
+        from inference.clip import OpenCLIPBackbone
+
+        if image_size is not None:
+            raise ValueError("a CLIP backbone works at its own resolution; do not pass an image size")
+        return OpenCLIPBackbone(backbone.removeprefix("openclip:"), weights, random_init=random_init)
+    raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def create_scorer(name: str = "patch-knn", *, backbone: str | None = None, image_size: int | None = None,
+                  layers: tuple[int, ...] | None = None, weights: str | None = None,
+                  class_name: str = "object", device: str = "cpu", random_init: bool = False) -> Scorer:
+    """Build a scorer by method name (see :data:`METHODS`) on the named backbone."""
     if name == "noop":
         return NoopScorer()
-    raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
+    if name == "patch-knn":
+        bb = create_backbone(backbone or "dinov2-s", weights=weights, image_size=image_size,
+                             layers=layers, random_init=random_init)
+        return PatchKNNScorer(bb, device=device)
+    if name in ("winclip", "winclip+"):
+        from inference.winclip import WinCLIPScorer
+
+        backbone = backbone or "openclip:ViT-B-16-plus-240"
+        if not backbone.startswith("openclip:"):
+            raise ValueError(f"{name} needs a CLIP backbone with a text encoder (openclip:ARCH), "
+                             f"not {backbone!r}; use patch-knn for visual-only backbones")
+        bb = create_backbone(backbone, weights=weights, image_size=image_size, random_init=random_init)
+        return WinCLIPScorer(bb, class_name=class_name, few_shot=name == "winclip+", device=device)
+    raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(METHODS)}")
 
 
-__all__ = ["SCORERS", "NoopScorer", "PatchKNNScorer", "ScoreResult", "Scorer", "Thresholds",
-           "create_scorer", "thresholds_from_normals"]
+__all__ = ["BACKBONES", "METHODS", "NoopScorer", "PatchKNNScorer", "ScoreResult", "Scorer", "Thresholds",
+           "create_backbone", "create_scorer", "thresholds_from_normals"]

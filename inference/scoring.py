@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from inference.backbones import DinoV2Backbone
+from inference.backbones import DinoV2Backbone, PatchBackbone
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,13 @@ class ScoreResult:
     ``score`` grows with abnormality; its scale is the scorer's own, which is why
     thresholds are calibrated per line from normal frames, never hard-coded.
     ``anomaly_map`` is (h, w) float32 on the model's grid, covering the whole frame.
+    ``full_map`` is False when a lazy cascade skipped the expensive map of a
+    frame far below the review band; its map is then the coarse single-pass one.
     """
 
     score: float
     anomaly_map: np.ndarray
+    full_map: bool = True
 
 
 @runtime_checkable
@@ -71,7 +74,7 @@ class PatchKNNScorer:
 
     def __init__(
         self,
-        backbone: DinoV2Backbone | None = None,
+        backbone: PatchBackbone | None = None,
         top_fraction: float = 0.01,
         device: str | torch.device = "cpu",
     ) -> None:

@@ -1,0 +1,200 @@
+"""open_clip image/text backbone with WinCLIP window embeddings, from local files only.
+
+WinCLIP describes a small region of the frame by running *only that region's
+patch tokens* (plus the class token) through the image encoder, so the class
+token attends to nothing outside the window. This module does that for every
+k x k window of the patch grid at once: the embedded tokens of the full frame
+are computed once, gathered per window into short sequences, and pushed
+through the transformer as one large batch of short sequences.
+
+open_clip >= 2.26 runs its transformer batch-first. Implementations written for
+the older sequence-first layout permute before calling it and silently mix
+tokens across windows (the maps come out near-constant). Here every tensor is
+(batch, tokens, width) end to end, and ``tests/test_winclip.py`` checks each
+window embedding against an independent, one-window-at-a-time encoding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference import _torchvision_fix  # noqa: F401 - must precede open_clip
+
+CONFIG_DIR = Path(__file__).with_name("model_configs")
+PRODUCTION_ARCH = "ViT-B-16-plus-240"
+
+WEIGHTS_HELP = (
+    "CLIP weights are never downloaded at run time. On a machine with internet access, fetch "
+    "the checkpoint once (for the production default ViT-B-16-plus-240 that is the laion400m_e31 "
+    "'open_clip_pytorch_model.bin' of the Hugging Face repository "
+    "timm/vit_base_patch16_plus_240.laion400m_e31), copy it to this machine and pass its path "
+    "with --weights PATH (or use the architecture 'local-dir:FOLDER' for a folder holding "
+    "open_clip_config.json and the weights)."
+)
+
+
+class ClipUnavailable(RuntimeError):
+    """The CLIP architecture or its weights cannot be loaded from local files."""
+
+
+def register_bundled_configs() -> None:
+    """Make the architectures shipped in ``inference/model_configs`` known to open_clip."""
+    import open_clip
+
+    if str(CONFIG_DIR) not in {str(p) for p in open_clip.factory._MODEL_CONFIG_PATHS}:
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+@dataclass(frozen=True)
+class ClipFeatures:
+    """One forward pass of the full frame.
+
+    ``tokens`` are the embedded input tokens (after position embedding and
+    ``ln_pre``); they are kept so window embeddings can be computed later for
+    only the frames that need a full map (the lazy cascade).
+    """
+
+    global_embedding: torch.Tensor  # (B, E) projected class token
+    patch_tokens: list[torch.Tensor]  # [(B, H, W, C)] ln_post'd output tokens
+    tokens: torch.Tensor  # (B, 1 + H*W, C)
+    windows: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> (B, nW, E)
+
+
+def window_index(grid: tuple[int, int], k: int) -> torch.Tensor:
+    """(nW, k*k) patch indices (row-major) of every k x k window at stride 1."""
+    gh, gw = grid
+    if k > min(gh, gw):
+        raise ValueError(f"window size {k} does not fit a {gh}x{gw} patch grid")
+    rows = []
+    for i in range(gh - k + 1):
+        for j in range(gw - k + 1):
+            rows.append([(i + di) * gw + (j + dj) for di in range(k) for dj in range(k)])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class OpenCLIPBackbone(torch.nn.Module):
+    """An open_clip ViT with the extras WinCLIP needs: patch tokens and window embeddings.
+
+    ``weights`` is a local checkpoint path; ``None`` is accepted only together
+    with ``random_init=True`` (tests and benchmarks on identical random weights).
+    The frame is resized whole to the model's square input, never centre-cropped,
+    so the anomaly map covers every pixel of the frame.
+    """
+
+    has_text = True
+
+    def __init__(
+        self,
+        arch: str = PRODUCTION_ARCH,
+        weights: str | os.PathLike[str] | None = None,
+        *,
+        random_init: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        import open_clip
+
+        register_bundled_configs()
+        if weights is None and not random_init:
+            raise ClipUnavailable(f"no weights given for openclip:{arch}. {WEIGHTS_HELP}")
+        if weights is not None and not Path(weights).is_file():
+            raise ClipUnavailable(f"CLIP weights file {weights} does not exist. {WEIGHTS_HELP}")
+        name = arch
+        if not arch.startswith("local-dir:") and arch not in open_clip.list_models():
+            raise ClipUnavailable(
+                f"unknown open_clip architecture {arch!r}; see open_clip.list_models() "
+                f"(the production default is {PRODUCTION_ARCH})"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(name, pretrained=str(weights) if weights else None)
+        model.eval()
+        visual = model.visual
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise ClipUnavailable(
+                f"openclip:{arch} pools its image tokens with {visual.pool_type!r}/attention pooling; "
+                "WinCLIP window embeddings need a class-token ViT (e.g. ViT-B-16-plus-240, ViT-B-16)"
+            )
+        if getattr(visual, "final_ln_after_pool", False):
+            raise ClipUnavailable(f"openclip:{arch} normalises after pooling; not supported")
+        self.arch = arch
+        self.model = model
+        self.tokenizer = open_clip.get_tokenizer(name)
+        size = visual.image_size
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.grid = tuple(visual.grid_size)
+        mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._windows: dict[int, torch.Tensor] = {}
+
+    # -- images -----------------------------------------------------------------------------
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 arrays of any size -> normalised (B, 3, H, W) on the model's device."""
+        import cv2
+
+        h, w = self.image_size
+        out = np.empty((len(images), h, w, 3), dtype=np.uint8)
+        for i, im in enumerate(images):
+            if im.ndim == 2:
+                im = np.repeat(im[..., None], 3, axis=2)
+            interp = cv2.INTER_AREA if im.shape[0] > h else cv2.INTER_CUBIC
+            out[i] = cv2.resize(im, (w, h), interpolation=interp)
+        x = torch.from_numpy(out).to(self.mean.device).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    def window_index(self, k: int) -> torch.Tensor:
+        if k not in self._windows:
+            self._windows[k] = window_index(self.grid, k).to(self.mean.device)
+        return self._windows[k]
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, window_sizes: tuple[int, ...] = ()) -> ClipFeatures:
+        """Full-frame pass (global embedding, patch tokens) plus the requested window scales."""
+        visual = self.model.visual
+        x = x.to(next(self.model.parameters()).dtype)
+        tokens = visual._embeds(x)
+        out = visual.transformer(tokens)
+        out = visual.ln_post(out)
+        g = out[:, 0] @ visual.proj
+        gh, gw = self.grid
+        patches = out[:, 1:].reshape(out.shape[0], gh, gw, -1)
+        feats = ClipFeatures(global_embedding=g, patch_tokens=[patches], tokens=tokens)
+        for k in window_sizes:
+            feats.windows[k] = self.encode_windows(tokens, k)
+        return feats
+
+    @torch.inference_mode()
+    def encode_windows(self, tokens: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+        """(B, 1+N, C) embedded tokens -> (B, nW, E) embeddings of every k x k window.
+
+        Each window is the class token followed by its k*k patch tokens, each
+        still carrying the position embedding of where it sits in the frame.
+        """
+        visual = self.model.visual
+        idx = self.window_index(k)  # (nW, k*k)
+        b, _, c = tokens.shape
+        n_w = idx.shape[0]
+        cls = tokens[:, :1, :].unsqueeze(1).expand(b, n_w, 1, c)
+        win = tokens[:, 1:, :][:, idx]  # (B, nW, k*k, C)
+        seqs = torch.cat([cls, win], dim=2).reshape(b * n_w, 1 + k * k, c)
+        outs = []
+        for s in range(0, seqs.shape[0], chunk):  # bounds activation memory on big batches
+            o = visual.transformer(seqs[s:s + chunk])
+            outs.append(visual.ln_post(o[:, 0]) @ visual.proj)
+        return torch.cat(outs).reshape(b, n_w, -1)
+
+    # -- text -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Unit-norm text embeddings (N, E)."""
+        device = self.mean.device
+        toks = self.tokenizer(prompts).to(device)
+        emb = self.model.encode_text(toks).float()
+        return torch.nn.functional.normalize(emb, dim=-1)
