@@ -78,3 +78,41 @@ def test_bottle_one_shot_quality(scorer):
     assert len(labels) == 83
     assert image_auroc >= 0.98
     assert pixel_auroc >= 0.97
+
+
+def test_efficientnet_lite0_weights_are_converted_correctly():
+    """The renamed state dict must still be an ImageNet classifier: a tabby photo is a cat."""
+    import skimage.data
+    import timm
+    import torch
+
+    from inference.backbones import (
+        EfficientNetLite0Backbone,
+        convert_efficientnet_lite0,
+        efficientnet_lite0_weights_path,
+    )
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    src = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    net.load_state_dict(convert_efficientnet_lite0(src, net.state_dict()), strict=True)
+    net.eval()
+    bb = EfficientNetLite0Backbone(image_size=224)
+    with torch.no_grad():
+        top = net(bb.preprocess([skimage.data.chelsea()])).argmax(dim=1).item()
+    assert top in range(281, 286)  # ImageNet's domestic-cat classes
+
+
+def test_efficientnet_patch_knn_alone_equals_batch():
+    scorer = inference.create_scorer("patch-knn", backbone="efficientnet-lite0")
+    conv = SyntheticConveyor(seed=5, defect_rate=0.5)
+    scorer.fit(conv.normals(2))
+    frames = [conv.frame(i).image for i in range(3)]
+    batch = scorer.score(frames)
+    for f, b in zip(frames, batch, strict=True):
+        assert abs(scorer.score([f])[0].score - b.score) < 1e-5
+
+
+def test_cli_method_names_match_the_library():
+    from linewatch import cli
+
+    assert cli.METHODS == inference.METHODS
