@@ -39,12 +39,14 @@ from inference.scoring import Scorer, ScoreResult
 from linewatch.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_FRAME_PIXELS,
+    DL_REASONS,
     FrameMeta,
     FrameRef,
     Topics,
     WireError,
 )
 from monitoring import metrics
+from monitoring.drift import DriftMonitor
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +97,17 @@ class WorkerStats:
 class Worker:
     """Consume frames, score, route, flush, commit. See the module docstring for the order."""
 
-    def __init__(self, cfg: WorkerConfig, scorer: Scorer) -> None:
+    def __init__(self, cfg: WorkerConfig, scorer: Scorer, drift: DriftMonitor | None = None) -> None:
         from kafka import KafkaConsumer, KafkaProducer
 
         self.cfg = cfg
         self.scorer = scorer
+        self.drift = drift
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self._pending: list[Any] = []
         self._ready_written = False
+        self._seen_cameras: set[tuple[str, str]] = set()
         self.consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap,
             group_id=cfg.group_id,
@@ -127,6 +131,11 @@ class Worker:
             max_request_size=cfg.max_frame_bytes + 256 * 1024,
         )
         w = cfg.worker_id
+        # rare events start at 0, so rate() and dashboards see "none" rather than "no data"
+        for reason in DL_REASONS:
+            metrics.DEAD_LETTERS.labels(worker=w, reason=reason)
+        for counter in (metrics.COMMIT_FAILURES, metrics.DELIVERY_RETRIES, metrics.FRAMES_RECEIVED):
+            counter.labels(worker=w)
         metrics.THRESHOLD.labels(worker=w, kind="alert").set(cfg.thresholds.alert)
         metrics.THRESHOLD.labels(worker=w, kind="review").set(cfg.thresholds.review)
 
@@ -150,6 +159,8 @@ class Worker:
                     log.info("partitions %s revoked: finishing the batch in hand first",
                              sorted(tp.partition for tp in revoked))
                     worker._process_pending()
+                for tp in revoked:  # the new owner reports these from now on
+                    metrics.remove_series(metrics.COMMITTED_OFFSET, tp.topic, str(tp.partition))
 
             def on_partitions_assigned(self, assigned: Any) -> None:
                 log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
@@ -239,6 +250,10 @@ class Worker:
                                 self.scorer.name, w, decided_ns)
             outputs.extend(outs)
             self._count(meta, score.decision, score.latency_s, res.score)
+            if self.drift is not None:
+                self.drift.observe(meta.line, meta.camera, res.score, rgb, res.embedding)
+        if self.drift is not None:
+            metrics.publish_drift(self.drift)
         return outputs
 
     def _score(self, images: list[np.ndarray]) -> list[ScoreResult | WireError]:
@@ -274,6 +289,12 @@ class Worker:
 
     def _count(self, meta: FrameMeta, decision: str, latency_s: float, score: float) -> None:
         lc = {"line": meta.line, "camera": meta.camera}
+        if (meta.line, meta.camera) not in self._seen_cameras:  # start this camera's counters at 0
+            self._seen_cameras.add((meta.line, meta.camera))
+            for d in ("normal", "review", "alert"):
+                metrics.FRAMES_SCORED.labels(**lc, decision=d)
+            metrics.ALERTS.labels(**lc)
+            metrics.REVIEW_ITEMS.labels(**lc)
         self.stats.scored += 1
         metrics.FRAMES_SCORED.labels(**lc, decision=decision).inc()
         metrics.END_TO_END_SECONDS.labels(**lc).observe(max(0.0, latency_s))
@@ -316,6 +337,8 @@ class Worker:
                                 "of those partitions will score them again") from exc
         self.stats.commits += 1
         metrics.COMMITS.labels(worker=self.cfg.worker_id).inc()
+        for tp, o in nxt.items():
+            metrics.COMMITTED_OFFSET.labels(topic=tp.topic, partition=str(tp.partition)).set(o)
 
     def _write_ready(self) -> None:
         if self.cfg.ready_file and not self._ready_written:

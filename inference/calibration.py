@@ -65,10 +65,9 @@ def thresholds_from_normals(scores: Sequence[float], false_alarm_rate: float = 0
     return Thresholds(alert=alert, review=min(review, alert), n_normals=len(scores), guaranteed=ok)
 
 
-def calibrate_scorer(scorer: object, holdout: Sequence[np.ndarray], false_alarm_rate: float = 0.01,
-                     review_rate: float = 0.1, batch_size: int = 8) -> Thresholds:
-    """Score held-out normal frames (never the references themselves) and set thresholds."""
-    scores: list[float] = []
-    for i in range(0, len(holdout), batch_size):
-        scores.extend(r.score for r in scorer.score(holdout[i:i + batch_size]))  # type: ignore[attr-defined]
-    return thresholds_from_normals(scores, false_alarm_rate, review_rate)
+def score_frames(scorer: object, frames: Sequence[np.ndarray], batch_size: int = 8) -> list:
+    """Score frames in batches; the ScoreResults in input order."""
+    out: list = []
+    for i in range(0, len(frames), batch_size):
+        out.extend(scorer.score(frames[i:i + batch_size]))  # type: ignore[attr-defined]
+    return out

@@ -31,11 +31,15 @@ class ScoreResult:
     ``anomaly_map`` is (h, w) float32 on the model's grid, covering the whole frame.
     ``full_map`` is False when a lazy cascade skipped the expensive map of a
     frame far below the review band; its map is then the coarse single-pass one.
+    ``embedding`` is a unit-length summary of the frame in the backbone's feature
+    space (mean patch feature, or CLIP's image embedding); monitoring compares
+    its recent mean with the calibration frames' to notice the line changing.
     """
 
     score: float
     anomaly_map: np.ndarray
     full_map: bool = True
+    embedding: np.ndarray | None = None
 
 
 @runtime_checkable
@@ -142,9 +146,10 @@ class PatchKNNScorer:
         k = max(1, round(self.top_fraction * h * w))
         img_scores = dist.topk(k, dim=1).values.mean(dim=1)
         maps = dist.reshape(b, h, w).cpu().numpy().astype(np.float32)
+        emb = torch.nn.functional.normalize(f.reshape(b, h * w, d).mean(dim=1), dim=-1)
         return [
-            ScoreResult(score=float(s), anomaly_map=m)
-            for s, m in zip(img_scores.tolist(), maps, strict=True)
+            ScoreResult(score=float(s), anomaly_map=m, embedding=e)
+            for s, m, e in zip(img_scores.tolist(), maps, emb.float().cpu().numpy(), strict=True)
         ]
 
 

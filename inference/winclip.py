@@ -199,9 +199,11 @@ class WinCLIPScorer:
                 image = image.clone()
                 image[sel] = paper_scores
         maps_np = maps.reshape(b, gh, gw).float().cpu().numpy()
+        emb = _unit(f.global_embedding).float().cpu().numpy()
         return [
-            ScoreResult(score=float(s), anomaly_map=m, full_map=bool(fm))
-            for s, m, fm in zip(image.float().cpu().tolist(), maps_np, full.tolist(), strict=True)
+            ScoreResult(score=float(s), anomaly_map=m, full_map=bool(fm), embedding=e)
+            for s, m, fm, e in zip(image.float().cpu().tolist(), maps_np, full.tolist(), emb,
+                                   strict=True)
         ]
 
     def _full_maps(

@@ -47,6 +47,9 @@ def _metrics_arg(p: argparse.ArgumentParser, default: int | None) -> None:
                    help="serve Prometheus metrics on this port (0 = any free port; "
                         "default: %(default)s = off)" if default is None else
                         "serve Prometheus metrics on this port (0 = any free port; default: %(default)s)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
+                   help="address for the metrics endpoint; 0.0.0.0 to let another host or "
+                        "container scrape it (default: %(default)s)")
 
 
 # Kept equal to inference.METHODS (a test checks); spelled out so --help never imports torch.
@@ -191,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a dead worker keeps its partitions (default: %(default)s)")
     w.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
                    help="exit after this long without frames (batch jobs, tests)")
+    w.add_argument("--drift-window", type=int, default=100, metavar="FRAMES",
+                   help="frames per camera compared with the --holdout calibration frames for drift "
+                        "(0 = no drift monitoring; default: %(default)s)")
+    w.add_argument("--drift-threshold", action="append", default=[], metavar="STATISTIC=VALUE",
+                   help="override one drift threshold, e.g. brightness=0.2 (repeatable). Statistics: "
+                        "score_psi, score_ks, brightness, contrast, sharpness (relative changes), "
+                        "colour_cast (CIELab units), embedding (cosine distance)")
     w.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     _metrics_arg(w, 9108)
 
@@ -245,6 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker metrics port, 0 = a free one (default: %(default)s)")
     d.add_argument("--broker-port", type=int, default=0, help="default: a free port")
     d.add_argument("--workdir", default=None, help="where references and logs go (default: temp dir)")
+    al = sub.add_parser("alert-log", help="receive Alertmanager webhooks and keep a JSON-lines log",
+                        description="An Alertmanager webhook receiver: every alert that fires or "
+                                    "resolves becomes one JSON line (and one log line). Point "
+                                    "Alertmanager's webhook_configs url at http://HOST:PORT/alertmanager.")
+    al.add_argument("--port", type=int, default=9095, help="default: %(default)s")
+    al.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    al.add_argument("--out", metavar="FILE", default=None, help="append JSON lines here (default: log only)")
+
+    g = sub.add_parser("grafana", help="Grafana dashboards",
+                       description="Upload the linewatch dashboards to a running Grafana.")
+    gsub = g.add_subparsers(dest="grafana_command", metavar="ACTION", required=True)
+    gp = gsub.add_parser("push", help="upload the dashboards (overwriting earlier versions)",
+                         description="Upload monitoring/grafana/dashboards/*.json through Grafana's "
+                                     "HTTP API into one folder, overwriting earlier versions by uid. "
+                                     "The token is a service-account token with the Editor role.")
+    gp.add_argument("--url", required=True, help="Grafana base URL, e.g. http://grafana:3000")
+    gp.add_argument("--token", default=None,
+                    help="API token (default: the GRAFANA_TOKEN environment variable)")
+    gp.add_argument("--folder", default="linewatch", help="folder title and uid (default: %(default)s)")
     return parser
 
 
@@ -306,7 +335,7 @@ def cmd_produce(a: argparse.Namespace) -> int:
     except SourceError as exc:
         raise CliError(str(exc)) from None
     if a.metrics_port is not None:
-        metrics.serve(a.metrics_port)
+        metrics.serve(a.metrics_port, a.metrics_host)
     stop = threading.Event()
     _install_stop_signals(stop.set)
     cfg = ProducerConfig(bootstrap=a.bootstrap_servers, topics=Topics(a.topic_prefix),
@@ -321,7 +350,7 @@ def cmd_produce(a: argparse.Namespace) -> int:
 
 def build_worker(a: argparse.Namespace):
     from consumers.worker import Worker, WorkerConfig, default_worker_id
-    from inference.calibration import Thresholds, calibrate_scorer
+    from inference.calibration import Thresholds, score_frames, thresholds_from_normals
     from linewatch.images import ImageReadError, load_folder
     from linewatch.wire import Topics
     from monitoring import metrics
@@ -332,6 +361,8 @@ def build_worker(a: argparse.Namespace):
 
         torch.set_num_threads(a.torch_threads)
     scorer = _build_scorer(a)
+    drift = None
+    refs: list = []
     if a.scorer == "noop":
         log.warning("scorer 'noop' scores nothing: every frame is 'normal'. Use it only to measure "
                     "the pipeline's own overhead.")
@@ -347,8 +378,13 @@ def build_worker(a: argparse.Namespace):
             if a.alert_threshold is not None and a.review_threshold is not None:
                 th = Thresholds(a.alert_threshold, a.review_threshold, 0, False)
             elif a.holdout:
-                th = calibrate_scorer(scorer, load_folder(a.holdout, what="--holdout"),
-                                      a.false_alarm_rate, a.review_rate)
+                # held-out normals (never the references) set the thresholds and are the
+                # reference that drift is measured against
+                holdout = load_folder(a.holdout, what="--holdout")
+                results = score_frames(scorer, holdout)
+                th = thresholds_from_normals([r.score for r in results], a.false_alarm_rate,
+                                             a.review_rate)
+                drift = _drift_monitor(a, holdout, results)
             else:
                 raise CliError("thresholds: give --holdout DIR (normal images, not the references) "
                                "to calibrate from, or both --alert-threshold and --review-threshold")
@@ -358,7 +394,8 @@ def build_worker(a: argparse.Namespace):
                  len(refs), th.alert, th.review, th.n_normals)
     metrics.WORKER_INFO.info({"scorer": scorer.name, "version": __version__,
                               "backbone": str(a.backbone or "default"),
-                              "image_size": str(a.image_size or "default"), "layers": str(a.layers)})
+                              "image_size": str(a.image_size or "default"), "layers": str(a.layers),
+                              "profile": _profile_id(scorer.name, refs, th)})
     if th.review > th.alert:
         raise CliError(f"review threshold {th.review} is above the alert threshold {th.alert}")
     if hasattr(scorer, "map_gate"):
@@ -371,7 +408,38 @@ def build_worker(a: argparse.Namespace):
                        max_pixels=a.max_frame_pixels, session_timeout_ms=a.session_timeout_ms,
                        heartbeat_interval_ms=max(500, a.session_timeout_ms // 5),
                        exit_when_idle_s=a.exit_when_idle, ready_file=a.ready_file)
-    return Worker(cfg, scorer)
+    if drift is None:
+        log.warning("drift monitoring is off: it needs --holdout (the calibration frames are its "
+                    "reference)%s", "" if a.drift_window else " and a --drift-window above 0")
+    return Worker(cfg, scorer, drift)
+
+
+def _profile_id(scorer: str, refs: list, th: object) -> str:
+    """A short fingerprint of what decides: scorer, reference pixels, thresholds (for dashboards)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{scorer}|{th!r}".encode())
+    for im in refs:
+        h.update(im.tobytes())
+    return h.hexdigest()[:12]
+
+
+def _drift_monitor(a: argparse.Namespace, holdout: list, results: list):
+    from monitoring import metrics
+    from monitoring.drift import DriftConfigError, DriftMonitor, DriftReference, parse_thresholds
+
+    if not a.drift_window:
+        return None
+    try:
+        ref = DriftReference.from_frames(holdout, [r.score for r in results],
+                                         [r.embedding for r in results])
+        monitor = DriftMonitor(ref, window=a.drift_window, thresholds=parse_thresholds(a.drift_threshold))
+    except DriftConfigError as exc:
+        raise CliError(str(exc)) from None
+    metrics.publish_reference(ref)
+    log.info("drift: %d-frame windows per camera against %d calibration frames%s", a.drift_window,
+             ref.n, "" if ref.embeddings is not None else " (this scorer has no embedding drift)")
+    return monitor
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
@@ -379,7 +447,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
 
     worker = build_worker(a)
     if a.metrics_port is not None:
-        metrics.serve(a.metrics_port)
+        metrics.serve(a.metrics_port, a.metrics_host)
     _install_stop_signals(worker.request_stop)
     stats = worker.run()
     log.info("worker done: %s", stats)
@@ -429,6 +497,37 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alert_log(a: argparse.Namespace) -> int:
+    from monitoring.alertlog import AlertLog, make_server
+
+    try:
+        server = make_server(a.host, a.port, AlertLog(a.out))
+    except OSError as exc:
+        raise CliError(f"cannot listen on {a.host}:{a.port}: {exc}") from None
+    _install_stop_signals(lambda: threading.Thread(target=server.shutdown, daemon=True).start())
+    print(f"alert log listening on http://{a.host}:{server.server_address[1]}/alertmanager"
+          + (f", writing {a.out}" if a.out else ""), flush=True)
+    server.serve_forever()
+    server.server_close()
+    return 0
+
+
+def cmd_grafana_push(a: argparse.Namespace) -> int:
+    import os
+
+    from monitoring.grafana_push import GrafanaPushError, push
+
+    token = a.token or os.environ.get("GRAFANA_TOKEN")
+    try:
+        result = push(a.url, token, folder_title=a.folder, folder_uid=a.folder)
+    except GrafanaPushError as exc:
+        raise CliError(str(exc)) from None
+    for ans in result.dashboards:
+        print(f"{ans.get('status', 'ok'):<8} {a.url.rstrip('/')}{ans.get('url', '')}  "
+              f"(version {ans.get('version', '?')})")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from linewatch.demo import run_demo
 
@@ -436,7 +535,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"broker": cmd_broker, "topics": cmd_topics, "produce": cmd_produce,
-            "worker": cmd_worker, "evaluate": cmd_evaluate, "demo": cmd_demo}
+            "worker": cmd_worker, "evaluate": cmd_evaluate, "demo": cmd_demo,
+            "alert-log": cmd_alert_log, "grafana": cmd_grafana_push}  # grafana's one action: push
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,14 +2,22 @@
 
 Naming follows Prometheus conventions: one ``linewatch_`` prefix, base units
 (``_seconds``, ``_bytes``), ``_total`` on counters. Labels are bounded: line,
-camera, worker, and small enums (decision, reason). A frame id is never a label.
+camera, worker, Kafka topic and partition, and small enums (decision, reason, statistic).
+A frame id is never a label.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
+
+from monitoring.drift import STATISTICS
+
+if TYPE_CHECKING:
+    from monitoring.drift import DriftMonitor, DriftReference
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +71,77 @@ DELIVERY_RETRIES = Counter(
 THRESHOLD = Gauge("linewatch_threshold", "Decision thresholds in use.", ["worker", "kind"])
 REFERENCE_IMAGES = Gauge("linewatch_reference_images", "Normal images in the reference memory.",
                          ["worker"])
-WORKER_INFO = Info("linewatch_worker", "Scorer, backbone and software version of a worker.")
+WORKER_INFO = Info("linewatch_worker",
+                   "Scorer, backbone, software version and calibration profile of a worker.")
+
+# --- consumer lag, from both ends -------------------------------------------
+# Lag = end offset - committed offset, per partition. The end offset is taken from
+# the producers' acknowledged sends, not from the broker's reported high watermark
+# (which the embedded test broker gets wrong); the recording rule
+# linewatch:consumer_lag_frames:sum joins the two.
+PARTITION_END_OFFSET = Gauge(
+    "linewatch_kafka_partition_end_offset",
+    "Offset after the last frame this producer had acknowledged on a partition.",
+    ["topic", "partition"])
+COMMITTED_OFFSET = Gauge(
+    "linewatch_kafka_committed_offset",
+    "Next offset this worker committed on a partition it owns.", ["topic", "partition"])
+
+# --- drift (monitoring/drift.py) --------------------------------------------
+DRIFT = Gauge(
+    "linewatch_drift",
+    "Drift statistic of a camera's recent window against its calibration reference.",
+    ["line", "camera", "statistic"])
+DRIFT_THRESHOLD = Gauge(
+    "linewatch_drift_threshold", "Threshold above which a drift statistic is drift.",
+    ["line", "camera", "statistic"])
+DRIFT_WINDOW_FRAMES = Gauge(
+    "linewatch_drift_window_frames", "Frames in a camera's drift window.", ["line", "camera"])
+IMAGE_QUALITY = Gauge(
+    "linewatch_image_quality",
+    "Window mean of an image statistic (brightness/contrast in 0-255 luma, sharpness as "
+    "Laplacian variance, chroma in CIELab units).", ["line", "camera", "statistic"])
+IMAGE_QUALITY_REFERENCE = Gauge(
+    "linewatch_image_quality_reference", "The same image statistic on the calibration frames.",
+    ["statistic"])
+
+
+def publish_drift(monitor: DriftMonitor, forget_after_s: float = 300.0) -> None:
+    """Export every camera's drift statistics, thresholds and image statistics.
+
+    Cameras silent for ``forget_after_s`` (their partition moved to another worker,
+    or the camera stopped) are dropped, with their series, so a stale value never
+    keeps an alert firing.
+    """
+    from monitoring.drift import QUALITY_FEATURES
+
+    for line, camera in monitor.forget_idle(forget_after_s):
+        for name in STATISTICS:
+            for g in (DRIFT, DRIFT_THRESHOLD):
+                remove_series(g, line, camera, name)
+        for name in QUALITY_FEATURES:
+            remove_series(IMAGE_QUALITY, line, camera, name)
+        remove_series(DRIFT_WINDOW_FRAMES, line, camera)
+    for (line, camera), cam in monitor.snapshot().items():
+        for name, value in cam.statistics.items():
+            DRIFT.labels(line=line, camera=camera, statistic=name).set(value)
+            DRIFT_THRESHOLD.labels(line=line, camera=camera, statistic=name).set(cam.thresholds[name])
+        for name, value in zip(QUALITY_FEATURES, cam.quality, strict=True):
+            IMAGE_QUALITY.labels(line=line, camera=camera, statistic=name).set(float(value))
+        DRIFT_WINDOW_FRAMES.labels(line=line, camera=camera).set(cam.frames)
+
+
+def publish_reference(reference: DriftReference) -> None:
+    from monitoring.drift import QUALITY_FEATURES
+
+    for name, value in zip(QUALITY_FEATURES, reference.quality.mean(axis=0), strict=True):
+        IMAGE_QUALITY_REFERENCE.labels(statistic=name).set(float(value))
+
+
+def remove_series(gauge: Gauge, *labels: str) -> None:
+    """Stop exporting one labelled series (absent is fine)."""
+    with contextlib.suppress(KeyError):
+        gauge.remove(*labels)
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> int:

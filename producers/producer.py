@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -88,9 +89,23 @@ def run_producer(cfg: ProducerConfig, frames: Iterator[SourceFrame],
     stats = ProducerStats()
     labels = {"line": cfg.line, "camera": cfg.camera}
     producer = make_kafka_producer(cfg.bootstrap, cfg.max_frame_bytes, cfg.acks)
+    metrics.PRODUCER_SEND_ERRORS.labels(**labels)  # start at 0: "no errors", not "no data"
+    metrics.FRAMES_REJECTED_AT_SOURCE.labels(**labels, reason="too_large")
     seq = cfg.start_seq if cfg.start_seq is not None else time.time_ns() // 1_000_000
     period = 1.0 / cfg.fps if cfg.fps > 0 else 0.0
     next_at = time.monotonic()
+
+    # acks arrive on the I/O thread, or here when a send completed at once
+    end_offsets: dict[tuple[str, int], int] = {}
+    end_lock = threading.Lock()
+
+    def acked(md: Any) -> None:
+        key = (md.topic, md.partition)
+        with end_lock:
+            if md.offset + 1 > end_offsets.get(key, -1):
+                end_offsets[key] = md.offset + 1
+                metrics.PARTITION_END_OFFSET.labels(topic=md.topic, partition=str(md.partition)).set(
+                    md.offset + 1)
 
     def failed(exc: BaseException) -> None:
         stats.errors += 1
@@ -124,7 +139,7 @@ def run_producer(cfg: ProducerConfig, frames: Iterator[SourceFrame],
             meta = FrameMeta(camera=cfg.camera, line=cfg.line, seq=seq, capture_ns=capture_ns,
                              encoding=cfg.encoding, width=w, height=h, truth=frame.truth)
             producer.send(cfg.topics.frames, key=meta.key, value=payload,
-                          headers=meta.headers()).add_errback(failed)
+                          headers=meta.headers()).add_callback(acked).add_errback(failed)
             stats.first_seq = seq if stats.first_seq is None else stats.first_seq
             stats.last_seq = seq
             stats.sent += 1
