@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out normal frames for thresholds (default: %(default)s)")
     d.add_argument("--false-alarm-rate", type=float, default=0.025, help="default: %(default)s")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dim-after", type=int, default=None, metavar="N",
+                   help="dim the demo camera's lamp to 55%% after N frames, to see the drift metrics "
+                        "(linewatch_drift) and alerts react")
     d.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     d.add_argument("--metrics-port", type=int, default=9108,
                    help="worker metrics port, 0 = a free one (default: %(default)s)")

@@ -107,9 +107,16 @@ def run_demo(a: argparse.Namespace) -> int:
                              line="demo-line", fps=a.fps, max_frames=a.frames, start_seq=0)
         done = threading.Event()
 
+        def frames():
+            for i, frame in enumerate(conveyor):
+                if a.dim_after is not None and i == a.dim_after:
+                    conveyor.brightness = 0.55  # the lamp dims: watch linewatch_drift in /metrics
+                    log.info("frame %d: the demo lamp dims to 55%%", i)
+                yield frame
+
         def produce() -> None:
             try:
-                run_producer(cfg, iter(conveyor), stop, on_sent)
+                run_producer(cfg, frames(), stop, on_sent)
             finally:
                 done.set()
 

@@ -146,7 +146,7 @@ DASHBOARDS = [
         Panel("Sharpness vs calibration", [
             (f'linewatch_image_quality{{{LC},statistic="sharpness"}}', "{{camera}}"),
             ('linewatch_image_quality_reference{statistic="sharpness"}', "calibration")],
-              description="Variance of the Laplacian; falls when the lens is dirty or out of focus."),
+              description="Laplacian variance over luma variance; falls when the lens is dirty or out of focus, not when the light dims."),
         Panel("Colour (CIELab chroma) vs calibration", [
             (f'linewatch_image_quality{{{LC},statistic=~"chroma_a|chroma_b"}}', "{{camera}} {{statistic}}"),
             ('linewatch_image_quality_reference{statistic=~"chroma_a|chroma_b"}', "calibration {{statistic}}")]),

@@ -11,9 +11,10 @@ embeddings). Three families of statistics:
 * **score distribution**: population stability index (PSI) over quantile bins
   of the reference scores, and the two-sample Kolmogorov-Smirnov statistic;
 * **image quality**: relative change of mean brightness, contrast (luma
-  standard deviation) and sharpness (variance of the Laplacian, which falls
-  when the lens blurs), and the colour-cast shift (distance of the mean CIELab
-  a*/b* chroma from the reference's, in Lab units);
+  standard deviation) and sharpness (variance of the Laplacian over the luma
+  variance: it falls when the lens blurs, not when the lamp dims), and the
+  colour-cast shift (distance of the mean CIELab a*/b* chroma from the
+  reference's, in Lab units);
 * **embedding**: cosine distance of the window's mean embedding from the
   reference's mean embedding (the scene changed in the model's own terms).
 
@@ -38,7 +39,7 @@ import cv2
 import numpy as np
 
 QUALITY_FEATURES = ("brightness", "contrast", "sharpness", "chroma_a", "chroma_b")
-"""Per-frame image statistics, in this order: mean luma, luma std, Laplacian variance,
+"""Per-frame image statistics, in this order: mean luma, luma std, Laplacian/luma variance,
 mean CIELab a*, mean CIELab b* (0 = neutral grey)."""
 
 STATISTICS = ("score_psi", "score_ks", "brightness", "contrast", "sharpness", "colour_cast",
@@ -72,7 +73,11 @@ def image_quality(rgb: np.ndarray) -> np.ndarray:
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float64)
     lap = cv2.Laplacian(gray, cv2.CV_64F)
-    return np.array([gray.mean(), gray.std(), lap.var(),
+    # Laplacian variance over luma variance: edges relative to contrast, so a dimmer lamp
+    # (which scales both) does not read as blur, while defocus (which removes edges) does
+    luma_var = float(gray.astype(np.float64).var())
+    sharpness = float(lap.var()) / luma_var if luma_var > 1e-6 else 0.0
+    return np.array([gray.mean(), gray.std(), sharpness,
                      lab[:, 1].mean() - 128.0, lab[:, 2].mean() - 128.0], dtype=np.float64)
 
 

@@ -100,7 +100,7 @@ DRIFT_WINDOW_FRAMES = Gauge(
 IMAGE_QUALITY = Gauge(
     "linewatch_image_quality",
     "Window mean of an image statistic (brightness/contrast in 0-255 luma, sharpness as "
-    "Laplacian variance, chroma in CIELab units).", ["line", "camera", "statistic"])
+    "Laplacian variance over luma variance, chroma in CIELab units).", ["line", "camera", "statistic"])
 IMAGE_QUALITY_REFERENCE = Gauge(
     "linewatch_image_quality_reference", "The same image statistic on the calibration frames.",
     ["statistic"])

@@ -100,9 +100,15 @@ def test_image_quality_on_constructed_images() -> None:
     q = image_quality(stripes)
     assert q[0] == pytest.approx(100, abs=1) and q[1] == pytest.approx(100, abs=1)
     import cv2
+    from skimage import data
 
-    blurred = cv2.GaussianBlur(stripes, (9, 9), 3)
-    assert image_quality(blurred)[2] < 0.05 * q[2]  # blur destroys the Laplacian variance
+    photo = np.repeat(data.brick()[..., None], 3, axis=2)  # a real texture photo
+    sharp = image_quality(photo)[2]
+    blurred = cv2.GaussianBlur(photo, (0, 0), 2.0)
+    assert image_quality(blurred)[2] < 0.3 * sharp   # defocus removes edges relative to contrast
+    dim = (photo * 0.5).astype(np.uint8)
+    assert image_quality(dim)[2] == pytest.approx(sharp, rel=0.1)  # a dimmer lamp is not blur
+    assert image_quality(dim)[0] == pytest.approx(image_quality(photo)[0] / 2, rel=0.02)
     red = flat.copy()
     red[..., 0] = 160                               # a red cast: a* rises
     assert image_quality(red)[3] > 10
