@@ -336,3 +336,46 @@ def test_grafana_push_sends_every_dashboard_into_one_folder() -> None:
     out = subprocess.run([sys.executable, "-m", "linewatch", "grafana", "push", "--url", url,
                           "--token", "x"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and f"could not reach Grafana at {url}" in out.stderr
+
+
+# --- false-alarm check on a long stable stream of real scored frames -------------------------
+@pytest.mark.slow
+def test_no_drift_on_a_long_stable_stream() -> None:
+    """1,000 frames of the conveyor (10 % with defects, lamp flicker +-3 %), scored by the real
+    DINOv2 patch-knn, with the worker's default 100-frame window: no statistic crosses its
+    threshold in any of the ~950 windows (a window starts reporting at 50 frames); then the
+    same stream with the lamp at 60 % is caught. The rule's `for:` hold would add margin on top."""
+    import torch
+
+    from inference import create_scorer
+    from inference.calibration import score_frames
+    from producers.sources import SyntheticConveyor
+
+    torch.set_num_threads(2)
+    conveyor = SyntheticConveyor(seed=11, defect_rate=0.1, size=(256, 256))
+    scorer = create_scorer("patch-knn", image_size=112)
+    scorer.fit(conveyor.normals(4))
+    holdout = conveyor.normals(40, offset=20_000_000)
+    res = score_frames(scorer, holdout)
+    mon = DriftMonitor(DriftReference.from_frames(holdout, [r.score for r in res],
+                                                  [r.embedding for r in res]), window=100)
+    crossings: dict[str, int] = {}
+    worst: dict[str, float] = {}
+    for start in range(0, 1000, 8):
+        frames = [conveyor.frame(i).image for i in range(start, start + 8)]
+        for im, r in zip(frames, scorer.score(frames), strict=True):
+            mon.observe("L", "c", r.score, im, r.embedding)
+            cam = mon.snapshot().get(("L", "c"))
+            if cam is None:
+                continue
+            for k in cam.drifting():
+                crossings[k] = crossings.get(k, 0) + 1
+            for k, v in cam.statistics.items():
+                worst[k] = max(worst.get(k, 0.0), abs(v) / cam.thresholds[k])
+    assert crossings == {}, (crossings, worst)
+    conveyor.brightness = 0.6
+    for i in range(1000, 1060):  # 60 of the 100 window frames dimmed: about -24 %
+        im = conveyor.frame(i).image
+        r = scorer.score([im])[0]
+        mon.observe("L", "c", r.score, im, r.embedding)
+    assert "brightness" in mon.snapshot()[("L", "c")].drifting()
