@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from consumers.decode import decode_frame
+from consumers.labels import LabelFollower, ReferenceLearner
 from consumers.routing import Outbound, dead_letter, route
 from inference.calibration import Thresholds
 from inference.scoring import Scorer, ScoreResult
@@ -97,12 +98,15 @@ class WorkerStats:
 class Worker:
     """Consume frames, score, route, flush, commit. See the module docstring for the order."""
 
-    def __init__(self, cfg: WorkerConfig, scorer: Scorer, drift: DriftMonitor | None = None) -> None:
+    def __init__(self, cfg: WorkerConfig, scorer: Scorer, drift: DriftMonitor | None = None,
+                 learner: ReferenceLearner | None = None) -> None:
         from kafka import KafkaConsumer, KafkaProducer
 
         self.cfg = cfg
         self.scorer = scorer
         self.drift = drift
+        self.learner = learner
+        self.labels: LabelFollower | None = None
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self._pending: list[Any] = []
@@ -166,10 +170,15 @@ class Worker:
                 log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
                 worker._write_ready()
 
+        if self.learner is not None:
+            self.labels = LabelFollower(self.cfg.bootstrap, self.cfg.topics.labels)
+            self._replay_labels()
         self.consumer.subscribe([self.cfg.topics.frames], listener=_Listener())
         idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
+                if self.labels is not None:
+                    self._apply_labels(self.labels.poll(0))
                 self._fill_batch()
                 if self._pending:
                     self._process_pending()
@@ -183,6 +192,33 @@ class Worker:
         finally:
             self._close()
         return self.stats
+
+    # -- operator verdicts ----------------------------------------------------
+    def _replay_labels(self) -> None:
+        """Apply every verdict already on ``.labels`` before scoring (the memory survives restarts)."""
+        assert self.labels is not None
+        quiet = 0
+        while quiet < 2 and not self._stop.is_set():
+            got = self.labels.poll(500)
+            quiet = 0 if got else quiet + 1
+            self._apply_labels(got)
+
+    def _apply_labels(self, labels: list) -> None:
+        if not labels or self.learner is None:
+            return
+        res = self.learner.apply(labels)
+        if res.thresholds is None:
+            return
+        th, w = res.thresholds, self.cfg.worker_id
+        log.info("recalibrated after %d learned normal(s): alert %.4f -> %.4f, review %.4f -> %.4f",
+                 res.added, self.cfg.thresholds.alert, th.alert, self.cfg.thresholds.review, th.review)
+        self.cfg.thresholds = th
+        metrics.THRESHOLD.labels(worker=w, kind="alert").set(th.alert)
+        metrics.THRESHOLD.labels(worker=w, kind="review").set(th.review)
+        if hasattr(self.scorer, "map_gate") and self.scorer.map_gate is not None:
+            self.scorer.map_gate = th.review
+        if self.drift is not None and res.holdout_scores is not None:
+            self.drift.rebase_scores(res.holdout_scores)
 
     # -- the batch -----------------------------------------------------------
     def _fill_batch(self) -> None:
@@ -346,6 +382,8 @@ class Worker:
             self._ready_written = True
 
     def _close(self) -> None:
+        if self.labels is not None:
+            self.labels.close()
         try:
             self.producer.flush(timeout=30)
             self.producer.close(timeout=10)

@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one drift threshold, e.g. brightness=0.2 (repeatable). Statistics: "
                         "score_psi, score_ks, brightness, contrast, sharpness (relative changes), "
                         "colour_cast (CIELab units), embedding (cosine distance)")
+    w.add_argument("--learn-from-labels", action=argparse.BooleanOptionalAction, default=True,
+                   help="add frames operators judged normal (PREFIX.labels) to the reference memory "
+                        "and recalibrate thresholds on --holdout (default: on)")
+    w.add_argument("--max-learned-normals", type=int, default=200, metavar="N",
+                   help="bound on learned normal frames; the oldest are evicted (default: %(default)s)")
     w.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     _metrics_arg(w, 9108)
 
@@ -258,6 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker metrics port, 0 = a free one (default: %(default)s)")
     d.add_argument("--broker-port", type=int, default=0, help="default: a free port")
     d.add_argument("--workdir", default=None, help="where references and logs go (default: temp dir)")
+    r = sub.add_parser("review", formatter_class=fmt, help="the operator review page for borderline frames",
+                       description="Consume PREFIX.review into a durable store, serve the review page "
+                                   "(frame, heatmap, score, explanation; normal / defect / skip with "
+                                   "keyboard shortcuts) and publish verdicts to PREFIX.labels. Access "
+                                   "needs the token in LINEWATCH_REVIEW_TOKEN (bearer header, or the "
+                                   "login page's cookie); without it every page and API answers 401.")
+    _common_kafka(r)
+    r.add_argument("--port", type=int, default=8080, help="web port (default: %(default)s)")
+    r.add_argument("--host", default="127.0.0.1",
+                   help="listen address; 0.0.0.0 for other machines (default: %(default)s)")
+    r.add_argument("--db", default="sqlite:///linewatch-review.db",
+                   help="SQLAlchemy database URL; a production database, e.g. "
+                        "postgresql+psycopg://user@host/linewatch (default: %(default)s)")
+    r.add_argument("--lease-seconds", type=float, default=120.0,
+                   help="how long an operator holds an item before others may take it "
+                        "(default: %(default)s)")
+    r.add_argument("--group-id", default="linewatch-review", help="default: %(default)s")
+    r.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    _metrics_arg(r, None)
+
     al = sub.add_parser("alert-log", help="receive Alertmanager webhooks and keep a JSON-lines log",
                         description="An Alertmanager webhook receiver: every alert that fires or "
                                     "resolves becomes one JSON line (and one log line). Point "
@@ -366,6 +391,7 @@ def build_worker(a: argparse.Namespace):
     scorer = _build_scorer(a)
     drift = None
     refs: list = []
+    holdout: list = []
     if a.scorer == "noop":
         log.warning("scorer 'noop' scores nothing: every frame is 'normal'. Use it only to measure "
                     "the pipeline's own overhead.")
@@ -411,10 +437,20 @@ def build_worker(a: argparse.Namespace):
                        max_pixels=a.max_frame_pixels, session_timeout_ms=a.session_timeout_ms,
                        heartbeat_interval_ms=max(500, a.session_timeout_ms // 5),
                        exit_when_idle_s=a.exit_when_idle, ready_file=a.ready_file)
+    learner = None
+    if a.scorer != "noop" and a.learn_from_labels:
+        from consumers.labels import ReferenceLearner
+
+        # thresholds given by hand stay as given; calibrated ones are recalibrated
+        learner = ReferenceLearner(scorer, refs, holdout or None, worker_id, a.max_learned_normals,
+                                   a.false_alarm_rate, a.review_rate)
+        if not holdout:
+            log.info("operator verdicts grow the reference memory; thresholds stay fixed (they "
+                     "are recalibrated only when calibrated from --holdout)")
     if drift is None:
         log.warning("drift monitoring is off: it needs --holdout (the calibration frames are its "
                     "reference)%s", "" if a.drift_window else " and a --drift-window above 0")
-    return Worker(cfg, scorer, drift)
+    return Worker(cfg, scorer, drift, learner)
 
 
 def _profile_id(scorer: str, refs: list, th: object) -> str:
@@ -500,6 +536,52 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review(a: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from linewatch.review.app import create_app
+    from linewatch.review.service import ReviewBridge
+    from linewatch.review.store import ReviewStore
+    from linewatch.wire import Topics
+    from monitoring import metrics
+
+    token = os.environ.get("LINEWATCH_REVIEW_TOKEN", "")
+    if len(token) < 12:
+        raise CliError("set LINEWATCH_REVIEW_TOKEN to a secret of at least 12 characters (operators "
+                       "sign in with it; e.g. `export LINEWATCH_REVIEW_TOKEN=$(openssl rand -hex 16)`)")
+    try:
+        store = ReviewStore(a.db, lease_s=a.lease_seconds)
+    except Exception as exc:
+        raise CliError(f"cannot open the review database {a.db}: {exc}") from None
+    if a.metrics_port is not None:
+        metrics.serve(a.metrics_port, a.metrics_host)
+    bridge = ReviewBridge(a.bootstrap_servers, Topics(a.topic_prefix), store, a.group_id).start()
+    app = create_app(store, token)
+    app.state.on_labelled = bridge.wake.set
+    config = uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    _install_stop_signals(lambda: setattr(server, "should_exit", True))
+    print(f"review page on http://{a.host}:{a.port}/ (store {a.db})", flush=True)
+    if a.ready_file:
+        threading.Thread(target=_ready_when_serving, args=(server, a.ready_file), daemon=True).start()
+    try:
+        server.run()
+    finally:
+        bridge.close()
+    return 0
+
+
+def _ready_when_serving(server: object, path: str) -> None:
+    import time
+    from pathlib import Path
+
+    while not getattr(server, "started", False):
+        time.sleep(0.05)
+    Path(path).write_text("ready\n")
+
+
 def cmd_alert_log(a: argparse.Namespace) -> int:
     from monitoring.alertlog import AlertLog, make_server
 
@@ -539,7 +621,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 COMMANDS = {"broker": cmd_broker, "topics": cmd_topics, "produce": cmd_produce,
             "worker": cmd_worker, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "alert-log": cmd_alert_log, "grafana": cmd_grafana_push}  # grafana's one action: push
+            "review": cmd_review, "alert-log": cmd_alert_log,
+            "grafana": cmd_grafana_push}  # grafana has one action: push
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -319,7 +319,7 @@ VERDICTS = ("normal", "defect", "skip")
 
 @dataclass(frozen=True)
 class Label(_JsonMessage):
-    """An operator's verdict on a review item, on ``.labels``."""
+    """An operator's verdict on a review item, on ``.labels`` (keyed by camera)."""
 
     kind: ClassVar[str] = "label"
     item_id: str
@@ -330,6 +330,10 @@ class Label(_JsonMessage):
     operator: str
     decided_ns: int = field(default_factory=time.time_ns)
     defect_type: str | None = None
+    score: float | None = None  # the score the worker gave the frame
+    # the review item's frame (JPEG, base64) on "normal" verdicts, so workers can add it to
+    # their reference memory without the frames topic still holding the original
+    frame_jpeg_b64: str | None = None
     schema: int = RESULT_SCHEMA
 
     def __post_init__(self) -> None:

@@ -292,6 +292,14 @@ class DriftMonitor:
         self._cams: dict[tuple[str, str], _Camera] = {}
         self._lock = threading.Lock()
 
+    def rebase_scores(self, scores: Sequence[float]) -> None:
+        """New calibration scores (the reference memory grew): score drift is measured anew."""
+        with self._lock:
+            self.reference = DriftReference(np.asarray(scores), self.reference.quality,
+                                            self.reference.embeddings)
+            for cam in self._cams.values():
+                cam.scores.clear()  # old scores came from the old memory
+
     def observe(self, line: str, camera: str, score: float, rgb: np.ndarray | None = None,
                 embedding: np.ndarray | None = None, quality: np.ndarray | None = None) -> None:
         q = quality if quality is not None else image_quality(rgb)  # type: ignore[arg-type]

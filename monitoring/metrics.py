@@ -74,6 +74,22 @@ REFERENCE_IMAGES = Gauge("linewatch_reference_images", "Normal images in the ref
 WORKER_INFO = Info("linewatch_worker",
                    "Scorer, backbone, software version and calibration profile of a worker.")
 
+# --- review loop -------------------------------------------------------------
+REVIEW_QUEUE = Gauge("linewatch_review_queue_items", "Review items by state.", ["state"])
+REVIEW_RECEIVED = Counter("linewatch_review_items_stored_total",
+                          "Review items the review service stored (re-deliveries not counted).")
+REVIEW_VERDICTS = Counter("linewatch_review_verdicts_total", "Operator verdicts, by verdict.",
+                          ["verdict"])
+LABELS_APPLIED = Counter(
+    "linewatch_labels_applied_total",
+    "Operator labels a worker acted on (normal: frame added to the reference memory).",
+    ["worker", "verdict"])
+LEARNED_NORMALS = Gauge("linewatch_learned_normals",
+                        "Frames operators judged normal that are in this worker's reference memory.",
+                        ["worker"])
+RECALIBRATIONS = Counter("linewatch_recalibrations_total",
+                         "Threshold recalibrations after the reference memory changed.", ["worker"])
+
 # --- consumer lag, from both ends -------------------------------------------
 # Lag = end offset - committed offset, per partition. The end offset is taken from
 # the producers' acknowledged sends, not from the broker's reported high watermark

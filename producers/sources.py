@@ -113,14 +113,20 @@ class SyntheticConveyor:
     whose exact mask decides the ground truth: a generator that happened to
     paint nothing leaves the frame "normal".
 
+    With probability ``marking_rate`` a frame carries a printed lot code instead: a
+    normal feature the references lack, i.e. the recurring false alarm that operator
+    verdicts teach the workers away.
+
     Deterministic for a given ``seed``: the same seed gives the same frames.
     """
 
     def __init__(self, texture: str = "brick", size: tuple[int, int] = (448, 448),
                  defect_rate: float = 0.1, seed: int = 0, step: int = 23,
-                 brightness: float = 1.0) -> None:
-        if not 0.0 <= defect_rate <= 1.0:
-            raise SourceError(f"defect rate must be within [0, 1], got {defect_rate}")
+                 brightness: float = 1.0, marking_rate: float = 0.0) -> None:
+        for name, rate in (("defect rate", defect_rate), ("marking rate", marking_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise SourceError(f"{name} must be within [0, 1], got {rate}")
+        self.marking_rate = marking_rate
         tex = _texture(texture)
         row = np.concatenate([tex, tex[:, ::-1]], axis=1)
         self.belt = np.concatenate([row, row[::-1, :]], axis=0)  # 1024x1024, seamless
@@ -142,6 +148,9 @@ class SyntheticConveyor:
         gain = self.brightness * float(rng.uniform(0.97, 1.03))
         rgb = np.clip(np.repeat(patch[..., None] * gain, 3, axis=2), 0, 255).astype(np.uint8)
         truth, mask, name = "normal", None, f"synthetic#{index}"
+        if (allow_defect and self.marking_rate
+                and np.random.default_rng((self.seed, index, 1)).random() < self.marking_rate):
+            rgb, name = _lot_code(rgb, index), f"synthetic#{index}:lot-code"
         if allow_defect and rng.random() < self.defect_rate:
             kind = DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]
             rgb, mask = _apply_defect(rgb, kind, int(rng.integers(2**31)))
@@ -161,6 +170,23 @@ class SyntheticConveyor:
         """Defect-free frames from a part of the belt's sequence the live feed never reaches
         quickly, used as references and held-out normals for calibration."""
         return [self.frame(offset + i, allow_defect=False).image for i in range(count)]
+
+
+def _lot_code(rgb: np.ndarray, index: int) -> np.ndarray:
+    """An ink-jet lot code printed on the part: normal, but absent from the first references.
+
+    The recurring false alarm of a new line: every part of some batches carries it, the
+    model has never seen it, and operators' "normal" verdicts are how it gets learned.
+    """
+    import cv2
+
+    out = rgb.copy()
+    rng = np.random.default_rng((index, 7))
+    h, w = out.shape[:2]
+    x, y = int(rng.integers(w // 10, w // 2)), int(rng.integers(h // 6, h - h // 10))
+    cv2.putText(out, f"LOT {2400 + index % 50:04d}", (x, y), cv2.FONT_HERSHEY_SIMPLEX,
+                0.55 * w / 448, (80, 80, 80), 1, cv2.LINE_AA)
+    return out
 
 
 def _apply_defect(rgb: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,1 @@
+"""The operator review queue: durable store, web page, Kafka bridge."""
