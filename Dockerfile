@@ -1,4 +1,4 @@
-# linewatch image for producers and workers. CPU torch by default; a GPU image swaps the
+# linewatch image for producers, workers, the review page and alert-log. CPU torch by default; a GPU image swaps the
 # torch wheel for a CUDA build matching the host driver.
 FROM python:3.11-slim
 WORKDIR /app

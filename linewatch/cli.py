@@ -251,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--defect-rate", type=float, default=0.15, help="default: %(default)s")
     d.add_argument("--texture", default="brick", choices=["brick", "gravel", "grass"])
     d.add_argument("--shots", type=int, default=4, help="normal reference frames (default: %(default)s)")
-    d.add_argument("--holdout", type=int, default=40,
+    d.add_argument("--marking-rate", type=float, default=0.2,
+                   help="share of parts with a printed lot code the references lack: the recurring "
+                        "false alarm to teach away on the review page (default: %(default)s)")
+    d.add_argument("--review-port", type=int, default=0, help="review page port (default: a free one)")
+    d.add_argument("--holdout", type=int, default=100,
                    help="held-out normal frames for thresholds (default: %(default)s)")
     d.add_argument("--false-alarm-rate", type=float, default=0.025, help="default: %(default)s")
     d.add_argument("--seed", type=int, default=0)

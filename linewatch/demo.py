@@ -1,7 +1,8 @@
 """``linewatch demo``: the whole line on one machine, no Docker.
 
 Embedded broker -> synthetic conveyor camera -> one worker process (with its
-metrics endpoint) -> a tally of everything the worker produced. The camera's
+metrics endpoint) -> the review page for borderline frames (whose verdicts the
+worker learns from) -> a tally of everything the worker produced. The camera's
 ground truth rides along in a header, so the summary can say how many frames
 were lost or duplicated and how good the decisions were.
 """
@@ -12,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,10 +31,13 @@ from linewatch.wire import FrameMeta, Topics
 log = logging.getLogger(__name__)
 
 
-def _write_pngs(folder: Path, images: list) -> None:
+def _write_frames(folder: Path, images: list) -> None:
+    """Reference and calibration frames as the camera sends them (JPEG, quality 90): frames
+    calibrated losslessly but scored after JPEG would sit higher than their thresholds expect."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
-        cv2.imwrite(str(folder / f"{i:04d}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(folder / f"{i:04d}.jpg"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -42,14 +47,15 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-def _wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, timeout_s: float) -> None:
+def _wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, timeout_s: float,
+                what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready.exists():
         if proc.poll() is not None:
-            raise RuntimeError(f"the worker exited with code {proc.returncode} before it was "
+            raise RuntimeError(f"the {what} exited with code {proc.returncode} before it was "
                                f"ready. Its log ({log_path}) ends with:\n{_tail(log_path)}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the worker was not ready after {timeout_s:.0f}s; see {log_path}")
+            raise RuntimeError(f"the {what} was not ready after {timeout_s:.0f}s; see {log_path}")
         time.sleep(0.1)
 
 
@@ -72,15 +78,17 @@ def run_demo(a: argparse.Namespace) -> int:
 
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="linewatch-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    conveyor = SyntheticConveyor(texture=a.texture, defect_rate=a.defect_rate, seed=a.seed)
-    _write_pngs(workdir / "references", conveyor.normals(a.shots))
-    _write_pngs(workdir / "holdout", conveyor.normals(a.holdout, offset=20_000_000))
+    conveyor = SyntheticConveyor(texture=a.texture, defect_rate=a.defect_rate, seed=a.seed,
+                                 marking_rate=a.marking_rate)
+    _write_frames(workdir / "references", conveyor.normals(a.shots))
+    _write_frames(workdir / "holdout", conveyor.normals(a.holdout, offset=20_000_000))
     topics = Topics("linewatch")
     metrics_port = a.metrics_port or free_port()
     broker = EmbeddedBroker(port=a.broker_port or None, log_path=workdir / "broker.log").start()
     worker_log = workdir / "worker.log"
     ready = workdir / "worker.ready"
     worker: subprocess.Popen | None = None
+    review: subprocess.Popen | None = None
     stop = threading.Event()
     produced: set[tuple[str, str]] = set()
     reader: TallyReader | None = None
@@ -94,10 +102,22 @@ def run_demo(a: argparse.Namespace) -> int:
         with open(worker_log, "ab") as wl:
             worker = subprocess.Popen(cmd, stdout=wl, stderr=subprocess.STDOUT,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        review_port = a.review_port or free_port()
+        token = os.environ.get("LINEWATCH_REVIEW_TOKEN") or secrets.token_hex(12)
+        review_log, review_ready = workdir / "review.log", workdir / "review.ready"
+        with open(review_log, "ab") as rl:
+            review = subprocess.Popen(
+                [sys.executable, "-m", "linewatch", "review", "--bootstrap-servers", broker.bootstrap,
+                 "--port", str(review_port), "--db", f"sqlite:///{workdir / 'review.db'}",
+                 "--ready-file", str(review_ready)],
+                stdout=rl, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "LINEWATCH_REVIEW_TOKEN": token})
         print(f"broker   {broker.bootstrap}\nmetrics  http://127.0.0.1:{metrics_port}/metrics\n"
-              f"workdir  {workdir} (references, holdout, worker.log, broker.log)\n"
+              f"review   http://127.0.0.1:{review_port}/  (sign in with token {token})\n"
+              f"workdir  {workdir} (references, holdout, worker.log, review.log, broker.log)\n"
               "loading the model and calibrating thresholds...", flush=True)
-        _wait_ready(worker, ready, worker_log, timeout_s=300)
+        _wait_ready(review, review_ready, review_log, timeout_s=60, what="review service")
+        _wait_ready(worker, ready, worker_log, timeout_s=300, what="worker")
         reader = TallyReader(broker.bootstrap, topics)
 
         def on_sent(meta: FrameMeta) -> None:
@@ -158,10 +178,11 @@ def run_demo(a: argparse.Namespace) -> int:
         stop.set()
         if reader is not None:
             reader.close()
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        for proc in (worker, review):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
         broker.stop()

@@ -193,7 +193,7 @@ def test_prometheus_and_alertmanager_configs_are_valid() -> None:
 
 
 def test_docker_compose_config_validates() -> None:
-    env = {**os.environ, "GRAFANA_ADMIN_PASSWORD": "ci-only"}
+    env = {**os.environ, "GRAFANA_ADMIN_PASSWORD": "ci-only", "LINEWATCH_REVIEW_TOKEN": "ci-only-token"}
     out = subprocess.run([need("docker-compose"), "-f", str(REPO / "docker-compose.yml"), "config"],
                          capture_output=True, text=True, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr
@@ -201,7 +201,8 @@ def test_docker_compose_config_validates() -> None:
 
     cfg = yaml.safe_load(out.stdout)
     services = set(cfg["services"])
-    assert {"kafka", "producer", "worker", "prometheus", "alertmanager", "grafana", "alert-log"} <= services
+    assert {"kafka", "producer", "worker", "review", "prometheus", "alertmanager", "grafana",
+            "alert-log"} <= services
     gpu = cfg["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
     # the mounted folders exist, so the provisioned stack finds its files
