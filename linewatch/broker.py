@@ -121,13 +121,7 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout_s=10)
         if self._log_file:
             self._log_file.close()
             self._log_file = None
@@ -187,3 +181,15 @@ def _wait_for_topics(admin: object, names: list[str], deadline: float) -> None:
             missing = [n for n in names if n not in present]
             raise BrokerError(f"topics not visible after creation: {missing}")
         time.sleep(0.1)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout_s: float = 30) -> None:
+    """SIGTERM (let it finish what it holds), then SIGKILL after ``timeout_s``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import cv2
 
-from linewatch.broker import EmbeddedBroker, create_topics, free_port
+from linewatch.broker import EmbeddedBroker, create_topics, free_port, stop_process
 from linewatch.tally import TallyReader
 from linewatch.wire import FrameMeta, Topics
 
@@ -179,10 +179,5 @@ def run_demo(a: argparse.Namespace) -> int:
         if reader is not None:
             reader.close()
         for proc in (worker, review):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_process(proc)
         broker.stop()
