@@ -159,8 +159,11 @@ def create_topics(bootstrap: str, topics: Topics, partitions: int = 4,
         for name in topics.all():
             if name in existing:
                 continue
+            # operators' verdicts rebuild every worker's learned memory on restart: keep them
+            config = {"retention.ms": "-1"} if name == topics.labels else None
             try:
-                admin.create_topics([NewTopic(name, partitions, replication_factor)])
+                admin.create_topics([NewTopic(name, partitions, replication_factor,
+                                              topic_configs=config)])
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass
