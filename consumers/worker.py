@@ -34,6 +34,7 @@ import numpy as np
 
 from consumers.decode import decode_frame
 from consumers.labels import LabelFollower, ReferenceLearner
+from consumers.profiles import LoadedProfile, ProfileWatcher
 from consumers.routing import Outbound, dead_letter, route
 from inference.calibration import Thresholds
 from inference.scoring import Scorer, ScoreResult
@@ -99,13 +100,14 @@ class Worker:
     """Consume frames, score, route, flush, commit. See the module docstring for the order."""
 
     def __init__(self, cfg: WorkerConfig, scorer: Scorer, drift: DriftMonitor | None = None,
-                 learner: ReferenceLearner | None = None) -> None:
+                 learner: ReferenceLearner | None = None, watcher: ProfileWatcher | None = None) -> None:
         from kafka import KafkaConsumer, KafkaProducer
 
         self.cfg = cfg
         self.scorer = scorer
         self.drift = drift
         self.learner = learner
+        self.watcher = watcher
         self.labels: LabelFollower | None = None
         self.stats = WorkerStats()
         self._stop = threading.Event()
@@ -177,6 +179,8 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
+                if self.watcher is not None and (fresh := self.watcher.poll()) is not None:
+                    self._swap_profile(fresh)  # between batches: no frame sees half a profile
                 if self.labels is not None:
                     self._apply_labels(self.labels.poll(0))
                 self._fill_batch()
@@ -192,6 +196,29 @@ class Worker:
         finally:
             self._close()
         return self.stats
+
+    # -- profile reloads -------------------------------------------------------
+    def _swap_profile(self, new: LoadedProfile) -> None:
+        if self.learner is not None:  # operator-confirmed normals stay learned across reloads
+            self.learner.scorer, self.learner.references = new.scorer, list(new.references)
+            if self.learner.learned:
+                new.scorer.add_normals([im for _, im in self.learner.learned])
+        self.scorer = new.scorer
+        if new.drift is not None:
+            self.drift = new.drift
+        self._set_thresholds(new.thresholds)
+        metrics.REFERENCE_IMAGES.labels(worker=self.cfg.worker_id).set(len(new.references))
+        metrics.PROFILE_RELOADS.labels(worker=self.cfg.worker_id).inc()
+        log.info("profile %s in use: alert %.4f, review %.4f", new.fingerprint[:12],
+                 new.thresholds.alert, new.thresholds.review)
+
+    def _set_thresholds(self, th: Thresholds) -> None:
+        w = self.cfg.worker_id
+        self.cfg.thresholds = th
+        metrics.THRESHOLD.labels(worker=w, kind="alert").set(th.alert)
+        metrics.THRESHOLD.labels(worker=w, kind="review").set(th.review)
+        if getattr(self.scorer, "map_gate", None) is not None:
+            self.scorer.map_gate = th.review  # type: ignore[attr-defined]
 
     # -- operator verdicts ----------------------------------------------------
     def _replay_labels(self) -> None:
@@ -209,14 +236,10 @@ class Worker:
         res = self.learner.apply(labels)
         if res.thresholds is None:
             return
-        th, w = res.thresholds, self.cfg.worker_id
+        th = res.thresholds
         log.info("recalibrated after %d learned normal(s): alert %.4f -> %.4f, review %.4f -> %.4f",
                  res.added, self.cfg.thresholds.alert, th.alert, self.cfg.thresholds.review, th.review)
-        self.cfg.thresholds = th
-        metrics.THRESHOLD.labels(worker=w, kind="alert").set(th.alert)
-        metrics.THRESHOLD.labels(worker=w, kind="review").set(th.review)
-        if hasattr(self.scorer, "map_gate") and self.scorer.map_gate is not None:
-            self.scorer.map_gate = th.review
+        self._set_thresholds(th)
         if self.drift is not None and res.holdout_scores is not None:
             self.drift.rebase_scores(res.holdout_scores)
 

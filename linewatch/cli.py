@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--group-id", default="linewatch-workers", help="default: %(default)s")
     w.add_argument("--worker-id", default=None, help="default: HOSTNAME-PID")
     _model_args(w)
+    w.add_argument("--profile", metavar="PROFILE", default=None,
+                   help="line profile from `linewatch calibrate` (references, thresholds, drift "
+                        "reference); reloaded without stopping when the file changes. Replaces "
+                        "--references/--holdout and the model options")
     w.add_argument("--references", metavar="DIR",
                    help="folder of normal images of this line (the few shots)")
     w.add_argument("--shots", type=int, default=4,
@@ -267,6 +271,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker metrics port, 0 = a free one (default: %(default)s)")
     d.add_argument("--broker-port", type=int, default=0, help="default: a free port")
     d.add_argument("--workdir", default=None, help="where references and logs go (default: temp dir)")
+    c = sub.add_parser("calibrate", formatter_class=fmt,
+                       help="build a line profile from normal images (references + thresholds)",
+                       description="Split normal images (seeded) into --shots references, a "
+                                   "calibration set that sets the thresholds and a test set on which "
+                                   "the false-alarm and review rates are measured; estimate recall on "
+                                   "pseudo-anomalies (local augmentation, CutPaste baseline); save the "
+                                   "profile as PROFILE.safetensors + PROFILE.json (no pickle). Workers "
+                                   "load it with --profile and reload it when it changes.")
+    c.add_argument("--normals", required=True, metavar="DIR", help="folder of normal images of this line")
+    c.add_argument("--shots", type=int, default=4, help="reference images (default: %(default)s)")
+    c.add_argument("--out", required=True, metavar="PROFILE",
+                   help="profile path without suffix (writes PROFILE.json and PROFILE.safetensors)")
+    _model_args(c)
+    c.add_argument("--false-alarm-rate", type=float, default=0.01,
+                   help="target alert rate on normal frames (default: %(default)s)")
+    c.add_argument("--review-rate", type=float, default=0.1,
+                   help="target rate of normal frames flagged for review or alert (default: %(default)s)")
+    c.add_argument("--pseudo", type=int, default=100,
+                   help="pseudo-anomalies per method for the recall estimate (0 = none; "
+                        "default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="split and pseudo-anomaly seed (default: %(default)s)")
+    c.add_argument("--torch-threads", type=int, default=None)
+    c.add_argument("--json", metavar="PATH", default=None, help="also write the measured rates as JSON")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     r = sub.add_parser("review", formatter_class=fmt, help="the operator review page for borderline frames",
                        description="Consume PREFIX.review into a durable store, serve the review page "
                                    "(frame, heatmap, score, explanation; normal / defect / skip with "
@@ -392,18 +421,36 @@ def build_worker(a: argparse.Namespace):
         import torch
 
         torch.set_num_threads(a.torch_threads)
-    scorer = _build_scorer(a)
+    scorer = None if a.profile else _build_scorer(a)
     drift = None
     refs: list = []
     holdout: list = []
+    profile_fp = None
+    overrides: dict = {}
     if a.scorer == "noop":
         log.warning("scorer 'noop' scores nothing: every frame is 'normal'. Use it only to measure "
                     "the pipeline's own overhead.")
         th = Thresholds(alert=a.alert_threshold or 1.0, review=a.review_threshold or 0.5,
                         n_normals=0, guaranteed=False)
+    elif a.profile:
+        from consumers.profiles import load_profile
+        from inference.profile import ProfileError
+        from monitoring.drift import DriftConfigError, parse_thresholds
+
+        try:
+            overrides = parse_thresholds(a.drift_threshold)
+            loaded = load_profile(a.profile, a.device, a.drift_window, overrides)
+        except (ProfileError, DriftConfigError, ValueError) as exc:
+            raise CliError(str(exc)) from None
+        scorer, th, refs, drift = loaded.scorer, loaded.thresholds, loaded.references, loaded.drift
+        profile_fp = loaded.fingerprint
+        metrics.REFERENCE_IMAGES.labels(worker=worker_id).set(len(refs))
+        log.info("profile %s: %d reference images; thresholds alert=%.4f review=%.4f", a.profile,
+                 len(refs), th.alert, th.review)
     else:
         if not a.references:
-            raise CliError("--references DIR is required: a folder of normal images of this line")
+            raise CliError("--references DIR is required: a folder of normal images of this line "
+                           "(or --profile PROFILE from `linewatch calibrate`)")
         try:
             refs = load_folder(a.references, limit=a.shots, what="--references")
             scorer.fit(refs)
@@ -454,7 +501,13 @@ def build_worker(a: argparse.Namespace):
     if drift is None:
         log.warning("drift monitoring is off: it needs --holdout (the calibration frames are its "
                     "reference)%s", "" if a.drift_window else " and a --drift-window above 0")
-    return Worker(cfg, scorer, drift, learner)
+    watcher = None
+    if a.profile:
+        from consumers.profiles import ProfileWatcher, load_profile
+
+        watcher = ProfileWatcher(a.profile, lambda: load_profile(a.profile, a.device, a.drift_window,
+                                                                 overrides), profile_fp or "")
+    return Worker(cfg, scorer, drift, learner, watcher)
 
 
 def _profile_id(scorer: str, refs: list, th: object) -> str:
@@ -537,6 +590,54 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print(f"{k}: {v}")
     if json_path:
         print(f"json: {json_path}")
+    return 0
+
+
+def scorer_settings(a: argparse.Namespace) -> dict:
+    """The model options a profile records, so workers rebuild the same scorer."""
+    return {"method": a.scorer, "backbone": a.backbone, "image_size": a.image_size,
+            "layers": list(_layers(a.layers)) if a.layers else None, "class_name": a.class_name,
+            "weights": a.weights,
+            "reference_augment": a.reference_augment}
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from inference.profile import LineProfile
+    from linewatch.calibrate import calibrate_profile, report
+    from linewatch.images import ImageReadError, load_folder
+
+    if a.scorer == "noop":
+        raise CliError("'noop' scores nothing; calibrate patch-knn, winclip or winclip+")
+    if not 0 < a.false_alarm_rate < a.review_rate < 1:
+        raise CliError("need 0 < --false-alarm-rate < --review-rate < 1")
+    if a.torch_threads:
+        import torch
+
+        torch.set_num_threads(a.torch_threads)
+    try:
+        images = load_folder(a.normals, what="--normals")
+    except ImageReadError as exc:
+        raise CliError(str(exc)) from None
+    scorer = _build_scorer(a)
+
+    def bar(what: str, total: int):
+        return tqdm(total=total, desc=what, unit="img", disable=a.no_progress, dynamic_ncols=True)
+
+    try:
+        profile = calibrate_profile(scorer, scorer_settings(a), images, a.shots, a.false_alarm_rate,
+                                    a.review_rate, seed=a.seed, pseudo=a.pseudo, progress=bar)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    path = profile.save(a.out)
+    print(report(profile))
+    print(f"profile written: {path} (+ {LineProfile.paths(a.out)[1].name})")
+    if a.json:
+        Path(a.json).write_text(json.dumps(profile.estimate, indent=2) + "\n")
     return 0
 
 
@@ -625,7 +726,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 COMMANDS = {"broker": cmd_broker, "topics": cmd_topics, "produce": cmd_produce,
             "worker": cmd_worker, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "review": cmd_review, "alert-log": cmd_alert_log,
+            "calibrate": cmd_calibrate, "review": cmd_review, "alert-log": cmd_alert_log,
             "grafana": cmd_grafana_push}  # grafana has one action: push
 
 

@@ -87,6 +87,8 @@ LABELS_APPLIED = Counter(
 LEARNED_NORMALS = Gauge("linewatch_learned_normals",
                         "Frames operators judged normal that are in this worker's reference memory.",
                         ["worker"])
+PROFILE_RELOADS = Counter("linewatch_profile_reloads_total",
+                          "Line profiles swapped in while running (the file changed).", ["worker"])
 RECALIBRATIONS = Counter("linewatch_recalibrations_total",
                          "Threshold recalibrations after the reference memory changed.", ["worker"])
 

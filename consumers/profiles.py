@@ -1,0 +1,99 @@
+"""Line profiles in a running worker: load at start, reload when the file changes.
+
+A reload must not drop or stall frames: the new scorer is built and fitted in a
+background thread while the worker keeps scoring with the old one, and the swap
+happens between two micro-batches, so every frame is scored by exactly one
+complete profile (the score message records which thresholds applied).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.calibration import Thresholds
+from inference.profile import LineProfile, ProfileError
+from monitoring.drift import DriftMonitor, DriftReference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedProfile:
+    scorer: Any
+    thresholds: Thresholds
+    references: list[np.ndarray]
+    drift: DriftMonitor | None
+    fingerprint: str
+    profile: LineProfile
+
+
+def load_profile(path: str | Path, device: str = "cpu", drift_window: int = 100,
+                 drift_thresholds: Mapping[str, float] | None = None) -> LoadedProfile:
+    """Build and fit the scorer a profile describes (references + learned normals)."""
+    from inference import create_scorer
+
+    fingerprint = LineProfile.fingerprint(path)
+    p = LineProfile.load(path)
+    s = p.scorer
+    layers = tuple(s["layers"]) if s.get("layers") else None
+    scorer = create_scorer(s["method"], backbone=s.get("backbone"), image_size=s.get("image_size"),
+                           layers=layers, weights=s.get("weights"), class_name=s.get("class_name", "object"),
+                           device=device, reference_augment=s.get("reference_augment", "none"))
+    refs = list(p.references) + list(p.learned)
+    scorer.fit(refs)
+    drift = None
+    if p.drift and drift_window:
+        drift = DriftMonitor(DriftReference.from_arrays(p.drift), window=drift_window,
+                             thresholds=drift_thresholds)
+    return LoadedProfile(scorer, p.thresholds, refs, drift, fingerprint or "", p)
+
+
+class ProfileWatcher:
+    """Polls a profile's fingerprint; builds a changed profile in the background."""
+
+    def __init__(self, path: str | Path, build: Callable[[], LoadedProfile], fingerprint: str,
+                 every_s: float = 2.0) -> None:
+        self.path, self.build, self.every_s = path, build, every_s
+        self.current = fingerprint
+        self._next_check = time.monotonic() + every_s
+        self._thread: threading.Thread | None = None
+        self._ready: LoadedProfile | None = None
+        self._lock = threading.Lock()
+
+    def poll(self) -> LoadedProfile | None:
+        """A freshly built profile once, when the file changed; otherwise None (cheap)."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is not None:
+            return ready
+        now = time.monotonic()
+        if now < self._next_check or (self._thread is not None and self._thread.is_alive()):
+            return None
+        self._next_check = now + self.every_s
+        fp = LineProfile.fingerprint(self.path)
+        if fp is None or fp == self.current:
+            return None
+        self.current = fp  # one attempt per version; a broken file is reported, not retried
+        self._thread = threading.Thread(target=self._build, name="profile-reload", daemon=True)
+        self._thread.start()
+        return None
+
+    def _build(self) -> None:
+        t0 = time.monotonic()
+        try:
+            loaded = self.build()
+        except (ProfileError, ValueError, OSError) as exc:
+            log.error("new profile at %s not loaded, keeping the current one: %s", self.path, exc)
+            return
+        log.info("new profile %s built in %.1fs; switching between batches", loaded.fingerprint[:12],
+                 time.monotonic() - t0)
+        with self._lock:
+            self._ready = loaded
