@@ -46,7 +46,9 @@ def load_profile(path: str | Path, device: str = "cpu", drift_window: int = 100,
     layers = tuple(s["layers"]) if s.get("layers") else None
     scorer = create_scorer(s["method"], backbone=s.get("backbone"), image_size=s.get("image_size"),
                            layers=layers, weights=s.get("weights"), class_name=s.get("class_name", "object"),
-                           device=device, reference_augment=s.get("reference_augment", "none"))
+                           device=device, reference_augment=s.get("reference_augment", "none"),
+                           zoom=bool(s.get("zoom", False)), zoom_top_k=int(s.get("zoom_top_k", 2)),
+                           zoom_crop=float(s.get("zoom_crop", 0.35)))
     refs = list(p.references) + list(p.learned)
     scorer.fit(refs)
     drift = None

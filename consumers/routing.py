@@ -14,6 +14,7 @@ undecodable / invalid       ``.deadletter`` (original bytes + reason)
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,8 +79,13 @@ def locate(rgb: np.ndarray, result: ScoreResult, th: Thresholds, max_side: int =
 
 
 def route(meta: FrameMeta, ref: FrameRef, rgb: np.ndarray, result: ScoreResult, th: Thresholds,
-          topics: object, scorer_name: str, worker: str, decided_ns: int) -> tuple[Score, list[Outbound]]:
-    """The score message and every record this frame must produce."""
+          topics: object, scorer_name: str, worker: str, decided_ns: int,
+          describe: Callable[[np.ndarray], str] | None = None) -> tuple[Score, list[Outbound]]:
+    """The score message and every record this frame must produce.
+
+    ``describe`` names what the most anomalous region looks like (CLIP defect words on
+    its crop); without it, explanations say that no text model is configured.
+    """
     decision = th.decide(result.score)
     score = Score(camera=meta.camera, line=meta.line, seq=meta.seq, capture_ns=meta.capture_ns,
                   decided_ns=decided_ns, score=result.score, decision=decision,
@@ -89,16 +95,20 @@ def route(meta: FrameMeta, ref: FrameRef, rgb: np.ndarray, result: ScoreResult, 
     if decision == "normal":
         return score, out
     where, boxes, view, amap = locate(rgb, result, th)
+    words = None
+    if describe is not None:
+        x0, y0, x1, y1 = boxes[0] if boxes else (0, 0, rgb.shape[1], rgb.shape[0])
+        words = describe(rgb[y0:y1, x0:x1])
     if decision == "alert":
         alert = Alert(camera=meta.camera, line=meta.line, seq=meta.seq, capture_ns=meta.capture_ns,
                       decided_ns=decided_ns, score=result.score, alert_threshold=th.alert,
-                      where=where, boxes=boxes, ref=ref)
+                      where=where, boxes=boxes, ref=ref, words=words)
         out.append(Outbound(topics.alerts, meta.key, alert.to_bytes()))  # type: ignore[attr-defined]
     else:
         over = overlay(view, amap, vmin=0.5 * th.review, vmax=th.alert)
         explanation = (f"Score {result.score:.3f} is in the review band "
                        f"[{th.review:.3f}, {th.alert:.3f}). Most anomalous area: {where}. "
-                       + NO_TEXT_MODEL)
+                       + (f"The region {words}." if words else NO_TEXT_MODEL))
         item = ReviewItem(
             item_id=review_item_id(meta.camera, meta.seq), camera=meta.camera, line=meta.line,
             seq=meta.seq, capture_ns=meta.capture_ns, decided_ns=decided_ns, score=result.score,

@@ -25,7 +25,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,7 @@ class Worker:
         self.learner = learner
         self.watcher = watcher
         self.labels: LabelFollower | None = None
+        self.describe: Callable[[np.ndarray], str] | None = None  # defect words (CLIP text model)
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self._pending: list[Any] = []
@@ -306,7 +307,7 @@ class Worker:
                 outputs.append(self._dead(rec, res))
                 continue
             score, outs = route(meta, self._ref(rec), rgb, res, cfg.thresholds, cfg.topics,
-                                self.scorer.name, w, decided_ns)
+                                self.scorer.name, w, decided_ns, self.describe)
             outputs.extend(outs)
             self._count(meta, score.decision, score.latency_s, res.score)
             if self.drift is not None:

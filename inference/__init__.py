@@ -48,14 +48,27 @@ def create_backbone(backbone: str = "dinov2-s", *, weights: str | None = None,
 def create_scorer(name: str = "patch-knn", *, backbone: str | None = None, image_size: int | None = None,
                   layers: tuple[int, ...] | None = None, weights: str | None = None,
                   class_name: str = "object", device: str = "cpu", random_init: bool = False,
-                  reference_augment: str = "none") -> Scorer:
-    """Build a scorer by method name (see :data:`METHODS`) on the named backbone."""
+                  reference_augment: str = "none", zoom: bool = False, zoom_top_k: int = 2,
+                  zoom_crop: float = 0.35) -> Scorer:
+    """Build a scorer by method name (see :data:`METHODS`) on the named backbone.
+
+    ``zoom`` adds the ROI zoom pass (:mod:`inference.zoom`): a second patch-knn on the
+    same backbone scores crops of the frame's hottest regions at full resolution.
+    """
     if name == "noop":
         return NoopScorer()
+    if zoom and name != "patch-knn":
+        raise ValueError("ROI zoom is implemented for patch-knn; turn it off for " + name)
     if name == "patch-knn":
         bb = create_backbone(backbone or "dinov2-s", weights=weights, image_size=image_size,
                              layers=layers, random_init=random_init)
-        return PatchKNNScorer(bb, device=device, augment=reference_augment)
+        scorer = PatchKNNScorer(bb, device=device, augment=reference_augment)
+        if zoom:
+            from inference.zoom import ZoomScorer
+
+            crop = PatchKNNScorer(bb, device=device, augment=reference_augment)
+            return ZoomScorer(scorer, crop, top_k=zoom_top_k, crop_frac=zoom_crop)
+        return scorer
     if name in ("winclip", "winclip+"):
         from inference.winclip import WinCLIPScorer
 

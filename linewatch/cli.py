@@ -83,6 +83,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "(and mirrored); for parts that may arrive in any orientation "
                         "(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: %(default)s)")
+    p.add_argument("--zoom", action=argparse.BooleanOptionalAction, default=False,
+                   help="ROI zoom (patch-knn): re-score crops of the hottest regions, cut from the "
+                        "full-resolution frame, against crop-level references (default: off)")
+    p.add_argument("--zoom-top-k", type=int, default=2, help="regions per frame (default: %(default)s)")
+    p.add_argument("--zoom-crop", type=float, default=0.35,
+                   help="crop size as a fraction of the frame side (default: %(default)s)")
 
 
 def _build_scorer(a: argparse.Namespace):
@@ -95,7 +101,8 @@ def _build_scorer(a: argparse.Namespace):
             a.scorer, backbone=a.backbone, image_size=a.image_size,
             layers=_layers(a.layers) if a.layers else None, weights=a.weights,
             class_name=a.class_name, device=a.device, random_init=getattr(a, "random_init", False),
-            reference_augment=a.reference_augment)
+            reference_augment=a.reference_augment, zoom=a.zoom, zoom_top_k=a.zoom_top_k,
+            zoom_crop=a.zoom_crop)
     except (BackboneUnavailable, ClipUnavailable, ValueError) as exc:
         raise CliError(str(exc)) from None
 
@@ -205,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one drift threshold, e.g. brightness=0.2 (repeatable). Statistics: "
                         "score_psi, score_ks, brightness, contrast, sharpness (relative changes), "
                         "colour_cast (CIELab units), embedding (cosine distance)")
+    w.add_argument("--defect-vocabulary", default=None, metavar="WORDS",
+                   help="comma-separated defect words scored on each flagged region with the CLIP text "
+                        "model (winclip/winclip+ only; default: scratch, crack, dent, contamination, "
+                        "missing part, discolouration, hole, stain, deformation, foreign object)")
     w.add_argument("--learn-from-labels", action=argparse.BooleanOptionalAction, default=True,
                    help="add frames operators judged normal (PREFIX.labels) to the reference memory "
                         "and recalibrate thresholds on --holdout (default: on)")
@@ -507,7 +518,27 @@ def build_worker(a: argparse.Namespace):
 
         watcher = ProfileWatcher(a.profile, lambda: load_profile(a.profile, a.device, a.drift_window,
                                                                  overrides), profile_fp or "")
-    return Worker(cfg, scorer, drift, learner, watcher)
+    worker = Worker(cfg, scorer, drift, learner, watcher)
+    worker.describe = _describer(a, scorer)
+    return worker
+
+
+def _describer(a: argparse.Namespace, scorer):
+    """Defect words on flagged regions when the scorer carries a CLIP text model, else None."""
+    backbone = getattr(scorer, "backbone", None)
+    if backbone is None or not hasattr(backbone, "encode_text"):
+        if a.defect_vocabulary:
+            raise CliError("--defect-vocabulary needs a CLIP text model: use --method winclip or winclip+")
+        log.info("no CLIP text model: explanations locate defects but do not name them")
+        return None
+    from inference.explain import DEFAULT_VOCABULARY, DefectVocabulary, words_sentence
+
+    words = [w for w in (a.defect_vocabulary or "").split(",") if w.strip()] or DEFAULT_VOCABULARY
+    try:
+        vocab = DefectVocabulary(backbone, words, class_name=a.class_name)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return lambda crop: words_sentence(vocab.describe([crop])[0])
 
 
 def _profile_id(scorer: str, refs: list, th: object) -> str:
@@ -575,7 +606,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                                                              else "openclip:ViT-B-16-plus-240"),
               "shots": a.shots, "image_size": a.image_size, "layers": a.layers,
               "class_name": a.class_name, "device": a.device, "random_init": a.random_init,
-              "reference_augment": a.reference_augment}
+              "reference_augment": a.reference_augment, "zoom": a.zoom,
+              **({"zoom_top_k": a.zoom_top_k, "zoom_crop": a.zoom_crop} if a.zoom else {})}
     print(f"{split.name} ({split.layout}): {len(split.test)} test images, "
           f"{sum(s.defect for s in split.test)} defective; {a.scorer} on {config['backbone']}, "
           f"{a.shots}-shot, seeds 0..{a.seeds - 1}", file=sys.stderr)
@@ -597,8 +629,8 @@ def scorer_settings(a: argparse.Namespace) -> dict:
     """The model options a profile records, so workers rebuild the same scorer."""
     return {"method": a.scorer, "backbone": a.backbone, "image_size": a.image_size,
             "layers": list(_layers(a.layers)) if a.layers else None, "class_name": a.class_name,
-            "weights": a.weights,
-            "reference_augment": a.reference_augment}
+            "weights": a.weights, "reference_augment": a.reference_augment, "zoom": a.zoom,
+            "zoom_top_k": a.zoom_top_k, "zoom_crop": a.zoom_crop}
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:

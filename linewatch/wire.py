@@ -285,6 +285,7 @@ class Alert(_JsonMessage):
     where: str
     boxes: list[list[int]]
     ref: FrameRef
+    words: str | None = None  # best-matching defect words, only when a CLIP text model is configured
     schema: int = RESULT_SCHEMA
 
 
