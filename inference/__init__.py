@@ -49,7 +49,7 @@ def create_scorer(name: str = "patch-knn", *, backbone: str | None = None, image
                   layers: tuple[int, ...] | None = None, weights: str | None = None,
                   class_name: str = "object", device: str = "cpu", random_init: bool = False,
                   reference_augment: str = "none", zoom: bool = False, zoom_top_k: int = 2,
-                  zoom_crop: float = 0.35) -> Scorer:
+                  zoom_crop: float = 0.35, adapt_steps: int = 0) -> Scorer:
     """Build a scorer by method name (see :data:`METHODS`) on the named backbone.
 
     ``zoom`` adds the ROI zoom pass (:mod:`inference.zoom`): a second patch-knn on the
@@ -57,12 +57,13 @@ def create_scorer(name: str = "patch-knn", *, backbone: str | None = None, image
     """
     if name == "noop":
         return NoopScorer()
-    if zoom and name != "patch-knn":
-        raise ValueError("ROI zoom is implemented for patch-knn; turn it off for " + name)
+    if (zoom or adapt_steps) and name != "patch-knn":
+        raise ValueError("ROI zoom and adaptation are implemented for patch-knn; turn them off for "
+                         + name)
     if name == "patch-knn":
         bb = create_backbone(backbone or "dinov2-s", weights=weights, image_size=image_size,
                              layers=layers, random_init=random_init)
-        scorer = PatchKNNScorer(bb, device=device, augment=reference_augment)
+        scorer = PatchKNNScorer(bb, device=device, augment=reference_augment, adapt_steps=adapt_steps)
         if zoom:
             from inference.zoom import ZoomScorer
 

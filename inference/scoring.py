@@ -101,9 +101,13 @@ class PatchKNNScorer:
         top_fraction: float = 0.01,
         device: str | torch.device = "cpu",
         augment: str = "none",
+        adapt_steps: int = 0,
     ) -> None:
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+        self.adapt_steps = adapt_steps  # > 0: train a head on pseudo-anomalies at fit (inference/adapt.py)
+        self.head: torch.nn.Module | None = None
+        self.adapt_report = None
         self.backbone = (backbone or DinoV2Backbone()).to(device)
         self.device = torch.device(device)
         self.top_fraction = top_fraction
@@ -114,17 +118,30 @@ class PatchKNNScorer:
     def memory_size(self) -> int:
         return 0 if self._memory is None else int(self._memory.shape[0])
 
-    def _patch_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """(B, H, W, D) unit-norm concatenated layer features."""
+    def raw_patch_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, H, W, D) unit-norm concatenated layer features of the frozen backbone."""
         x = self.backbone.preprocess(list(images)).to(self.device)
         feats = self.backbone(x)
         parts = [torch.nn.functional.normalize(p.float(), dim=-1) for p in feats.patch_tokens]
         return torch.nn.functional.normalize(torch.cat(parts, dim=-1), dim=-1)
 
+    def _patch_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        f = self.raw_patch_features(images)
+        if self.head is not None:
+            with torch.no_grad():
+                f = self.head(f)
+        return f
+
     def fit(self, normals: Sequence[np.ndarray]) -> None:
         if len(normals) == 0:
             raise ValueError("fit() needs at least one normal reference image")
         self._memory = None
+        if self.adapt_steps > 0:
+            from inference.adapt import train_head
+
+            self.head = None
+            with torch.enable_grad():
+                self.head, self.adapt_report = train_head(self, normals, steps=self.adapt_steps)
         self.add_normals(normals)
 
     def add_normals(self, normals: Sequence[np.ndarray]) -> None:
