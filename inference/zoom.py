@@ -71,10 +71,6 @@ class ZoomScorer:
         self.top_k, self.crop_frac, self.out_scale = top_k, crop_frac, out_scale
         self.name = f"{coarse.name}+zoom"
 
-    @property
-    def map_gate(self):  # the worker's cascade setting applies to the coarse pass
-        return getattr(self.coarse, "map_gate", None)
-
     def fit(self, normals: Sequence[np.ndarray]) -> None:
         self.coarse.fit(normals)
         self.crop.fit([t for im in normals for t in tiles(im, self.crop_frac)])

@@ -101,3 +101,16 @@ def test_evaluate_with_and_without_zoom_on_small_bottle_breaks(tmp_path: Path) -
     assert got["--zoom"]["pixel_auroc"] >= got["--no-zoom"]["pixel_auroc"] - 0.005
     assert got["--zoom"]["pixel_pro"] >= got["--no-zoom"]["pixel_pro"] - 0.01
     assert got["--zoom"]["image_auroc"] == got["--no-zoom"]["image_auroc"]  # same image scores
+
+
+@pytest.mark.slow
+def test_a_worker_scores_frames_with_zoom_on(workers, broker, topics) -> None:
+    """`linewatch worker --zoom` starts, scores and routes (the zoom scorer in the real loop)."""
+    from tests.conftest import Camera, collect
+
+    w = workers("zoomer", "--zoom", "--image-size", "112")
+    w.wait_ready()
+    cam = Camera(broker, topics, frames=6, fps=0, camera="cam-z")
+    cam.thread.join(timeout=60)
+    tally = collect(broker, topics, lambda t: cam.sent <= t.accounted, timeout_s=120).tally
+    assert len(tally.scores) == 6 and all(s.scorer == "patch-knn+zoom" for s in tally.scores.values())
