@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,9 +65,14 @@ def thresholds_from_normals(scores: Sequence[float], false_alarm_rate: float = 0
     return Thresholds(alert=alert, review=min(review, alert), n_normals=len(scores), guaranteed=ok)
 
 
-def score_frames(scorer: object, frames: Sequence[np.ndarray], batch_size: int = 8) -> list:
-    """Score frames in batches; the ScoreResults in input order."""
+def score_frames(scorer: object, frames: Sequence[np.ndarray], batch_size: int = 8,
+                 on_batch: Callable[[int], object] | None = None) -> list:
+    """Score frames in batches; the ScoreResults in input order. ``on_batch(n)`` after each
+    batch of n frames (a progress bar's ``update``)."""
     out: list = []
     for i in range(0, len(frames), batch_size):
-        out.extend(scorer.score(frames[i:i + batch_size]))  # type: ignore[attr-defined]
+        chunk = frames[i:i + batch_size]
+        out.extend(scorer.score(chunk))  # type: ignore[attr-defined]
+        if on_batch is not None:
+            on_batch(len(chunk))
     return out

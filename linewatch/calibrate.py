@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.calibration import thresholds_from_normals
+from inference.calibration import score_frames, thresholds_from_normals
 from inference.profile import LineProfile
 from inference.pseudo import generate
 
@@ -56,14 +56,11 @@ def calibrate_profile(scorer: Any, scorer_settings: dict[str, Any], images: Sequ
 
     def score(frames: Sequence[np.ndarray], what: str) -> list:
         bar = progress(what, len(frames)) if progress else None
-        out = []
-        for i in range(0, len(frames), batch):
-            out.extend(scorer.score(frames[i:i + batch]))
+        try:
+            return score_frames(scorer, frames, batch, bar.update if bar is not None else None)
+        finally:
             if bar is not None:
-                bar.update(min(batch, len(frames) - i))
-        if bar is not None:
-            bar.close()
-        return out
+                bar.close()
 
     cal = score(split.calibration, "calibration normals")
     th = thresholds_from_normals([r.score for r in cal], false_alarm_rate, review_rate)

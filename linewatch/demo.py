@@ -22,22 +22,12 @@ import threading
 import time
 from pathlib import Path
 
-import cv2
-
 from linewatch.broker import EmbeddedBroker, create_topics, free_port, stop_process
+from linewatch.images import write_frames
 from linewatch.tally import TallyReader
 from linewatch.wire import FrameMeta, Topics
 
 log = logging.getLogger(__name__)
-
-
-def _write_frames(folder: Path, images: list) -> None:
-    """Reference and calibration frames as the camera sends them (JPEG, quality 90): frames
-    calibrated losslessly but scored after JPEG would sit higher than their thresholds expect."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        cv2.imwrite(str(folder / f"{i:04d}.jpg"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR),
-                    [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -80,8 +70,8 @@ def run_demo(a: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     conveyor = SyntheticConveyor(texture=a.texture, defect_rate=a.defect_rate, seed=a.seed,
                                  marking_rate=a.marking_rate)
-    _write_frames(workdir / "references", conveyor.normals(a.shots))
-    _write_frames(workdir / "holdout", conveyor.normals(a.holdout, offset=20_000_000))
+    write_frames(workdir / "references", conveyor.normals(a.shots))
+    write_frames(workdir / "holdout", conveyor.normals(a.holdout, offset=20_000_000))
     topics = Topics("linewatch")
     metrics_port = a.metrics_port or free_port()
     broker = EmbeddedBroker(port=a.broker_port or None, log_path=workdir / "broker.log").start()

@@ -69,3 +69,22 @@ def load_folder(root: str | Path, limit: int | None = None, seed: int | None = N
         rng = np.random.default_rng(seed)
         files = [files[i] for i in rng.permutation(len(files))]
     return [read_rgb(p) for p in files[:limit]]
+
+
+def write_frames(folder: str | Path, images: list[np.ndarray], jpeg_quality: int | None = 90) -> Path:
+    """Write RGB frames as a numbered image folder (references, holdout) and return it.
+
+    JPEG at the camera's quality by default: frames calibrated losslessly but scored after
+    JPEG would sit higher than their thresholds expect. ``jpeg_quality=None`` writes PNG.
+    """
+    import cv2
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        bgr = cv2.cvtColor(im, cv2.COLOR_RGB2BGR)
+        if jpeg_quality is None:
+            cv2.imwrite(str(folder / f"{i:04d}.png"), bgr)
+        else:
+            cv2.imwrite(str(folder / f"{i:04d}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    return folder

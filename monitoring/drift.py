@@ -290,6 +290,7 @@ class DriftMonitor:
         if unknown:
             raise DriftConfigError(f"unknown drift statistics {sorted(unknown)}; known: {STATISTICS}")
         self._cams: dict[tuple[str, str], _Camera] = {}
+        self._thresholds: dict[int, dict[str, float]] = {}
         self._lock = threading.Lock()
 
     def rebase_scores(self, scores: Sequence[float]) -> None:
@@ -297,6 +298,7 @@ class DriftMonitor:
         with self._lock:
             self.reference = DriftReference(np.asarray(scores), self.reference.quality,
                                             self.reference.embeddings)
+            self._thresholds.clear()
             for cam in self._cams.values():
                 cam.scores.clear()  # old scores came from the old memory
 
@@ -316,7 +318,14 @@ class DriftMonitor:
             cam.last_seen = time.monotonic()
 
     def thresholds(self, n_window: int) -> dict[str, float]:
-        """The threshold of every statistic for a window of ``n_window`` frames."""
+        """The threshold of every statistic for a window of ``n_window`` frames (cached: they
+        depend only on the two sample sizes, and are asked for after every batch)."""
+        cached = self._thresholds.get(n_window)
+        if cached is None:
+            cached = self._thresholds[n_window] = self._compute_thresholds(n_window)
+        return cached
+
+    def _compute_thresholds(self, n_window: int) -> dict[str, float]:
         n = self.reference.n
         out = {name: float(v) for name, v in DEFAULT_THRESHOLDS.items() if v is not None}
         out["score_psi"] = psi_threshold(n, n_window)

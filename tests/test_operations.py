@@ -32,11 +32,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import cv2
 import pytest
 import yaml
 
 from linewatch.broker import EmbeddedBroker, create_topics, free_port
+from linewatch.images import write_frames
 from linewatch.wire import Topics
 from monitoring import dashboards, metrics
 
@@ -101,13 +101,6 @@ class Prom:
         return float(res[0]["value"][1]) if res else None
 
 
-def _write_pngs(folder: Path, images: list) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
-    return folder
-
-
 def _wait(cond, timeout_s: float, what: str, every: float = 0.5):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -136,8 +129,8 @@ def ops(tmp_path_factory: pytest.TempPathFactory):
         topics = Topics(f"ops{uuid.uuid4().hex[:8]}")
         create_topics(broker.bootstrap, topics, partitions=4)
         conveyor = SyntheticConveyor(seed=3, defect_rate=0.1, size=(320, 320))
-        refs = _write_pngs(work / "refs", conveyor.normals(4))
-        holdout = _write_pngs(work / "holdout", conveyor.normals(40, offset=20_000_000))
+        refs = write_frames(work / "refs", conveyor.normals(4), jpeg_quality=None)
+        holdout = write_frames(work / "holdout", conveyor.normals(40, offset=20_000_000), jpeg_quality=None)
 
         # --- the alert receiver, Alertmanager and Prometheus, from the repository's files ----
         log_port, am_port, prom_port, w_port = free_port(), free_port(), free_port(), free_port()

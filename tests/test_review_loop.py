@@ -18,24 +18,15 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import cv2
 import pytest
 
 from linewatch.broker import EmbeddedBroker, free_port
+from linewatch.images import write_frames
 from linewatch.wire import Topics
 from tests.conftest import collect
 from tests.test_review import ReviewProc
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _write(folder: Path, images: list) -> Path:
-    """Reference and calibration frames as the camera sends them (JPEG, quality 90)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        cv2.imwrite(str(folder / f"{i:03d}.jpg"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR),
-                    [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return folder
 
 
 def _metric(url: str, name: str) -> float:
@@ -52,8 +43,8 @@ def test_operator_verdicts_stop_a_recurring_false_alarm(broker: EmbeddedBroker, 
     from producers.sources import SyntheticConveyor
 
     conveyor = SyntheticConveyor(seed=5, defect_rate=0.05, marking_rate=0.4)
-    refs = _write(tmp_path / "refs", conveyor.normals(4))
-    holdout = _write(tmp_path / "holdout", conveyor.normals(100, offset=20_000_000))
+    refs = write_frames(tmp_path / "refs", conveyor.normals(4))  # as the camera sends them: JPEG
+    holdout = write_frames(tmp_path / "holdout", conveyor.normals(100, offset=20_000_000))
     m_port = free_port()
     cmd = [sys.executable, "-m", "linewatch", "worker", "--bootstrap-servers", broker.bootstrap,
            "--topic-prefix", topics.prefix, "--group-id", f"g-{uuid.uuid4().hex[:6]}",

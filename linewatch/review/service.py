@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from linewatch.review.store import ReviewError, ReviewStore
@@ -25,6 +26,7 @@ class ReviewBridge:
         self.stop = threading.Event()
         self.wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._exported_at = float("-inf")
 
     def start(self) -> ReviewBridge:
         for target, name in ((self._intake, "review-intake"), (self._outbox, "label-outbox")):
@@ -58,6 +60,7 @@ class ReviewBridge:
         try:
             while not self.stop.is_set():
                 got = consumer.poll(timeout_ms=500)
+                self._export_queue()
                 if not got:
                     continue
                 for records in got.values():
@@ -72,6 +75,14 @@ class ReviewBridge:
                 consumer.commit()  # only after the store has them
         finally:
             consumer.close(autocommit=False)
+
+    def _export_queue(self, every_s: float = 2.0) -> None:
+        """The queue gauge, kept current whether or not anyone has the page open."""
+        now = time.monotonic()
+        if now - self._exported_at >= every_s:
+            self._exported_at = now
+            for state, n in self.store.counts().items():
+                metrics.REVIEW_QUEUE.labels(state=state).set(n)
 
     def _outbox(self) -> None:
         from kafka import KafkaProducer
