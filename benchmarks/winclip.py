@@ -15,12 +15,13 @@ it works with); linewatch runs here. Measured:
 linewatch's timing includes its own preprocessing (resize + normalise from
 uint8); anomalib is handed ready tensors.
 
-    python -m benchmarks.winclip [--frames 16] [--stream 60] [--json benchmarks/results/winclip.json]
+    python -m benchmarks.winclip [--frames 16] [--stream 60] [--repeats 3] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import inference  # noqa: F401 - torchvision fix first
 from inference.clip import OpenCLIPBackbone
@@ -48,12 +50,28 @@ def _frames(n: int, seed: int) -> list[np.ndarray]:
     return [conv.frame(i).image for i in range(n)]
 
 
-def _time_scorer(scorer: WinCLIPScorer, frames: list[np.ndarray], batch: int) -> tuple[list[float], float]:
-    scorer.score(frames[:1])  # warm-up
+def _jpeg(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _decode(data: bytes) -> np.ndarray:
+    """What the worker does with a frame's bytes (PIL, as consumers/decode.py)."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _time_scorer(scorer: WinCLIPScorer, frames: list[np.ndarray] | list[bytes],
+                 batch: int) -> tuple[list[float], float]:
+    """Score in batches; JPEG bytes are decoded inside the timed loop."""
+    def images(chunk):
+        return [_decode(f) for f in chunk] if isinstance(chunk[0], bytes) else chunk
+
+    scorer.score(images(frames[:batch]))  # warm-up (and CUDA kernel selection) at the timed batch size
     scores: list[float] = []
     t0 = time.perf_counter()
     for i in range(0, len(frames), batch):
-        scores += [r.score for r in scorer.score(frames[i:i + batch])]
+        scores += [r.score for r in scorer.score(images(frames[i:i + batch]))]
     return scores, time.perf_counter() - t0
 
 
@@ -79,13 +97,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=16, help="frames for the full-map runs")
     ap.add_argument("--stream", type=int, default=60, help="frames in the cascade stream")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs per side for the full-map rows, alternating linewatch and anomalib")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--class-name", default="brick wall")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arch", default=ARCH,
+                    help="open_clip architecture, random weights (anomalib's WinCLIP is fixed to "
+                         f"{ARCH}; any other needs --no-peer) (default: %(default)s)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                    help="linewatch's weights/activations; anything but fp32 needs --no-peer "
+                         "(anomalib runs fp32, so the ratio would compare two different things)")
+    ap.add_argument("--decode", action="store_true",
+                    help="hand linewatch JPEG bytes (q90) and time the decode too, as a worker sees frames")
     ap.add_argument("--no-peer", action="store_true", help="skip anomalib (e.g. on a GPU machine)")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "winclip.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.arch != ARCH and not a.no_peer:
+        print(f"anomalib's WinClipModel is built on {ARCH} only: add --no-peer for --arch {a.arch}",
+              file=sys.stderr)
+        return 2
+    if a.precision != "fp32" and not a.no_peer:
+        print("--precision bf16/fp16 is measured without the anomalib peer: add --no-peer", file=sys.stderr)
+        return 2
     if not a.no_peer and not PEER_PY.exists():
         print("anomalib peer missing: run `bash benchmarks/setup_anomalib.sh` first, or pass --no-peer",
               file=sys.stderr)
@@ -93,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
     frames = _frames(a.frames, seed=1)
     refs = _frames(1, seed=99)
-    bb = OpenCLIPBackbone(ARCH, random_init=True, seed=0)
+    bb = OpenCLIPBackbone(a.arch, random_init=True, seed=0)
+    timed = [_jpeg(f) for f in frames] if a.decode else frames
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -101,23 +137,37 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(bb.model.state_dict(), weights)
         inputs = work / "inputs.pt"
         torch.save({"frames": bb.preprocess(frames).cpu(), "references": bb.preprocess(refs).cpu()}, inputs)
+        if a.precision != "fp32":
+            bb = OpenCLIPBackbone(a.arch, weights, precision=a.precision)
         bb = bb.to(a.device)
 
         for shots in (0, 1):
             name = "zero-shot" if shots == 0 else "1-shot"
             ours = WinCLIPScorer(bb, class_name=a.class_name, few_shot=shots > 0, device=a.device)
             ours.fit(refs[:shots])
-            ours_scores, ours_s = _time_scorer(ours, frames, a.batch_size)
-            row = {"frames": len(frames), "linewatch_fps": len(frames) / ours_s}
+            # Alternate the two sides, `--repeats` times: on a shared 2-core VM the speed of the
+            # machine drifts by 15-20% over minutes, and alternating puts both sides under the same
+            # drift. The reported rates are medians; the ratio is the median of per-repeat ratios.
+            ours_fps, peer_fps, ratios = [], [], []
+            for _ in range(a.repeats):
+                ours_scores, ours_s = _time_scorer(ours, timed, a.batch_size)
+                ours_fps.append(len(frames) / ours_s)
+                if not a.no_peer:
+                    peer = _peer(weights, inputs, shots, a.class_name, a.batch_size, a.threads, work)
+                    peer_fps.append(peer["frames"] / peer["seconds"])
+                    ratios.append(ours_fps[-1] / peer_fps[-1])
+            row = {"frames": len(frames), "repeats": a.repeats, "linewatch_fps": float(np.median(ours_fps)),
+                   "linewatch_fps_runs": ours_fps}
             if shots:
                 paper = WinCLIPScorer(bb, class_name=a.class_name, few_shot=True, image_score="paper",
                                       device=a.device)
                 paper.fit(refs)
                 paper_scores = [r.score for r in paper.score(frames)]
             if not a.no_peer:
-                peer = _peer(weights, inputs, shots, a.class_name, a.batch_size, a.threads, work)
-                row["anomalib_fps"] = peer["frames"] / peer["seconds"]
-                row["speedup"] = row["linewatch_fps"] / row["anomalib_fps"]
+                row["anomalib_fps"] = float(np.median(peer_fps))
+                row["anomalib_fps_runs"] = peer_fps
+                row["speedup"] = float(np.median(ratios))
+                row["speedup_runs"] = ratios
                 row["anomalib_open_clip"] = peer["open_clip"]
                 row["score_correlation"] = float(np.corrcoef(ours_scores, peer["scores"])[0, 1])
                 row["max_abs_score_diff"] = float(np.max(np.abs(np.subtract(ours_scores, peer["scores"]))))
@@ -129,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # Lazy cascade: a stream whose top 5% of frames reach review; decisions must not change.
         stream = _frames(a.stream, seed=7)
+        stream = [_jpeg(f) for f in stream] if a.decode else stream
         ours = WinCLIPScorer(bb, class_name=a.class_name, few_shot=True, device=a.device)
         ours.fit(refs)
         full_scores, full_s = _time_scorer(ours, stream, a.batch_size)
@@ -145,15 +196,15 @@ def main(argv: list[str] | None = None) -> int:
             cascade["speedup_vs_anomalib"] = cascade["linewatch_fps"] / rows["1-shot"]["anomalib_fps"]
         rows["cascade 1-shot, 5% to review"] = cascade
 
-    print(f"\nWinCLIP, {ARCH} (random weights), 240 px, batch {a.batch_size}, {a.threads} threads, "
-          f"{a.device}\n")
+    print(f"\nWinCLIP, {a.arch} (random weights), {bb.image_size[0]} px, batch {a.batch_size}, "
+          f"{a.threads} threads, {a.device}, {a.precision}{', JPEG decode timed' if a.decode else ''}\n")
     print(f"{'run':<30} {'linewatch f/s':>14} {'anomalib f/s':>13} {'ratio':>7} {'score corr':>11}")
     for name, r in rows.items():
         one_shot_peer = rows.get("1-shot", {}).get("anomalib_fps")
         peer_fps = r.get("anomalib_fps", one_shot_peer if "cascade" in name else None)
         ratio = r.get("speedup", r.get("speedup_vs_anomalib"))
         print(f"{name:<30} {r['linewatch_fps']:>14.2f} "
-              f"{peer_fps if peer_fps is None else f'{peer_fps:.2f}':>13} "
+              f"{'-' if peer_fps is None else f'{peer_fps:.2f}':>13} "
               f"{'-' if ratio is None else f'{ratio:.1f}x':>7} "
               f"{r.get('score_correlation', float('nan')):>11.4f}")
     c = rows["cascade 1-shot, 5% to review"]
@@ -162,10 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     if "paper_score_correlation" in rows.get("1-shot", {}):
         print(f"1-shot image score with the paper's multi-scale max: correlation with anomalib "
               f"{rows['1-shot']['paper_score_correlation']:.4f}")
-    result = {"benchmark": "winclip", "arch": ARCH, "weights": "random (same on both sides)",
+    result = {"benchmark": "winclip", "arch": a.arch, "image_size": bb.image_size[0],
+              "weights": "random (same on both sides)",
               "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
               "cpu_count": os.cpu_count(), "threads": a.threads, "device": a.device,
-              "torch": torch.__version__, "batch_size": a.batch_size, "runs": rows}
+              "torch": torch.__version__, "batch_size": a.batch_size, "precision": a.precision,
+              "decode_timed": a.decode,
+              "gpu": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None,
+              "runs": rows}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=2))
     print(f"\njson: {a.json}")

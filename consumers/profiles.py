@@ -48,7 +48,8 @@ def load_profile(path: str | Path, device: str = "cpu", drift_window: int = 100,
                            layers=layers, weights=s.get("weights"), class_name=s.get("class_name", "object"),
                            device=device, reference_augment=s.get("reference_augment", "none"),
                            zoom=bool(s.get("zoom", False)), zoom_top_k=int(s.get("zoom_top_k", 2)),
-                           zoom_crop=float(s.get("zoom_crop", 0.35)))
+                           zoom_crop=float(s.get("zoom_crop", 0.35)),
+                           precision=s.get("precision", "fp32"))
     refs = list(p.references) + list(p.learned)
     scorer.fit(refs)
     drift = None

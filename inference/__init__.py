@@ -25,8 +25,14 @@ BACKBONES = ("dinov2-s", "efficientnet-lite0", "openclip:ARCH")
 
 def create_backbone(backbone: str = "dinov2-s", *, weights: str | None = None,
                     image_size: int | None = None, layers: tuple[int, ...] | None = None,
-                    random_init: bool = False):
-    """Build a backbone by name from local files (see :data:`BACKBONES`)."""
+                    random_init: bool = False, precision: str = "fp32"):
+    """Build a backbone by name from local files (see :data:`BACKBONES`).
+
+    ``precision`` (fp32 | bf16 | fp16) applies to CLIP backbones, for GPUs.
+    """
+    if precision != "fp32" and not backbone.startswith("openclip:"):
+        raise ValueError(f"--precision {precision} is implemented for openclip: backbones; "
+                         f"{backbone} runs in fp32")
     if backbone == "dinov2-s":
         from inference.backbones import DinoV2Backbone
 
@@ -41,7 +47,8 @@ def create_backbone(backbone: str = "dinov2-s", *, weights: str | None = None,
 
         if image_size is not None:
             raise ValueError("a CLIP backbone works at its own resolution; do not pass an image size")
-        return OpenCLIPBackbone(backbone.removeprefix("openclip:"), weights, random_init=random_init)
+        return OpenCLIPBackbone(backbone.removeprefix("openclip:"), weights, random_init=random_init,
+                                precision=precision)
     raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
 
 
@@ -49,7 +56,7 @@ def create_scorer(name: str = "patch-knn", *, backbone: str | None = None, image
                   layers: tuple[int, ...] | None = None, weights: str | None = None,
                   class_name: str = "object", device: str = "cpu", random_init: bool = False,
                   reference_augment: str = "none", zoom: bool = False, zoom_top_k: int = 2,
-                  zoom_crop: float = 0.35, adapt_steps: int = 0) -> Scorer:
+                  zoom_crop: float = 0.35, adapt_steps: int = 0, precision: str = "fp32") -> Scorer:
     """Build a scorer by method name (see :data:`METHODS`) on the named backbone.
 
     ``zoom`` adds the ROI zoom pass (:mod:`inference.zoom`): a second patch-knn on the
@@ -62,7 +69,7 @@ def create_scorer(name: str = "patch-knn", *, backbone: str | None = None, image
                          + name)
     if name == "patch-knn":
         bb = create_backbone(backbone or "dinov2-s", weights=weights, image_size=image_size,
-                             layers=layers, random_init=random_init)
+                             layers=layers, random_init=random_init, precision=precision)
         scorer = PatchKNNScorer(bb, device=device, augment=reference_augment, adapt_steps=adapt_steps)
         if zoom:
             from inference.zoom import ZoomScorer
@@ -79,7 +86,8 @@ def create_scorer(name: str = "patch-knn", *, backbone: str | None = None, image
                              f"not {backbone!r}; use patch-knn for visual-only backbones")
         if reference_augment != "none":
             raise ValueError("reference augmentation is implemented for patch-knn only")
-        bb = create_backbone(backbone, weights=weights, image_size=image_size, random_init=random_init)
+        bb = create_backbone(backbone, weights=weights, image_size=image_size, random_init=random_init,
+                             precision=precision)
         return WinCLIPScorer(bb, class_name=class_name, few_shot=name == "winclip+", device=device)
     raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(METHODS)}")
 

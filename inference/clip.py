@@ -27,6 +27,7 @@ from inference import _torchvision_fix  # noqa: F401 - must precede open_clip
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 PRODUCTION_ARCH = "ViT-B-16-plus-240"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 WEIGHTS_HELP = (
     "CLIP weights are never downloaded at run time. On a machine with internet access, fetch "
@@ -95,9 +96,13 @@ class OpenCLIPBackbone(torch.nn.Module):
         *,
         random_init: bool = False,
         seed: int = 0,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         import open_clip
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
         register_bundled_configs()
         if weights is None and not random_init:
@@ -114,6 +119,11 @@ class OpenCLIPBackbone(torch.nn.Module):
             torch.manual_seed(seed)
             model = open_clip.create_model(name, pretrained=str(weights) if weights else None)
         model.eval()
+        # Weights and activations in the chosen type; scores, text directions and the
+        # reference memory stay float32 (see WinCLIPScorer). bf16/fp16 are for GPUs: on a
+        # CPU without bf16 instructions they are slower than fp32.
+        self.precision = precision
+        model.to(PRECISIONS[precision])
         visual = model.visual
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
             raise ClipUnavailable(

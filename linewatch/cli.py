@@ -83,6 +83,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "(and mirrored); for parts that may arrive in any orientation "
                         "(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weights and activations of openclip: backbones; bf16/fp16 are for GPUs "
+                        "(slower than fp32 on most CPUs) (default: %(default)s)")
     p.add_argument("--zoom", action=argparse.BooleanOptionalAction, default=False,
                    help="ROI zoom (patch-knn): re-score crops of the hottest regions, cut from the "
                         "full-resolution frame, against crop-level references (default: off)")
@@ -106,7 +109,7 @@ def _build_scorer(a: argparse.Namespace):
             layers=_layers(a.layers) if a.layers else None, weights=a.weights,
             class_name=a.class_name, device=a.device, random_init=getattr(a, "random_init", False),
             reference_augment=a.reference_augment, zoom=a.zoom, zoom_top_k=a.zoom_top_k,
-            zoom_crop=a.zoom_crop, adapt_steps=a.adapt_steps)
+            zoom_crop=a.zoom_crop, adapt_steps=a.adapt_steps, precision=a.precision)
     except (BackboneUnavailable, ClipUnavailable, ValueError) as exc:
         raise CliError(str(exc)) from None
 
@@ -634,7 +637,9 @@ def scorer_settings(a: argparse.Namespace) -> dict:
     return {"method": a.scorer, "backbone": a.backbone, "image_size": a.image_size,
             "layers": list(_layers(a.layers)) if a.layers else None, "class_name": a.class_name,
             "weights": a.weights, "reference_augment": a.reference_augment, "zoom": a.zoom,
-            "zoom_top_k": a.zoom_top_k, "zoom_crop": a.zoom_crop}
+            "zoom_top_k": a.zoom_top_k, "zoom_crop": a.zoom_crop,
+            # the thresholds were measured at this precision, so workers must score at it too
+            "precision": a.precision}
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:

@@ -170,3 +170,37 @@ def test_weights_load_from_a_local_file(tmp_path, backbone):
     loaded = OpenCLIPBackbone(ARCH, str(path))
     x = backbone.preprocess(_frames(1))
     torch.testing.assert_close(loaded(x).global_embedding, backbone(x).global_embedding)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_agrees_with_fp32(backbone, tmp_path, precision):
+    """The GPU setting, run here on CPU: same weights in bf16/fp16 give the same picture.
+
+    Not covered: speed (half precision only pays on a GPU) and real CLIP weights,
+    whose larger activations are the usual trouble for fp16.
+    """
+    path = tmp_path / "tiny.pt"
+    torch.save(backbone.model.state_dict(), path)
+    half = OpenCLIPBackbone(ARCH, str(path), precision=precision)
+    assert next(half.model.parameters()).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    refs, frames = _frames(2, seed=41), _frames(12, seed=42)
+    out = {}
+    for name, bb in (("fp32", backbone), ("half", half)):
+        scorer = WinCLIPScorer(bb, class_name="part", few_shot=True)
+        scorer.fit(refs)
+        out[name] = scorer.score(frames)
+    s32 = np.array([r.score for r in out["fp32"]])
+    s16 = np.array([r.score for r in out["half"]])
+    m32 = np.stack([r.anomaly_map for r in out["fp32"]]).ravel()
+    m16 = np.stack([r.anomaly_map for r in out["half"]]).ravel()
+    assert np.corrcoef(s32, s16)[0, 1] > 0.99, (s32, s16)
+    assert np.corrcoef(m32, m16)[0, 1] > 0.99
+    assert np.argsort(s32)[-3:].tolist() == np.argsort(s16)[-3:].tolist()  # same frames on top
+    assert all(np.isfinite(r.anomaly_map).all() for r in out["half"])
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision"):
+        OpenCLIPBackbone(ARCH, random_init=True, precision="int4")
+    with pytest.raises(ValueError, match="openclip"):
+        inference.create_scorer("patch-knn", precision="bf16")

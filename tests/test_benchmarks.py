@@ -1,0 +1,44 @@
+"""The benchmark commands run end to end (not how fast: speed is measured by running them).
+
+The WinCLIP benchmark's GPU form (``--no-peer --device cuda --precision bf16
+--decode``) cannot run here; this runs the same code path on CPU with the tiny
+random-weight architecture, so the command a GPU machine needs is known to work
+up to the device. Not covered: CUDA itself, and the anomalib peer (its venv is
+benchmark-only and is not installed by CI).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_winclip_benchmark_gpu_form_runs_on_cpu(tmp_path):
+    out = tmp_path / "winclip.json"
+    cmd = [sys.executable, "-m", "benchmarks.winclip", "--arch", "lw-tiny-vit-64", "--no-peer",
+           "--precision", "bf16", "--decode", "--frames", "8", "--stream", "40", "--repeats", "2",
+           "--json", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cascade 1-shot" in r.stdout and "JPEG decode timed" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["precision"] == "bf16" and res["decode_timed"] is True and res["arch"] == "lw-tiny-vit-64"
+    for run in ("zero-shot", "1-shot"):
+        assert len(res["runs"][run]["linewatch_fps_runs"]) == 2
+        assert res["runs"][run]["linewatch_fps"] > 0
+    cascade = res["runs"]["cascade 1-shot, 5% to review"]
+    assert cascade["identical_decisions"] is True
+    assert 0 < cascade["full_maps_fraction"] <= 0.1
+
+
+def test_winclip_benchmark_refuses_unlike_comparisons(tmp_path):
+    for extra, why in ((["--precision", "bf16"], "measured without the anomalib peer"),
+                       (["--arch", "lw-tiny-vit-64"], "is built on ViT-B-16-plus-240 only")):
+        r = subprocess.run([sys.executable, "-m", "benchmarks.winclip", *extra, "--json",
+                            str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert why in r.stderr and "--no-peer" in r.stderr
