@@ -36,6 +36,8 @@ from monitoring import metrics
 
 log = logging.getLogger(__name__)
 
+MAX_SEEN_LABELS = 100_000
+
 
 class LabelFollower:
     """Reads every partition of ``.labels`` from the start, without a consumer group."""
@@ -93,7 +95,9 @@ class ReferenceLearner:
         self.max_learned = max_learned
         self.false_alarm_rate, self.review_rate = false_alarm_rate, review_rate
         self.learned: deque[tuple[str, np.ndarray]] = deque()
-        self.seen: set[str] = set()
+        # ids of applied labels, to count a redelivered label once; bounded (oldest forgotten),
+        # since redeliveries arrive close to the original and verdicts accumulate for years
+        self.seen: dict[str, None] = {}
         metrics.LEARNED_NORMALS.labels(worker=worker_id).set(0)
         for verdict in ("normal", "defect"):
             metrics.LABELS_APPLIED.labels(worker=worker_id, verdict=verdict)
@@ -103,7 +107,9 @@ class ReferenceLearner:
         for lab in labels:
             if lab.item_id in self.seen or lab.verdict == "skip":
                 continue  # at-least-once delivery: a label seen twice counts once
-            self.seen.add(lab.item_id)
+            self.seen[lab.item_id] = None
+            if len(self.seen) > MAX_SEEN_LABELS:
+                del self.seen[next(iter(self.seen))]
             metrics.LABELS_APPLIED.labels(worker=self.worker_id, verdict=lab.verdict).inc()
             if lab.verdict == "normal":
                 image = _decode(lab)

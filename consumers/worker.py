@@ -100,7 +100,11 @@ class Worker:
     """Consume frames, score, route, flush, commit. See the module docstring for the order."""
 
     def __init__(self, cfg: WorkerConfig, scorer: Scorer, drift: DriftMonitor | None = None,
-                 learner: ReferenceLearner | None = None, watcher: ProfileWatcher | None = None) -> None:
+                 learner: ReferenceLearner | None = None, watcher: ProfileWatcher | None = None,
+                 describe: Callable[[np.ndarray], str] | None = None,
+                 info: dict[str, str] | None = None) -> None:
+        """``describe`` names what a flagged region looks like (CLIP defect words); ``info`` is
+        published as ``linewatch_worker_info`` and its ``profile`` follows profile reloads."""
         from kafka import KafkaConsumer, KafkaProducer
 
         self.cfg = cfg
@@ -109,7 +113,10 @@ class Worker:
         self.learner = learner
         self.watcher = watcher
         self.labels: LabelFollower | None = None
-        self.describe: Callable[[np.ndarray], str] | None = None  # defect words (CLIP text model)
+        self.describe = describe
+        self.info = dict(info or {})
+        if self.info:
+            metrics.WORKER_INFO.info(self.info)
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self._pending: list[Any] = []
@@ -210,6 +217,9 @@ class Worker:
         self._set_thresholds(new.thresholds)
         metrics.REFERENCE_IMAGES.labels(worker=self.cfg.worker_id).set(len(new.references))
         metrics.PROFILE_RELOADS.labels(worker=self.cfg.worker_id).inc()
+        if self.info:
+            self.info["profile"] = new.fingerprint[:12]
+            metrics.WORKER_INFO.info(self.info)
         log.info("profile %s in use: alert %.4f, review %.4f", new.fingerprint[:12],
                  new.thresholds.alert, new.thresholds.review)
 

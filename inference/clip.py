@@ -222,6 +222,10 @@ class OpenCLIPBackbone(torch.nn.Module):
         emb = self.model.encode_text(toks).float()
         return torch.nn.functional.normalize(emb, dim=-1)
 
+    def text_direction(self, prompts: list[str]) -> torch.Tensor:
+        """One unit direction (E,) for a prompt ensemble: the mean of its unit embeddings."""
+        return torch.nn.functional.normalize(self.encode_text(prompts).mean(dim=0), dim=-1)
+
 
 def _is_plain_block(blk: torch.nn.Module) -> bool:
     """open_clip's standard pre-norm block, whose math :func:`_last_block_class_token` repeats."""

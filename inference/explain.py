@@ -32,19 +32,15 @@ class DefectVocabulary:
 
     def __init__(self, backbone, words: Sequence[str] = DEFAULT_VOCABULARY, class_name: str = "object",
                  temperature: float = 0.01) -> None:
-        if not hasattr(backbone, "encode_text"):
+        if not hasattr(backbone, "text_direction"):
             raise ValueError("defect words need a CLIP backbone with a text encoder")
         words = [w.strip() for w in words if w.strip()]
         if len(words) < 2:
             raise ValueError("a defect vocabulary needs at least two words")
         self.backbone, self.words, self.temperature = backbone, list(words), temperature
-        with torch.no_grad():
-            per_word = []
-            for w in self.words:
-                e = backbone.encode_text([t.format(cls=class_name, word=w) for t in TEMPLATES])
-                e = torch.nn.functional.normalize(e, dim=-1).mean(dim=0)
-                per_word.append(torch.nn.functional.normalize(e, dim=-1))
-            self.text = torch.stack(per_word)  # (W, E)
+        self.text = torch.stack([  # (W, E)
+            backbone.text_direction([t.format(cls=class_name, word=w) for t in TEMPLATES])
+            for w in self.words])
 
     def describe(self, crops: Sequence[np.ndarray], top: int = 3) -> list[list[WordMatch]]:
         """The ``top`` best words for each crop (RGB uint8), best first."""

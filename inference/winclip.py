@@ -129,14 +129,10 @@ class WinCLIPScorer:
         self.class_name = class_name
         self.map_gate: float | None = None
         normal, anomalous = prompt_ensemble(class_name)
-        self.text = torch.stack([self._class_embedding(normal), self._class_embedding(anomalous)])
+        self.text = torch.stack([backbone.text_direction(normal), backbone.text_direction(anomalous)])
         self._patch_memory: torch.Tensor | None = None
         self._window_memory: dict[int, torch.Tensor] = {}
         self._fitted = False
-
-    def _class_embedding(self, prompts: list[str]) -> torch.Tensor:
-        emb = self.backbone.encode_text(prompts).mean(dim=0)
-        return torch.nn.functional.normalize(emb, dim=-1)
 
     @property
     def memory_size(self) -> int:

@@ -444,6 +444,7 @@ def build_worker(a: argparse.Namespace):
     refs: list = []
     holdout: list = []
     profile_fp = None
+    profile_model: dict | None = None
     overrides: dict = {}
     if a.scorer == "noop":
         log.warning("scorer 'noop' scores nothing: every frame is 'normal'. Use it only to measure "
@@ -461,7 +462,7 @@ def build_worker(a: argparse.Namespace):
         except (ProfileError, DriftConfigError, ValueError) as exc:
             raise CliError(str(exc)) from None
         scorer, th, refs, drift = loaded.scorer, loaded.thresholds, loaded.references, loaded.drift
-        profile_fp = loaded.fingerprint
+        profile_fp, profile_model = loaded.fingerprint, loaded.profile.scorer
         metrics.REFERENCE_IMAGES.labels(worker=worker_id).set(len(refs))
         log.info("profile %s: %d reference images; thresholds alert=%.4f review=%.4f", a.profile,
                  len(refs), th.alert, th.review)
@@ -490,10 +491,14 @@ def build_worker(a: argparse.Namespace):
             raise CliError(str(exc)) from None
         log.info("%d reference images; thresholds alert=%.4f review=%.4f (%d held-out normals)",
                  len(refs), th.alert, th.review, th.n_normals)
-    metrics.WORKER_INFO.info({"scorer": scorer.name, "version": __version__,
-                              "backbone": str(a.backbone or "default"),
-                              "image_size": str(a.image_size or "default"), "layers": str(a.layers),
-                              "profile": _profile_id(scorer.name, refs, th)})
+    # with --profile the model options are the profile's, and its id is the file's fingerprint
+    model = profile_model or {"backbone": a.backbone, "image_size": a.image_size,
+                              "layers": _layers(a.layers) if a.layers else None}
+    info = {"scorer": scorer.name, "version": __version__,
+            "backbone": str(model.get("backbone") or "default"),
+            "image_size": str(model.get("image_size") or "default"),
+            "layers": ",".join(map(str, model["layers"])) if model.get("layers") else "default",
+            "profile": profile_fp[:12] if profile_fp else _profile_id(scorer.name, refs, th)}
     if th.review > th.alert:
         raise CliError(f"review threshold {th.review} is above the alert threshold {th.alert}")
     if hasattr(scorer, "map_gate"):
@@ -525,15 +530,13 @@ def build_worker(a: argparse.Namespace):
 
         watcher = ProfileWatcher(a.profile, lambda: load_profile(a.profile, a.device, a.drift_window,
                                                                  overrides), profile_fp or "")
-    worker = Worker(cfg, scorer, drift, learner, watcher)
-    worker.describe = _describer(a, scorer)
-    return worker
+    return Worker(cfg, scorer, drift, learner, watcher, describe=_describer(a, scorer), info=info)
 
 
 def _describer(a: argparse.Namespace, scorer):
     """Defect words on flagged regions when the scorer carries a CLIP text model, else None."""
     backbone = getattr(scorer, "backbone", None)
-    if backbone is None or not hasattr(backbone, "encode_text"):
+    if backbone is None or not hasattr(backbone, "text_direction"):
         if a.defect_vocabulary:
             raise CliError("--defect-vocabulary needs a CLIP text model: use --method winclip or winclip+")
         log.info("no CLIP text model: explanations locate defects but do not name them")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -169,6 +170,9 @@ def test_worker_reloads_a_changed_profile_without_losing_frames(broker: Embedded
             time.sleep(0.2)
         from tests.conftest import Camera
 
+        first_fp = LineProfile.fingerprint(path)
+        url = re.search(r"metrics on (http://\S+/metrics)", log.read_text()).group(1)
+        assert _info_profile(url) == first_fp[:12]  # the dashboard names the profile file in use
         cam = Camera(broker, topics, frames=90, fps=6, camera="cam-p")
         time.sleep(5)  # frames flow, scored under the first profile
         new = dataclasses.replace(profile, thresholds=Thresholds(0.9, 0.8, 99, True))
@@ -183,6 +187,16 @@ def test_worker_reloads_a_changed_profile_without_losing_frames(broker: Embedded
         assert all(u == pytest.approx(0.9) for u in used[switch:])  # one switch, never back
         assert len(cam.sent) == 90 and cam.sent <= tally.accounted  # nothing lost across the swap
         assert "new profile" in log.read_text()
+        new_fp = LineProfile.fingerprint(path)
+        assert new_fp != first_fp and _info_profile(url) == new_fp[:12]
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+def _info_profile(metrics_url: str) -> str:
+    """The ``profile`` label of ``linewatch_worker_info`` on a worker's metrics page."""
+    import urllib.request
+
+    page = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return re.search(r'linewatch_worker_info\{[^}]*profile="([^"]+)"', page).group(1)

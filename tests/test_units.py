@@ -180,3 +180,31 @@ def test_regions_overlay_and_location_words():
     out = overlay(rgb, amap, 0.0, 1.0)
     assert np.array_equal(out[50, 100], rgb[50, 100])  # cold stays untouched
     assert out[15, 15, 2] != 100  # hot is tinted
+
+
+def test_label_learner_counts_a_redelivered_label_once_and_forgets_the_oldest(monkeypatch):
+    """Dedup of at-least-once label delivery, with a bounded memory of applied label ids."""
+    from prometheus_client import REGISTRY
+
+    import consumers.labels as labels
+    from linewatch.wire import Label
+
+    monkeypatch.setattr(labels, "MAX_SEEN_LABELS", 3)
+    # defect verdicts never touch the scorer, so none is needed for what this checks
+    learner = labels.ReferenceLearner(None, [], None, "w-seen")
+
+    def lab(i: int) -> Label:
+        return Label(item_id=f"cam-{i}", camera="cam", line="l", seq=i, verdict="defect", operator="op")
+
+    def applied() -> float:
+        return REGISTRY.get_sample_value("linewatch_labels_applied_total",
+                                         {"worker": "w-seen", "verdict": "defect"})
+
+    learner.apply([lab(0), lab(0), lab(1)])
+    assert applied() == 2
+    learner.apply([lab(1)])  # redelivered
+    assert applied() == 2
+    learner.apply([lab(2), lab(3)])
+    assert list(learner.seen) == ["cam-1", "cam-2", "cam-3"]  # cam-0 forgotten, memory stays at 3
+    learner.apply([lab(0)])
+    assert applied() == 5
