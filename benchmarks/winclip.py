@@ -105,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default=ARCH,
                     help="open_clip architecture, random weights (anomalib's WinCLIP is fixed to "
                          f"{ARCH}; any other needs --no-peer) (default: %(default)s)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                    help="linewatch's weights/activations; anything but fp32 needs --no-peer "
-                         "(anomalib runs fp32, so the ratio would compare two different things)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
+                    help="linewatch's image tower: fp32 (exact), bf16/fp16 (GPU; need --no-peer), "
+                         "int8 (CPU; compared with anomalib's fp32, the score correlation says "
+                         "how much the answer moved)")
     ap.add_argument("--decode", action="store_true",
                     help="hand linewatch JPEG bytes (q90) and time the decode too, as a worker sees frames")
     ap.add_argument("--no-peer", action="store_true", help="skip anomalib (e.g. on a GPU machine)")
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anomalib's WinClipModel is built on {ARCH} only: add --no-peer for --arch {a.arch}",
               file=sys.stderr)
         return 2
-    if a.precision != "fp32" and not a.no_peer:
+    if a.precision in ("bf16", "fp16") and not a.no_peer:
+        # anomalib runs fp32, and half precision only pays on GPUs, where the peer is not run
         print("--precision bf16/fp16 is measured without the anomalib peer: add --no-peer", file=sys.stderr)
         return 2
     if not a.no_peer and not PEER_PY.exists():

@@ -28,15 +28,20 @@ def create_backbone(backbone: str = "dinov2-s", *, weights: str | None = None,
                     random_init: bool = False, precision: str = "fp32"):
     """Build a backbone by name from local files (see :data:`BACKBONES`).
 
-    ``precision`` (fp32 | bf16 | fp16) applies to CLIP backbones, for GPUs.
+    ``precision``: bf16 | fp16 (CLIP backbones, for GPUs) and int8 (CLIP and DINOv2
+    image towers, for CPUs) trade exactness for speed; fp32 is exact.
     """
-    if precision != "fp32" and not backbone.startswith("openclip:"):
+    if precision in ("bf16", "fp16") and not backbone.startswith("openclip:"):
         raise ValueError(f"--precision {precision} is implemented for openclip: backbones; "
-                         f"{backbone} runs in fp32")
+                         f"{backbone} runs in fp32 (or int8 on CPU for dinov2-s)")
+    if precision == "int8" and backbone == "efficientnet-lite0":
+        raise ValueError("--precision int8 is implemented for the ViT backbones (dinov2-s, "
+                         "openclip:); efficientnet-lite0 runs in fp32")
     if backbone == "dinov2-s":
         from inference.backbones import DinoV2Backbone
 
-        return DinoV2Backbone(weights, image_size=image_size or 224, layers=layers or (5, 8))
+        return DinoV2Backbone(weights, image_size=image_size or 224, layers=layers or (5, 8),
+                              precision=precision)
     if backbone == "efficientnet-lite0":
         from inference.backbones import EfficientNetLite0Backbone
 
@@ -64,6 +69,10 @@ def create_scorer(name: str = "patch-knn", *, backbone: str | None = None, image
     """
     if name == "noop":
         return NoopScorer()
+    if precision == "int8":
+        from inference.int8 import check_int8_device
+
+        check_int8_device(device)
     if (zoom or adapt_steps) and name != "patch-knn":
         raise ValueError("ROI zoom and adaptation are implemented for patch-knn; turn them off for "
                          + name)

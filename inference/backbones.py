@@ -200,6 +200,7 @@ class DinoV2Backbone(torch.nn.Module):
         weights: str | os.PathLike[str] | None = None,
         image_size: int = 224,
         layers: tuple[int, ...] = (5, 8),
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         import timm
@@ -220,6 +221,13 @@ class DinoV2Backbone(torch.nn.Module):
         )
         self.vit.load_state_dict(sd, strict=True)
         self.vit.eval()
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"dinov2-s runs at precision fp32 or int8, not {precision!r}")
+        self.precision = precision
+        if precision == "int8":  # CPU workers: the blocks' products in int8 (inference/int8.py)
+            from inference.int8 import quantize_linears
+
+            quantize_linears(self.vit.blocks)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -235,6 +243,14 @@ class DinoV2Backbone(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> Features:
+        if self.precision == "int8" and x.shape[0] > 1:
+            # int8 sets its activation scale per call: one frame per call keeps a frame's
+            # features independent of the batch it arrived in.
+            parts = [self.forward(x[i:i + 1]) for i in range(x.shape[0])]
+            return Features(
+                global_embedding=torch.cat([p.global_embedding for p in parts]),
+                patch_tokens=[torch.cat(g) for g in zip(*(p.patch_tokens for p in parts), strict=True)],
+            )
         vit = self.vit
         t = vit.patch_embed(x)
         t = vit._pos_embed(t)

@@ -27,7 +27,9 @@ from inference import _torchvision_fix  # noqa: F401 - must precede open_clip
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 PRODUCTION_ARCH = "ViT-B-16-plus-240"
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# precision -> dtype of weights and activations; int8 keeps fp32 activations and runs the
+# image tower's matrix products in int8 on CPU (inference/int8.py).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 WEIGHTS_HELP = (
     "CLIP weights are never downloaded at run time. On a machine with internet access, fetch "
@@ -144,6 +146,19 @@ class OpenCLIPBackbone(torch.nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._windows: dict[int, torch.Tensor] = {}
         self._plain_blocks = all(_is_plain_block(b) for b in visual.transformer.resblocks)
+        if precision == "int8":
+            self._quantize_image_tower()
+
+    def _quantize_image_tower(self) -> None:
+        """Swap the image tower's blocks for int8 ones; the text tower runs once, stays fp32."""
+        from inference.int8 import Int8ClipBlock
+
+        if not self._plain_blocks:
+            raise ClipUnavailable(f"--precision int8 needs open_clip's standard ViT blocks; "
+                                  f"openclip:{self.arch} has others (use fp32)")
+        blocks = self.model.visual.transformer.resblocks
+        for i, blk in enumerate(blocks):
+            blocks[i] = Int8ClipBlock(blk)
 
     # -- images -----------------------------------------------------------------------------
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -165,7 +180,10 @@ class OpenCLIPBackbone(torch.nn.Module):
         visual = self.model.visual
         x = x.to(next(self.model.parameters()).dtype)
         tokens = visual._embeds(x)
-        out = visual.transformer(tokens)
+        if self.precision == "int8":
+            out = _per_frame(visual.transformer, tokens)
+        else:
+            out = visual.transformer(tokens)
         out = visual.ln_post(out)
         g = out[:, 0] @ visual.proj
         gh, gw = self.grid
@@ -181,11 +199,15 @@ class OpenCLIPBackbone(torch.nn.Module):
 
         Each window is the class token followed by its k*k patch tokens, each
         still carrying the position embedding of where it sits in the frame.
+        In int8 one chunk is one frame's windows: the activation scale is set
+        per call, and a frame's scores must not depend on its batch companions.
         """
         visual = self.model.visual
         idx = self.window_index(k)  # (nW, k*k)
         b, _, c = tokens.shape
         n_w = idx.shape[0]
+        if self.precision == "int8":
+            chunk = n_w
         cls = tokens[:, :1, :].unsqueeze(1).expand(b, n_w, 1, c)
         win = tokens[:, 1:, :][:, idx]  # (B, nW, k*k, C)
         seqs = torch.cat([cls, win], dim=2).reshape(b * n_w, 1 + k * k, c)
@@ -211,6 +233,8 @@ class OpenCLIPBackbone(torch.nn.Module):
         x = seqs
         for blk in blocks[:-1]:
             x = blk(x)
+        if self.precision == "int8":
+            return blocks[-1].class_token(x)
         return _last_block_class_token(blocks[-1], x)
 
     # -- text -------------------------------------------------------------------------------
@@ -225,6 +249,11 @@ class OpenCLIPBackbone(torch.nn.Module):
     def text_direction(self, prompts: list[str]) -> torch.Tensor:
         """One unit direction (E,) for a prompt ensemble: the mean of its unit embeddings."""
         return torch.nn.functional.normalize(self.encode_text(prompts).mean(dim=0), dim=-1)
+
+
+def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to each frame of the batch alone (int8: per-call activation scales)."""
+    return torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
 
 
 def _is_plain_block(blk: torch.nn.Module) -> bool:

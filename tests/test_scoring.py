@@ -116,3 +116,32 @@ def test_cli_method_names_match_the_library():
     from linewatch import cli
 
     assert cli.METHODS == inference.METHODS
+
+
+def test_dinov2_int8_agrees_with_fp32_on_real_images(scorer):
+    """``--precision int8`` on the real DINOv2-S weights and real bottle photos.
+
+    Real trained ViTs have activation outliers that random test models lack, so
+    this is where int8's error shows. It must keep the ranking of frames and the
+    shape of the maps, and a frame's result must not depend on its batch.
+    """
+    root = shared_data("mvtec_ad", "bottle")
+    files = sorted((root / "test").glob("*/*.png"))[::5]
+    frames = [read_rgb(p) for p in files]
+    ref = [read_rgb(root / "train" / "good" / "000.png")]
+    q = inference.create_scorer("patch-knn", precision="int8")
+    assert q.backbone.precision == "int8"
+    scorer.fit(ref)
+    q.fit(ref)
+    f32, i8 = scorer.score(frames), q.score(frames)
+    s32, s8 = np.array([r.score for r in f32]), np.array([r.score for r in i8])
+    assert not np.allclose(s32, s8, atol=1e-6)
+    assert np.corrcoef(s32, s8)[0, 1] > 0.99, (s32, s8)
+    m32 = np.stack([r.anomaly_map for r in f32]).ravel()
+    m8 = np.stack([r.anomaly_map for r in i8]).ravel()
+    assert np.corrcoef(m32, m8)[0, 1] > 0.97
+    truth = np.array([p.parent.name != "good" for p in files])
+    assert roc_auc_score(truth, s8) >= roc_auc_score(truth, s32) - 0.02
+    alone = q.score(frames[2:3])[0]
+    assert abs(alone.score - i8[2].score) < 1e-5
+    np.testing.assert_allclose(alone.anomaly_map, i8[2].anomaly_map, atol=1e-5)

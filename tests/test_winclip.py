@@ -172,6 +172,22 @@ def test_weights_load_from_a_local_file(tmp_path, backbone):
     torch.testing.assert_close(loaded(x).global_embedding, backbone(x).global_embedding)
 
 
+def _agreement_with_fp32(fp32: OpenCLIPBackbone, other: OpenCLIPBackbone, frames: list[np.ndarray]):
+    """WinCLIP+ on the same frames and references with both backbones -> (scores, maps) pairs."""
+    out = []
+    for bb in (fp32, other):
+        scorer = WinCLIPScorer(bb, class_name="part", few_shot=True)
+        scorer.fit(_frames(2, seed=41))
+        res = scorer.score(frames)
+        out.append((np.array([r.score for r in res]), np.stack([r.anomaly_map for r in res])))
+    (s32, m32), (s, m) = out
+    assert np.corrcoef(s32, s)[0, 1] > 0.99, (s32, s)
+    assert np.corrcoef(m32.ravel(), m.ravel())[0, 1] > 0.99
+    assert np.argsort(s32)[-3:].tolist() == np.argsort(s)[-3:].tolist()  # same frames on top
+    assert np.isfinite(m).all()
+    return s32, s
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_agrees_with_fp32(backbone, tmp_path, precision):
     """The GPU setting, run here on CPU: same weights in bf16/fp16 give the same picture.
@@ -183,20 +199,43 @@ def test_half_precision_agrees_with_fp32(backbone, tmp_path, precision):
     torch.save(backbone.model.state_dict(), path)
     half = OpenCLIPBackbone(ARCH, str(path), precision=precision)
     assert next(half.model.parameters()).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    refs, frames = _frames(2, seed=41), _frames(12, seed=42)
-    out = {}
-    for name, bb in (("fp32", backbone), ("half", half)):
-        scorer = WinCLIPScorer(bb, class_name="part", few_shot=True)
-        scorer.fit(refs)
-        out[name] = scorer.score(frames)
-    s32 = np.array([r.score for r in out["fp32"]])
-    s16 = np.array([r.score for r in out["half"]])
-    m32 = np.stack([r.anomaly_map for r in out["fp32"]]).ravel()
-    m16 = np.stack([r.anomaly_map for r in out["half"]]).ravel()
-    assert np.corrcoef(s32, s16)[0, 1] > 0.99, (s32, s16)
-    assert np.corrcoef(m32, m16)[0, 1] > 0.99
-    assert np.argsort(s32)[-3:].tolist() == np.argsort(s16)[-3:].tolist()  # same frames on top
-    assert all(np.isfinite(r.anomaly_map).all() for r in out["half"])
+    _agreement_with_fp32(backbone, half, _frames(12, seed=42))
+
+
+def test_int8_agrees_with_fp32_and_keeps_the_window_structure(backbone, tmp_path):
+    """The CPU setting: int8 image tower vs fp32 on the same weights.
+
+    int8 is not exact, so this checks agreement (scores, maps, the frames on top),
+    that a frame's result does not depend on its batch, and that the int8 window path
+    is still a window path: pixels outside a window barely move its embedding.
+    Real-weight quality is checked on DINOv2 in tests/test_scoring.py; real CLIP
+    weights are not covered.
+    """
+    from inference.int8 import Int8ClipBlock
+
+    path = tmp_path / "tiny.pt"
+    torch.save(backbone.model.state_dict(), path)
+    q = OpenCLIPBackbone(ARCH, str(path), precision="int8")
+    assert all(isinstance(b, Int8ClipBlock) for b in q.model.visual.transformer.resblocks)
+    frames = _frames(12, seed=42)
+    s32, s8 = _agreement_with_fp32(backbone, q, frames)
+    assert not np.allclose(s32, s8, atol=1e-6)  # really a different computation
+    # A frame's result must not depend on its batch (int8 sets activation scales per call).
+    alone = q(q.preprocess(frames[3:4]), window_sizes=(2, 3))
+    batch = q(q.preprocess(frames[:6]), window_sizes=(2, 3))
+    torch.testing.assert_close(alone.global_embedding[0], batch.global_embedding[3], atol=1e-5, rtol=0)
+    for k in (2, 3):
+        torch.testing.assert_close(alone.windows[k][0], batch.windows[k][3], atol=1e-5, rtol=0)
+    # Still a window path: pixels outside a window reach it only through the per-frame
+    # activation scale, far less than pixels inside it do.
+    x = q.preprocess(_frames(1, seed=7))
+    y = x.clone()
+    y[:, :, 32:, :] = 0.0  # rows 4.. of the 8x8 grid
+    a, b = q(x, window_sizes=(2,)).windows[2][0], q(y, window_sizes=(2,)).windows[2][0]
+    cells = window_index(q.grid, 2).tolist()
+    top = [i for i, c in enumerate(cells) if max(c) < 3 * 8]
+    bottom = [i for i, c in enumerate(cells) if min(c) >= 4 * 8]
+    assert (a[top] - b[top]).abs().max() < 0.1 * (a[bottom] - b[bottom]).abs().max()
 
 
 def test_precision_is_checked():
@@ -204,3 +243,7 @@ def test_precision_is_checked():
         OpenCLIPBackbone(ARCH, random_init=True, precision="int4")
     with pytest.raises(ValueError, match="openclip"):
         inference.create_scorer("patch-knn", precision="bf16")
+    with pytest.raises(ValueError, match="CPU only"):  # checked before anything touches the GPU
+        inference.create_scorer("winclip", random_init=True, device="cuda:0", precision="int8")
+    with pytest.raises(ValueError, match="efficientnet-lite0 runs in fp32"):
+        inference.create_scorer("patch-knn", backbone="efficientnet-lite0", precision="int8")
