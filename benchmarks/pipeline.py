@@ -46,13 +46,14 @@ def _produce(broker: EmbeddedBroker, topics: Topics, n: int, fps: float, seed: i
     return sent
 
 
-def _start_worker(broker, topics, refs: Path, scorer: str, workdir: Path, name: str):
+def _start_worker(broker, topics, refs: Path, scorer: str, workdir: Path, name: str,
+                  extra: tuple[str, ...] = ()):
     ready = workdir / f"{name}.ready"
     cmd = [sys.executable, "-m", "linewatch", "--log-level", "WARNING", "worker",
            "--bootstrap-servers", broker.bootstrap, "--topic-prefix", topics.prefix,
            "--group-id", f"bench-{name}", "--scorer", scorer, "--references", str(refs),
            "--shots", "4", "--alert-threshold", "0.5", "--review-threshold", "0.3",
-           "--metrics-port", "0", "--ready-file", str(ready), "--max-batch", "8"]
+           "--metrics-port", "0", "--ready-file", str(ready), "--max-batch", "8", *extra]
     log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     while not ready.exists():
@@ -75,12 +76,14 @@ def _drain(broker, topics, expected: set, timeout_s: float = 600) -> tuple[float
 
 
 def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fps: float,
-              workdir: Path) -> dict:
+              workdir: Path, precision: str = "fp32") -> dict:
+    extra = ("--precision", precision) if precision != "fp32" else ()
+    label = scorer if precision == "fp32" else f"{scorer}-{precision}"
     # throughput: backlog first, then the worker
-    t_topics = Topics(f"bench-{scorer}-tp")
+    t_topics = Topics(f"bench-{label}-tp")
     create_topics(broker.bootstrap, t_topics, partitions=4)
     sent = _produce(broker, t_topics, frames, 0, seed=1)
-    proc = _start_worker(broker, t_topics, refs, scorer, workdir, f"{scorer}-tp")
+    proc = _start_worker(broker, t_topics, refs, scorer, workdir, f"{label}-tp", extra)
     t0 = time.monotonic()
     reader = TallyReader(broker.bootstrap, t_topics)
     while not sent <= reader.tally.accounted:
@@ -91,15 +94,15 @@ def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fp
     proc.terminate()
     proc.wait(30)
     # latency: worker first, then paced frames
-    l_topics = Topics(f"bench-{scorer}-lat")
+    l_topics = Topics(f"bench-{label}-lat")
     create_topics(broker.bootstrap, l_topics, partitions=4)
-    proc = _start_worker(broker, l_topics, refs, scorer, workdir, f"{scorer}-lat")
+    proc = _start_worker(broker, l_topics, refs, scorer, workdir, f"{label}-lat", extra)
     sent = _produce(broker, l_topics, paced, paced_fps, seed=2)
     _, tally = _drain(broker, l_topics, sent)
     proc.terminate()
     proc.wait(30)
     lat = np.array([s.latency_s * 1000 for s in tally.scores.values()])
-    return {"scorer": scorer, "frames": frames,
+    return {"scorer": label, "frames": frames,
             "frames_per_second": round(frames / throughput_s, 2),
             "paced_fps": paced_fps, "paced_frames": paced,
             "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=160, help="backlog size for throughput")
     ap.add_argument("--paced-frames", type=int, default=40)
     ap.add_argument("--paced-fps", type=float, default=4.0)
+    ap.add_argument("--int8", action="store_true",
+                    help="also run the real scorer with --precision int8 (CPU workers) in the same run")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "pipeline.json"))
     a = ap.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="linewatch-bench-"))
@@ -121,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         cv2.imwrite(str(refs / f"{i}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
     rows = []
     with EmbeddedBroker(port=free_port(), log_path=workdir / "broker.log") as broker:
-        for scorer in ("patch-knn", "noop"):
-            print(f"running {scorer} ...", flush=True)
-            rows.append(bench_one(broker, refs, scorer, a.frames, a.paced_frames, a.paced_fps, workdir))
-    real, noop = rows
+        runs = [("patch-knn", "fp32"), ("noop", "fp32")] + ([("patch-knn", "int8")] if a.int8 else [])
+        for scorer, precision in runs:
+            print(f"running {scorer} ({precision}) ...", flush=True)
+            rows.append(bench_one(broker, refs, scorer, a.frames, a.paced_frames, a.paced_fps, workdir,
+                                  precision))
+    real, noop = rows[:2]
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
@@ -132,13 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_noop_over_real_fps": round(noop["frames_per_second"] / real["frames_per_second"], 2),
         "pipeline_share_of_real_latency_p50": round(noop["latency_ms_p50"] / real["latency_ms_p50"], 3),
     }
-    head = f"{'scorer':<10} {'frames/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'dups':>5}"
+    if a.int8:
+        int8_fps = rows[2]["frames_per_second"]
+        result["ratio_int8_over_fp32_fps"] = round(int8_fps / real["frames_per_second"], 2)
+    head = f"{'scorer':<15} {'frames/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'dups':>5}"
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{r['scorer']:<10} {r['frames_per_second']:>9} {r['latency_ms_p50']:>8} "
+        print(f"{r['scorer']:<15} {r['frames_per_second']:>9} {r['latency_ms_p50']:>8} "
               f"{r['latency_ms_p99']:>8} {r['duplicates']:>5}")
     print(f"\nno-op / real throughput: {result['ratio_noop_over_real_fps']}x; the pipeline alone "
           f"is {100 * result['pipeline_share_of_real_latency_p50']:.0f}% of the real p50 latency")
+    if a.int8:
+        print(f"int8 / fp32 throughput: {result['ratio_int8_over_fp32_fps']}x")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {a.json}")
