@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from inference import _torchvision_fix  # noqa: F401 - must precede timm
+from inference.int8 import per_frame, quantize_linears
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -225,8 +226,6 @@ class DinoV2Backbone(torch.nn.Module):
             raise ValueError(f"dinov2-s runs at precision fp32 or int8, not {precision!r}")
         self.precision = precision
         if precision == "int8":  # CPU workers: the blocks' products in int8 (inference/int8.py)
-            from inference.int8 import quantize_linears
-
             quantize_linears(self.vit.blocks)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -243,14 +242,6 @@ class DinoV2Backbone(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> Features:
-        if self.precision == "int8" and x.shape[0] > 1:
-            # int8 sets its activation scale per call: one frame per call keeps a frame's
-            # features independent of the batch it arrived in.
-            parts = [self.forward(x[i:i + 1]) for i in range(x.shape[0])]
-            return Features(
-                global_embedding=torch.cat([p.global_embedding for p in parts]),
-                patch_tokens=[torch.cat(g) for g in zip(*(p.patch_tokens for p in parts), strict=True)],
-            )
         vit = self.vit
         t = vit.patch_embed(x)
         t = vit._pos_embed(t)
@@ -259,7 +250,7 @@ class DinoV2Backbone(torch.nn.Module):
         grids: list[torch.Tensor] = []
         g = self.grid
         for i, block in enumerate(vit.blocks):
-            t = block(t)
+            t = per_frame(block, t) if self.precision == "int8" else block(t)
             if i in wanted:
                 grids.append(t[:, 1:, :].reshape(t.shape[0], g, g, -1))
             if i >= self.layers[-1]:

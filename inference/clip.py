@@ -181,7 +181,9 @@ class OpenCLIPBackbone(torch.nn.Module):
         x = x.to(next(self.model.parameters()).dtype)
         tokens = visual._embeds(x)
         if self.precision == "int8":
-            out = _per_frame(visual.transformer, tokens)
+            from inference.int8 import per_frame
+
+            out = per_frame(visual.transformer, tokens)
         else:
             out = visual.transformer(tokens)
         out = visual.ln_post(out)
@@ -249,11 +251,6 @@ class OpenCLIPBackbone(torch.nn.Module):
     def text_direction(self, prompts: list[str]) -> torch.Tensor:
         """One unit direction (E,) for a prompt ensemble: the mean of its unit embeddings."""
         return torch.nn.functional.normalize(self.encode_text(prompts).mean(dim=0), dim=-1)
-
-
-def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
-    """``fn`` applied to each frame of the batch alone (int8: per-call activation scales)."""
-    return torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
 
 
 def _is_plain_block(blk: torch.nn.Module) -> bool:

@@ -70,6 +70,15 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to each frame of a (B, ...) batch alone, results concatenated.
+
+    int8 sets its activation scale per call, so a call that mixes frames would make
+    one frame's result depend on its batch companions; one call per frame does not.
+    """
+    return torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
+
+
 def quantize_linears(module: torch.nn.Module) -> int:
     """Replace every ``nn.Linear`` under ``module`` by :class:`Int8Linear`; returns how many.
 
