@@ -1,10 +1,19 @@
-"""Reading images and dataset folders: shared by producers, workers and evaluation."""
+"""Reading images: dataset folders (producers, workers, evaluation) and image bytes that
+arrive from outside (frames, and the copies inside review items and labels).
+
+Bytes from outside are decoded by one function with one set of limits, checked
+before any pixel is decoded: a 2 KB JPEG can declare a 20000x20000 image.
+"""
 
 from __future__ import annotations
 
+import io
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+from linewatch.wire import WireError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -88,3 +97,50 @@ def write_frames(folder: str | Path, images: list[np.ndarray], jpeg_quality: int
         else:
             cv2.imwrite(str(folder / f"{i:04d}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
     return folder
+
+
+_PIL_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png"}
+
+
+def open_limited(data: bytes | None, max_bytes: int, max_pixels: int) -> tuple[object, str]:
+    """Open encoded image bytes without decoding pixels: (PIL image, "jpeg" | "png").
+
+    Raises WireError (``empty_payload``, ``too_large``, ``not_an_image``,
+    ``too_many_pixels``) before any large allocation can happen.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise WireError("empty_payload", "no image bytes")
+    if len(data) > max_bytes:
+        raise WireError("too_large", f"{len(data)} bytes is over the limit of {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise WireError("too_many_pixels", f"declared image size is a decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise WireError("not_an_image", f"not a readable JPEG/PNG: {exc}") from exc
+    fmt = _PIL_FORMATS.get(im.format or "")
+    if fmt is None:
+        raise WireError("not_an_image", f"image format {im.format} is not JPEG or PNG")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise WireError("too_many_pixels", f"{w}x{h} is over the limit of {max_pixels} pixels")
+    return im, fmt
+
+
+def load_rgb(im: object) -> np.ndarray:
+    """Decode an image from :func:`open_limited` to RGB uint8; truncated data is an error."""
+    try:
+        im.load()  # type: ignore[attr-defined]  # Pillow never pads truncated data unless told to
+        return np.asarray(im.convert("RGB"))  # type: ignore[attr-defined]
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise WireError("truncated_image", f"image data ends early or is corrupt: {exc}") from exc
+
+
+def decode_limited(data: bytes | None, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """RGB uint8 pixels of JPEG/PNG bytes from outside, within the limits, or WireError."""
+    im, _fmt = open_limited(data, max_bytes, max_pixels)
+    return load_rgb(im)

@@ -193,8 +193,9 @@ def test_label_learner_counts_a_redelivered_label_once_and_forgets_the_oldest(mo
     # defect verdicts never touch the scorer, so none is needed for what this checks
     learner = labels.ReferenceLearner(None, [], None, "w-seen")
 
-    def lab(i: int) -> Label:
-        return Label(item_id=f"cam-{i}", camera="cam", line="l", seq=i, verdict="defect", operator="op")
+    def lab(i: int) -> labels.Verdict:
+        return labels.Verdict(Label(item_id=f"cam:{i}", camera="cam", line="l", seq=i,
+                                    verdict="defect", operator="op"))
 
     def applied() -> float:
         return REGISTRY.get_sample_value("linewatch_labels_applied_total",
@@ -205,6 +206,6 @@ def test_label_learner_counts_a_redelivered_label_once_and_forgets_the_oldest(mo
     learner.apply([lab(1)])  # redelivered
     assert applied() == 2
     learner.apply([lab(2), lab(3)])
-    assert list(learner.seen) == ["cam-1", "cam-2", "cam-3"]  # cam-0 forgotten, memory stays at 3
+    assert list(learner.seen) == ["cam:1", "cam:2", "cam:3"]  # cam:0 forgotten, memory stays at 3
     learner.apply([lab(0)])
     assert applied() == 5
