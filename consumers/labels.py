@@ -15,11 +15,19 @@ What a verdict changes:
   false-alarm target still holds for the memory actually in use;
 * **defect**: counted (``linewatch_labels_applied_total``); it does not move
   thresholds, since confirmed defects were already flagged.
+
+Only labels signed by the review service (HMAC with ``LINEWATCH_LABEL_KEY``) are
+applied: anyone who can write to Kafka could otherwise teach every worker that a
+defect is normal. A label that is malformed, unsigned, forged, or carries an
+image over the frame limits is counted (``linewatch_records_rejected_total``),
+logged once with its position and skipped; a bad record on ``.labels`` (kept
+forever) must never stop a worker from starting.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 import time
 from collections import deque
@@ -27,11 +35,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 from inference.calibration import Thresholds, score_frames, thresholds_from_normals
-from linewatch.wire import Label, WireError
+from linewatch.images import decode_limited
+from linewatch.wire import (
+    DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_FRAME_PIXELS,
+    MESSAGE_REASONS,
+    Label,
+    WireError,
+)
 from monitoring import metrics
 
 log = logging.getLogger(__name__)
@@ -39,13 +53,27 @@ log = logging.getLogger(__name__)
 MAX_SEEN_LABELS = 100_000
 
 
-class LabelFollower:
-    """Reads every partition of ``.labels`` from the start, without a consumer group."""
+@dataclass(frozen=True)
+class Verdict:
+    """A verified label and, for a normal verdict, its decoded frame."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    label: Label
+    image: np.ndarray | None = None
+
+
+class LabelFollower:
+    """Reads every partition of ``.labels`` from the start, without a consumer group, and
+    hands on only well-formed labels with a valid signature (and, on normal verdicts, a
+    frame within the frame limits)."""
+
+    def __init__(self, bootstrap: str, topic: str, key: bytes,
+                 max_image_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 max_image_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> None:
         from kafka import KafkaConsumer
         from kafka.structs import TopicPartition
 
+        self.topic, self.key = topic, key
+        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                       enable_auto_commit=False, client_id="linewatch-labels",
                                       fetch_max_wait_ms=100, max_partition_fetch_bytes=16 << 20)
@@ -58,19 +86,51 @@ class LabelFollower:
             raise RuntimeError(f"topic {topic} does not exist: create it (linewatch topics) first")
         self.consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
         self.consumer.seek_to_beginning()
+        for reason in MESSAGE_REASONS:
+            metrics.RECORDS_REJECTED.labels(reader="worker-labels", topic=topic, reason=reason)
+        self._poll_failed_at = float("-inf")
 
-    def poll(self, timeout_ms: int = 0) -> list[Label]:
-        out: list[Label] = []
-        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
+    def poll(self, timeout_ms: int = 0) -> list[Verdict]:
+        """Verified labels read since the last call (never raises for a record's content)."""
+        from kafka.errors import KafkaError
+
+        try:
+            got = self.consumer.poll(timeout_ms=timeout_ms)
+        except KafkaError as exc:  # the broker is away: labels wait, frames go on
+            if time.monotonic() - self._poll_failed_at > 60:
+                self._poll_failed_at = time.monotonic()
+                log.error("reading %s failed (%s); retrying", self.topic, exc)
+            return []
+        out: list[Verdict] = []
+        for records in got.values():
             for rec in records:
                 try:
-                    out.append(Label.from_bytes(rec.value))
+                    lab = Label.from_signed_bytes(rec.value, self.key)
+                    out.append(Verdict(lab, self._image(lab)))
                 except WireError as exc:
-                    log.warning("ignoring label %s/%d/%d: %s", rec.topic, rec.partition, rec.offset, exc)
+                    _reject(rec, exc)
         return out
+
+    def _image(self, lab: Label) -> np.ndarray | None:
+        if lab.verdict != "normal" or not lab.frame_jpeg_b64:
+            return None
+        try:
+            data = base64.b64decode(lab.frame_jpeg_b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise WireError("bad_image", f"frame of {lab.item_id} is not base64") from exc
+        try:
+            return decode_limited(data, self.max_image_bytes, self.max_image_pixels)
+        except WireError as exc:
+            raise WireError("bad_image", f"frame of {lab.item_id}: {exc}") from exc
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
+
+
+def _reject(rec: Any, exc: WireError, reader: str = "worker-labels") -> None:
+    """Count and log (once: the record is never read again by this reader) a refused label."""
+    metrics.RECORDS_REJECTED.labels(reader=reader, topic=rec.topic, reason=exc.reason).inc()
+    log.warning("ignoring label %s/%d/%d: %s", rec.topic, rec.partition, rec.offset, exc)
 
 
 @dataclass
@@ -95,6 +155,8 @@ class ReferenceLearner:
         self.max_learned = max_learned
         self.false_alarm_rate, self.review_rate = false_alarm_rate, review_rate
         self.learned: deque[tuple[str, np.ndarray]] = deque()
+        self._waiting: list[tuple[str, np.ndarray]] = []  # verified, not yet in the memory
+        self._stale = False  # the memory grew but the thresholds were not recalibrated yet
         # ids of applied labels, to count a redelivered label once; bounded (oldest forgotten),
         # since redeliveries arrive close to the original and verdicts accumulate for years
         self.seen: dict[str, None] = {}
@@ -102,9 +164,10 @@ class ReferenceLearner:
         for verdict in ("normal", "defect"):
             metrics.LABELS_APPLIED.labels(worker=worker_id, verdict=verdict)
 
-    def apply(self, labels: Sequence[Label]) -> LearnResult:
+    def apply(self, verdicts: Sequence[Verdict]) -> LearnResult:
         fresh: list[tuple[str, np.ndarray]] = []
-        for lab in labels:
+        for v in verdicts:
+            lab = v.label
             if lab.item_id in self.seen or lab.verdict == "skip":
                 continue  # at-least-once delivery: a label seen twice counts once
             self.seen[lab.item_id] = None
@@ -112,44 +175,57 @@ class ReferenceLearner:
                 del self.seen[next(iter(self.seen))]
             metrics.LABELS_APPLIED.labels(worker=self.worker_id, verdict=lab.verdict).inc()
             if lab.verdict == "normal":
-                image = _decode(lab)
-                if image is not None:
-                    fresh.append((lab.item_id, image))
-        if not fresh:
+                if v.image is None:
+                    log.warning("normal verdict on %s carries no frame; cannot learn it", lab.item_id)
+                else:
+                    fresh.append((lab.item_id, v.image))
+        self._waiting.extend(fresh)
+        del self._waiting[:-self.max_learned]  # older ones would be evicted right away anyway
+        return self.learn()
+
+    @property
+    def pending(self) -> bool:
+        """Verdicts waiting to be learned, or thresholds waiting to be recalibrated (a model
+        failure interrupted them; :meth:`learn` tries again)."""
+        return bool(self._waiting) or self._stale
+
+    def learn(self) -> LearnResult:
+        """Learn the waiting normals and recalibrate. A model failure leaves both pending
+        (logged, counted) instead of losing the verdicts or crashing the worker."""
+        fresh = list(self._waiting)
+        try:
+            if fresh:
+                self._grow(fresh)
+                self._waiting.clear()
+                self._stale = bool(self.holdout)
+            result = LearnResult(len(fresh))
+            if self._stale:
+                scores = [r.score for r in score_frames(self.scorer, self.holdout)]
+                th = thresholds_from_normals(scores, self.false_alarm_rate, self.review_rate)
+                metrics.RECALIBRATIONS.labels(worker=self.worker_id).inc()
+                self._stale = False
+                result = LearnResult(len(fresh), th, scores)
+        except Exception as exc:  # the model failed: keep the verdicts, try again later
+            metrics.MODEL_ERRORS.labels(worker=self.worker_id).inc()
+            log.error("learning %d verdict(s) failed (%s: %s); will try again", len(fresh),
+                      type(exc).__name__, exc)
             return LearnResult(0)
-        self.learned.extend(fresh)
-        if len(self.learned) > self.max_learned:
-            # evict the oldest, with 10% slack so a refit happens every few dozen labels, not each
-            keep = max(1, int(self.max_learned * 0.9))
-            while len(self.learned) > keep:
-                self.learned.popleft()
-            self.scorer.fit(self.references + [im for _, im in self.learned])
-        else:
-            self.scorer.add_normals([im for _, im in fresh])
-        log.info("learned %d normal frame(s) from operator verdicts (%d in memory)", len(fresh),
-                 len(self.learned))
-        result = LearnResult(len(fresh))
-        if self.holdout:
-            scores = [r.score for r in score_frames(self.scorer, self.holdout)]
-            th = thresholds_from_normals(scores, self.false_alarm_rate, self.review_rate)
-            metrics.RECALIBRATIONS.labels(worker=self.worker_id).inc()
-            result = LearnResult(len(fresh), th, scores)
         # set last, so "learned == N" also means "recalibrated for them"
         metrics.LEARNED_NORMALS.labels(worker=self.worker_id).set(len(self.learned))
         metrics.REFERENCE_IMAGES.labels(worker=self.worker_id).set(len(self.references) + len(self.learned))
         return result
 
-
-def _decode(lab: Label) -> np.ndarray | None:
-    if not lab.frame_jpeg_b64:
-        log.warning("normal verdict on %s carries no frame; cannot learn it", lab.item_id)
-        return None
-    try:
-        buf = np.frombuffer(base64.b64decode(lab.frame_jpeg_b64), np.uint8)
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    except (ValueError, cv2.error):
-        bgr = None
-    if bgr is None:
-        log.warning("normal verdict on %s: its frame does not decode; not learned", lab.item_id)
-        return None
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    def _grow(self, fresh: list[tuple[str, np.ndarray]]) -> None:
+        learned = deque(self.learned)
+        learned.extend(fresh)
+        if len(learned) > self.max_learned:
+            # evict the oldest, with 10% slack so a refit happens every few dozen labels, not each
+            keep = max(1, int(self.max_learned * 0.9))
+            while len(learned) > keep:
+                learned.popleft()
+            self.scorer.fit(self.references + [im for _, im in learned])
+        else:
+            self.scorer.add_normals([im for _, im in fresh])
+        self.learned = learned  # only once the memory holds them
+        log.info("learned %d normal frame(s) from operator verdicts (%d in memory)", len(fresh),
+                 len(self.learned))

@@ -60,12 +60,20 @@ def load_profile(path: str | Path, device: str = "cpu", drift_window: int = 100,
 
 
 class ProfileWatcher:
-    """Polls a profile's fingerprint; builds a changed profile in the background."""
+    """Polls a profile's fingerprint; builds a changed profile in the background.
+
+    A build that fails, for any reason, is logged with its traceback and retried with
+    backoff (2 s doubling to 5 min): the file may have been caught half-written, or the
+    device was briefly out of memory. The worker keeps the profile it has meanwhile.
+    """
 
     def __init__(self, path: str | Path, build: Callable[[], LoadedProfile], fingerprint: str,
-                 every_s: float = 2.0) -> None:
-        self.path, self.build, self.every_s = path, build, every_s
+                 every_s: float = 2.0, max_backoff_s: float = 300.0) -> None:
+        self.path, self.build, self.every_s, self.max_backoff_s = path, build, every_s, max_backoff_s
         self.current = fingerprint
+        self.failures = 0  # consecutive failed builds of the file as it is now
+        self._failed: str | None = None  # fingerprint whose build failed, retried at _retry_at
+        self._retry_at = 0.0
         self._next_check = time.monotonic() + every_s
         self._thread: threading.Thread | None = None
         self._ready: LoadedProfile | None = None
@@ -84,18 +92,28 @@ class ProfileWatcher:
         fp = LineProfile.fingerprint(self.path)
         if fp is None or fp == self.current:
             return None
-        self.current = fp  # one attempt per version; a broken file is reported, not retried
-        self._thread = threading.Thread(target=self._build, name="profile-reload", daemon=True)
+        if fp == self._failed and now < self._retry_at:
+            return None
+        if fp != self._failed:
+            self.failures = 0
+        self._thread = threading.Thread(target=self._build, args=(fp,), name="profile-reload",
+                                        daemon=True)
         self._thread.start()
         return None
 
-    def _build(self) -> None:
+    def _build(self, fp: str) -> None:
         t0 = time.monotonic()
         try:
             loaded = self.build()
-        except (ProfileError, ValueError, OSError) as exc:
-            log.error("new profile at %s not loaded, keeping the current one: %s", self.path, exc)
+        except Exception as exc:  # anything: this thread must never die silently
+            self.failures += 1
+            backoff = min(self.max_backoff_s, 2.0 * 2 ** (self.failures - 1))
+            self._failed, self._retry_at = fp, time.monotonic() + backoff
+            log.error("new profile at %s not loaded (attempt %d), keeping the current one; "
+                      "retrying in %.0fs: %s: %s", self.path, self.failures, backoff,
+                      type(exc).__name__, exc, exc_info=not isinstance(exc, ProfileError))
             return
+        self.current, self._failed, self.failures = fp, None, 0
         log.info("new profile %s built in %.1fs; switching between batches", loaded.fingerprint[:12],
                  time.monotonic() - t0)
         with self._lock:

@@ -9,13 +9,18 @@ review <= score < alert     ``.scores`` + ``.review``
 score < review threshold    ``.scores``
 undecodable / invalid       ``.deadletter`` (original bytes + reason)
 ==========================  =======================================
+
+Explanations (where the anomaly is, heatmap overlays, defect words) are
+extras: :func:`route` with ``explain=False`` builds the same decision without
+them, which is what the worker falls back to when explaining one frame fails.
+Outputs that a cluster may refuse as too large carry a smaller ``fallback``.
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,33 +28,38 @@ from inference.calibration import Thresholds
 from inference.scoring import ScoreResult
 from inference.visualize import describe_location, encode_jpeg, overlay, regions, upsample_map
 from linewatch.wire import (
-    H_DL_DETAIL,
-    H_DL_REASON,
-    H_DL_SOURCE,
-    H_DL_TRUNCATED,
-    H_DL_WORKER,
     Alert,
     FrameMeta,
     FrameRef,
     Headers,
     ReviewItem,
     Score,
+    Topics,
     WireError,
+    dead_letter_record,
     review_item_id,
+    without_payload,
 )
 
 NO_TEXT_MODEL = ("No defect vocabulary: no CLIP text model is configured, so the defect is "
                  "located but not named.")
+NOT_EXPLAINED = "not explained: explaining this frame failed (see the worker log)"
+VIEW_SIDE = 512          # review copies: longer side in pixels, and JPEG quality
+VIEW_QUALITY = 85
+SMALL_VIEW_SIDE = 256    # the fallback when a cluster refuses the first copy as too large
+SMALL_VIEW_QUALITY = 60
 
 
 @dataclass(frozen=True)
 class Outbound:
-    """One record to produce: topic, key, value, headers."""
+    """One record to produce. ``fallback`` builds a smaller version of it (or None) for a
+    cluster that refuses this one as too large."""
 
     topic: str
     key: bytes
     value: bytes
     headers: Headers | None = None
+    fallback: Callable[[], Outbound | None] | None = None
 
 
 def _view(rgb: np.ndarray, result: ScoreResult, max_side: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -63,7 +73,7 @@ def _view(rgb: np.ndarray, result: ScoreResult, max_side: int) -> tuple[np.ndarr
     return view, upsample_map(result.anomaly_map, vw, vh, sigma=2.0), scale
 
 
-def locate(rgb: np.ndarray, result: ScoreResult, th: Thresholds, max_side: int = 512
+def locate(rgb: np.ndarray, result: ScoreResult, th: Thresholds, max_side: int = VIEW_SIDE
            ) -> tuple[str, list[list[int]], np.ndarray, np.ndarray]:
     """Where the anomaly is: words, boxes in frame pixels, the view image and its map."""
     view, amap, scale = _view(rgb, result, max_side)
@@ -78,9 +88,14 @@ def locate(rgb: np.ndarray, result: ScoreResult, th: Thresholds, max_side: int =
     return describe_location((x0, y0, x1, y1), w, h, area), boxes, view, amap
 
 
+def _b64(jpeg: bytes) -> str:
+    return base64.b64encode(jpeg).decode()
+
+
 def route(meta: FrameMeta, ref: FrameRef, rgb: np.ndarray, result: ScoreResult, th: Thresholds,
-          topics: object, scorer_name: str, worker: str, decided_ns: int,
-          describe: Callable[[np.ndarray], str] | None = None) -> tuple[Score, list[Outbound]]:
+          topics: Topics, scorer_name: str, worker: str, decided_ns: int,
+          describe: Callable[[np.ndarray], str | None] | None = None, explain: bool = True,
+          maybe_duplicate: bool = False) -> tuple[Score, list[Outbound]]:
     """The score message and every record this frame must produce.
 
     ``describe`` names what the most anomalous region looks like (CLIP defect words on
@@ -90,47 +105,47 @@ def route(meta: FrameMeta, ref: FrameRef, rgb: np.ndarray, result: ScoreResult, 
     score = Score(camera=meta.camera, line=meta.line, seq=meta.seq, capture_ns=meta.capture_ns,
                   decided_ns=decided_ns, score=result.score, decision=decision,
                   alert_threshold=th.alert, review_threshold=th.review, scorer=scorer_name,
-                  worker=worker, ref=ref, truth=meta.truth)
-    out = [Outbound(topics.scores, meta.key, score.to_bytes())]  # type: ignore[attr-defined]
+                  worker=worker, ref=ref, truth=meta.truth, maybe_duplicate=maybe_duplicate)
+    out = [Outbound(topics.scores, meta.key, score.to_bytes())]
     if decision == "normal":
         return score, out
-    where, boxes, view, amap = locate(rgb, result, th)
     words = None
-    if describe is not None:
-        x0, y0, x1, y1 = boxes[0] if boxes else (0, 0, rgb.shape[1], rgb.shape[0])
-        words = describe(rgb[y0:y1, x0:x1])
+    if explain:
+        where, boxes, view, amap = locate(rgb, result, th)
+        if describe is not None:
+            x0, y0, x1, y1 = boxes[0] if boxes else (0, 0, rgb.shape[1], rgb.shape[0])
+            words = describe(rgb[y0:y1, x0:x1])
+    else:
+        where, boxes, view, amap = NOT_EXPLAINED, [], _view(rgb, result, VIEW_SIDE)[0], None
     if decision == "alert":
         alert = Alert(camera=meta.camera, line=meta.line, seq=meta.seq, capture_ns=meta.capture_ns,
                       decided_ns=decided_ns, score=result.score, alert_threshold=th.alert,
                       where=where, boxes=boxes, ref=ref, words=words)
-        out.append(Outbound(topics.alerts, meta.key, alert.to_bytes()))  # type: ignore[attr-defined]
-    else:
-        over = overlay(view, amap, vmin=0.5 * th.review, vmax=th.alert)
-        explanation = (f"Score {result.score:.3f} is in the review band "
-                       f"[{th.review:.3f}, {th.alert:.3f}). Most anomalous area: {where}. "
-                       + (f"The region {words}." if words else NO_TEXT_MODEL))
-        item = ReviewItem(
-            item_id=review_item_id(meta.camera, meta.seq), camera=meta.camera, line=meta.line,
-            seq=meta.seq, capture_ns=meta.capture_ns, decided_ns=decided_ns, score=result.score,
-            alert_threshold=th.alert, review_threshold=th.review, where=where,
-            explanation=explanation,
-            frame_jpeg_b64=base64.b64encode(encode_jpeg(view)).decode(),
-            overlay_jpeg_b64=base64.b64encode(encode_jpeg(over)).decode(), ref=ref)
-        out.append(Outbound(topics.review, meta.key, item.to_bytes()))  # type: ignore[attr-defined]
+        out.append(Outbound(topics.alerts, meta.key, alert.to_bytes()))
+        return score, out
+    over = view if amap is None else overlay(view, amap, vmin=0.5 * th.review, vmax=th.alert)
+    explanation = (f"Score {result.score:.3f} is in the review band "
+                   f"[{th.review:.3f}, {th.alert:.3f}). Most anomalous area: {where}. "
+                   + (f"The region {words}." if words else NO_TEXT_MODEL if explain else ""))
+    item = ReviewItem(
+        item_id=review_item_id(meta.camera, meta.seq), camera=meta.camera, line=meta.line,
+        seq=meta.seq, capture_ns=meta.capture_ns, decided_ns=decided_ns, score=result.score,
+        alert_threshold=th.alert, review_threshold=th.review, where=where, explanation=explanation,
+        frame_jpeg_b64=_b64(encode_jpeg(view, VIEW_SIDE, VIEW_QUALITY)),
+        overlay_jpeg_b64=_b64(encode_jpeg(over, VIEW_SIDE, VIEW_QUALITY)), ref=ref)
+
+    def smaller() -> Outbound:
+        small = replace(item, frame_jpeg_b64=_b64(encode_jpeg(view, SMALL_VIEW_SIDE, SMALL_VIEW_QUALITY)),
+                        overlay_jpeg_b64=_b64(encode_jpeg(over, SMALL_VIEW_SIDE, SMALL_VIEW_QUALITY)))
+        return Outbound(topics.review, meta.key, small.to_bytes())
+
+    out.append(Outbound(topics.review, meta.key, item.to_bytes(), fallback=smaller))
     return score, out
 
 
 def dead_letter(topic: str, key: bytes | None, value: bytes | None, headers: Headers | None,
                 err: WireError, ref: FrameRef, worker: str, max_copy_bytes: int) -> Outbound:
-    """The original record, reason attached; cut short (and marked so) only above the limit."""
-    payload = value or b""
-    extra: Headers = [
-        (H_DL_REASON, err.reason.encode()),
-        (H_DL_DETAIL, err.detail[:500].encode("utf-8", "replace")),
-        (H_DL_SOURCE, f"{ref.topic}/{ref.partition}/{ref.offset}".encode()),
-        (H_DL_WORKER, worker.encode()),
-    ]
-    if len(payload) > max_copy_bytes:
-        extra.append((H_DL_TRUNCATED, str(len(payload)).encode()))
-        payload = payload[:max_copy_bytes]
-    return Outbound(topic, key or b"", payload, list(headers or []) + extra)
+    """The original record, reason attached; its fallback drops the copy of the value."""
+    k, v, h = dead_letter_record(key, value, headers, err, ref, worker, max_copy_bytes)
+    return Outbound(topic, k, v, h, fallback=(lambda: Outbound(topic, *without_payload(k, v, h)))
+                    if v else None)

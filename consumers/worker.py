@@ -1,64 +1,65 @@
-"""The scoring worker: one member of a Kafka consumer group.
+"""The scoring worker's Kafka loop: one member of a consumer group.
 
-The loop, for each micro-batch (up to ``max_batch`` frames or ``max_wait_ms``):
+Each micro-batch (up to ``max_batch`` frames, or ``max_wait_ms`` after the first)
+goes through three ordered steps, and the next only starts when the last one
+succeeded:
 
-1. decode and validate every record (invalid ones become dead letters);
-2. score the valid frames in one model call;
-3. route: every frame to ``.scores``, alerts and review items to theirs;
-4. **flush** the producer and check that every output was acknowledged;
-5. only then **commit** the batch's offsets, per (topic, partition).
+1. **decide** every frame (:mod:`consumers.process`): scored and routed, or
+   dead-lettered with a reason;
+2. **deliver** every output and check that Kafka acknowledged each one
+   (:mod:`consumers.delivery`); failed ones are sent again after a pause;
+3. **commit** the batch's offsets, per (topic, partition).
 
-A crash anywhere before step 5 means the batch is read again by whoever owns
-the partitions next: at-least-once, so a frame can be scored twice (bounded
-by the batch in flight) but never lost. Dead-letter records count as outputs:
-a bad frame is only committed once its dead letter is safely in Kafka.
+A crash anywhere before step 3 means the batch is read again by whoever owns
+the partitions next: at-least-once, never lost. Nothing is committed for a
+frame that has no delivered outcome, and a failure that is not the frame's
+fault (the model, the broker) never turns into a dead letter.
 
-Stopping (SIGTERM/Ctrl-C) finishes the batch in hand, commits and leaves the
-group. When a rebalance takes partitions away, the batch in hand is finished
-and committed before they go, so the next owner does not redo it.
+**Rebalances.** kafka-python runs rebalance listeners on its network thread,
+where nothing may block, so the listener only records which partitions were
+revoked or assigned; the loop applies that after each ``poll`` on its own
+thread. Records fetched but not yet processed from a revoked partition are
+dropped (they are uncommitted, so the new owner reads them). A rebalance can
+only start inside ``poll``, and the loop only polls between batches, or while a
+batch waits for a retry (then with its partitions paused, so the worker stays in
+the group); a batch whose partitions are revoked while it waits is abandoned
+uncommitted. Outputs delivered by a batch whose commit was then refused are
+remembered per partition: if the partition comes back, those records are
+skipped and committed instead of scored twice.
+
+**Duplicates are marked.** The first ``max_batch`` records read from a
+partition that was not this worker's before are scored with
+``maybe_duplicate=true``: the previous owner may have delivered their outputs
+and died before committing. Every re-scored frame lies in that window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from consumers.decode import decode_frame
-from consumers.labels import LabelFollower, ReferenceLearner
+from consumers.delivery import Delivery
+from consumers.labels import LabelFollower, LearnResult, ReferenceLearner, Verdict
+from consumers.process import BatchAbandoned, BatchStats, FrameProcessor, ModelUnavailable, RetryPolicy
 from consumers.profiles import LoadedProfile, ProfileWatcher
-from consumers.routing import Outbound, dead_letter, route
+from consumers.routing import Outbound
 from inference.calibration import Thresholds
-from inference.scoring import Scorer, ScoreResult
-from linewatch.wire import (
-    DEFAULT_MAX_FRAME_BYTES,
-    DEFAULT_MAX_FRAME_PIXELS,
-    DL_REASONS,
-    FrameMeta,
-    FrameRef,
-    Topics,
-    WireError,
-)
+from inference.scoring import Scorer
+from linewatch.wire import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_FRAME_PIXELS, Topics
 from monitoring import metrics
 from monitoring.drift import DriftMonitor
 
 log = logging.getLogger(__name__)
-
-
-class DeliveryFailed(RuntimeError):
-    """An output record was not acknowledged; the batch must not be committed."""
-
-
-class CommitRefused(RuntimeError):
-    """The group no longer lets us commit (we were rebalanced out); the batch will be re-read."""
 
 
 def default_worker_id() -> str:
@@ -80,80 +81,154 @@ class WorkerConfig:
     # going unscored; 10 s still tolerates a slow batch (heartbeats run in a thread).
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 2_000
+    # also the rebalance timeout: how long the group waits for a member that does not
+    # rejoin (the default 300 s stalled the whole group when a member died mid-rebalance)
+    max_poll_interval_ms: int = 60_000
+    delivery_timeout_ms: int = 30_000
+    max_cameras: int = 256
+    camera_idle_s: float = 300.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    stop_grace_s: float = 10.0  # how long a stopping worker keeps retrying the batch in hand
     exit_when_idle_s: float | None = None
     ready_file: str | None = None
 
 
 @dataclass
 class WorkerStats:
-    received: int = 0
-    scored: int = 0
-    dead_letters: int = 0
-    alerts: int = 0
-    reviews: int = 0
+    frames: BatchStats = field(default_factory=BatchStats)  # what happened to the frames
     batches: int = 0
+    abandoned_batches: int = 0
     commits: int = 0
     commit_failures: int = 0
+    skipped_redeliveries: int = 0
+
+
+class _Rebalances:
+    """What the rebalance listener saw, handed from the network thread to the loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._revoked: set[Any] = set()
+        self._lost: set[Any] = set()
+        self._assigned: set[Any] = set()
+
+    def record(self, revoked: Any = (), lost: Any = (), assigned: Any = ()) -> None:
+        with self._lock:
+            self._revoked |= set(revoked)
+            self._lost |= set(lost)
+            self._assigned |= set(assigned)
+
+    def take(self) -> tuple[set[Any], set[Any], set[Any]]:
+        with self._lock:
+            out = (self._revoked, self._lost, self._assigned)
+            self._revoked, self._lost, self._assigned = set(), set(), set()
+        return out
+
+
+class _EveryMinute:
+    """Log a repeating condition once a minute, not once per retry."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s, self._last = every_s, float("-inf")
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            return True
+        return False
 
 
 class Worker:
-    """Consume frames, score, route, flush, commit. See the module docstring for the order."""
+    """Consume frames, decide, deliver, commit. See the module docstring for the order."""
 
     def __init__(self, cfg: WorkerConfig, scorer: Scorer, drift: DriftMonitor | None = None,
                  learner: ReferenceLearner | None = None, watcher: ProfileWatcher | None = None,
                  describe: Callable[[np.ndarray], str] | None = None,
-                 info: dict[str, str] | None = None) -> None:
+                 info: dict[str, str] | None = None, probe: np.ndarray | None = None,
+                 label_key: bytes | None = None) -> None:
         """``describe`` names what a flagged region looks like (CLIP defect words); ``info`` is
-        published as ``linewatch_worker_info`` and its ``profile`` follows profile reloads."""
+        published as ``linewatch_worker_info`` and its ``profile`` follows profile reloads;
+        ``probe`` is a reference image that tells a broken model from a poisonous frame;
+        ``label_key`` verifies operators' labels (needed with a ``learner``)."""
         from kafka import KafkaConsumer, KafkaProducer
 
-        self.cfg = cfg
-        self.scorer = scorer
-        self.drift = drift
-        self.learner = learner
-        self.watcher = watcher
+        if learner is not None and label_key is None:
+            raise ValueError("learning from labels needs the label-signing key")
+        self.cfg, self.learner, self.watcher, self.label_key = cfg, learner, watcher, label_key
         self.labels: LabelFollower | None = None
-        self.describe = describe
         self.info = dict(info or {})
         if self.info:
             metrics.WORKER_INFO.info(self.info)
         self.stats = WorkerStats()
         self._stop = threading.Event()
-        self._pending: list[Any] = []
+        self._rebalances = _Rebalances()
+        self._pending: list[Any] = []  # fetched, not yet in a batch
+        self._batch_tps: set[Any] = set()  # partitions of the batch in hand
+        self._batch_revoked = False
+        self._stopping_since: float | None = None
+        self._owned: set[Any] = set()
+        self._kept: set[Any] = set()  # revoked in this rebalance: ours again if reassigned
+        self._window: dict[Any, int | None] = {}  # partition -> end of its maybe-duplicate window
+        self._delivered: dict[Any, int] = {}  # partition -> next offset delivered, not committed
+        self._rewind: dict[Any, int] = {}  # partition -> earliest offset given up, to read again
         self._ready_written = False
-        self._seen_cameras: set[tuple[str, str]] = set()
+        self._say = {k: _EveryMinute() for k in ("model", "delivery", "commit", "poll")}
+        self._say["learn"] = _EveryMinute(10.0)
+        w = cfg.worker_id
+        self.cameras = metrics.CameraSeries(w, cfg.max_cameras, cfg.camera_idle_s,
+                                            on_forget=self._forget_cameras)
+        self.processor = FrameProcessor(scorer, cfg.thresholds, cfg.topics, w, cfg.max_frame_bytes,
+                                        cfg.max_pixels, self.cameras, describe, drift, probe,
+                                        cfg.retry, pause=self._pause)
+        self.stats.frames = self.processor.stats
         self.consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap,
             group_id=cfg.group_id,
-            client_id=f"linewatch-worker-{cfg.worker_id}",
+            client_id=f"linewatch-worker-{w}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=cfg.max_batch,
             session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+            max_poll_interval_ms=cfg.max_poll_interval_ms,
             fetch_max_bytes=max(52_428_800, cfg.max_frame_bytes * 2),
             max_partition_fetch_bytes=max(1_048_576, cfg.max_frame_bytes + 65_536),
             # the default 500 ms fetch wait would add up to half a second to every decision
             fetch_max_wait_ms=50,
         )
+        request_ms = min(10_000, cfg.delivery_timeout_ms - 10)
         self.producer = KafkaProducer(
             bootstrap_servers=cfg.bootstrap,
-            client_id=f"linewatch-worker-out-{cfg.worker_id}",
+            client_id=f"linewatch-worker-out-{w}",
             acks="all",
+            # kafka-python's idempotent producer (its default) wedged for good after one batch
+            # expired against the embedded broker (measured: every later send timed out). A
+            # frame's outputs are keyed by (camera, seq) and readers deduplicate on that, so a
+            # record written twice by a producer retry costs nothing.
+            enable_idempotence=False,
             linger_ms=2,
-            retries=5,
+            request_timeout_ms=request_ms,
+            delivery_timeout_ms=cfg.delivery_timeout_ms,
+            max_block_ms=min(10_000, cfg.delivery_timeout_ms),  # a missing topic's metadata
             max_request_size=cfg.max_frame_bytes + 256 * 1024,
         )
-        w = cfg.worker_id
-        # rare events start at 0, so rate() and dashboards see "none" rather than "no data"
-        for reason in DL_REASONS:
-            metrics.DEAD_LETTERS.labels(worker=w, reason=reason)
+        self.delivery = Delivery(self.producer, w, cfg.delivery_timeout_ms / 1000 + 5)
         for counter in (metrics.COMMIT_FAILURES, metrics.DELIVERY_RETRIES, metrics.FRAMES_RECEIVED):
             counter.labels(worker=w)
-        metrics.THRESHOLD.labels(worker=w, kind="alert").set(cfg.thresholds.alert)
-        metrics.THRESHOLD.labels(worker=w, kind="review").set(cfg.thresholds.review)
+        for topic in (cfg.topics.scores, cfg.topics.alerts, cfg.topics.review, cfg.topics.deadletter):
+            metrics.OUTPUT_BLOCKED.labels(worker=w, topic=topic).set(0)
+        self._publish_thresholds(cfg.thresholds)
 
-    # -- control -------------------------------------------------------------
+    # -- what the loop uses elsewhere ------------------------------------------------------
+    @property
+    def scorer(self) -> Scorer:
+        return self.processor.scorer
+
+    @property
+    def drift(self) -> DriftMonitor | None:
+        return self.processor.drift
+
     def request_stop(self) -> None:
         """Ask the loop to finish the batch in hand, commit and exit (signal-safe)."""
         self._stop.set()
@@ -162,58 +237,301 @@ class Worker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    # -- the loop ------------------------------------------------------------------------
     def run(self) -> WorkerStats:
         from kafka import ConsumerRebalanceListener
 
-        worker = self
+        events = self._rebalances
 
         class _Listener(ConsumerRebalanceListener):
+            # runs on kafka-python's network thread: record, never block
             def on_partitions_revoked(self, revoked: Any) -> None:
-                if worker._pending:
-                    log.info("partitions %s revoked: finishing the batch in hand first",
-                             sorted(tp.partition for tp in revoked))
-                    worker._process_pending()
-                for tp in revoked:  # the new owner reports these from now on
-                    metrics.remove_series(metrics.COMMITTED_OFFSET, tp.topic, str(tp.partition))
+                events.record(revoked=revoked)
+
+            def on_partitions_lost(self, lost: Any) -> None:
+                events.record(lost=lost)
 
             def on_partitions_assigned(self, assigned: Any) -> None:
-                log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
-                worker._write_ready()
+                events.record(assigned=assigned)
 
         if self.learner is not None:
-            self.labels = LabelFollower(self.cfg.bootstrap, self.cfg.topics.labels)
+            assert self.label_key is not None
+            self.labels = LabelFollower(self.cfg.bootstrap, self.cfg.topics.labels, self.label_key,
+                                        self.cfg.max_frame_bytes, self.cfg.max_pixels)
             self._replay_labels()
         self.consumer.subscribe([self.cfg.topics.frames], listener=_Listener())
         idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
-                if self.watcher is not None and (fresh := self.watcher.poll()) is not None:
-                    self._swap_profile(fresh)  # between batches: no frame sees half a profile
-                if self.labels is not None:
-                    self._apply_labels(self.labels.poll(0))
-                self._fill_batch()
-                if self._pending:
-                    self._process_pending()
+                self._between_batches()
+                batch = self._fill_batch()
+                if batch:
+                    self._handle(batch)
                     idle_since = time.monotonic()
                 elif (self.cfg.exit_when_idle_s is not None
                       and time.monotonic() - idle_since > self.cfg.exit_when_idle_s):
                     log.info("no frames for %.1fs: exiting", self.cfg.exit_when_idle_s)
                     break
-            if self._pending:  # stop requested mid-batch: drain what we hold
-                self._process_pending()
-        finally:
+        finally:  # records fetched but not in a batch are uncommitted: the next owner reads them
             self._close()
         return self.stats
 
-    # -- profile reloads -------------------------------------------------------
+    def _between_batches(self) -> None:
+        """Profile swaps, operators' verdicts and idle cameras: never inside a batch."""
+        if self.watcher is not None and (fresh := self.watcher.poll()) is not None:
+            self._swap_profile(fresh)
+        if self.labels is not None:
+            self._apply_labels(self.labels.poll(0))
+            if self.learner is not None and self.learner.pending and self._say["learn"].due():
+                self._use(self.learner.learn())  # a model failure interrupted learning earlier
+        self.cameras.expire()
+        if self._owned & self._delivered.keys():  # skipped re-deliveries: commit them now
+            with contextlib.suppress(BatchAbandoned):
+                self._commit_offsets({})
+
+    def _fill_batch(self) -> list[Any]:
+        """Poll until a batch is full, ``max_wait_ms`` passed since its first frame, or stop."""
+        first_deadline: float | None = None
+        while len(self._pending) < self.cfg.max_batch and not self._stop.is_set():
+            if first_deadline is None:
+                timeout_ms = 0 if self._pending else 200  # idle: wake up to notice a stop
+            else:
+                timeout_ms = int((first_deadline - time.monotonic()) * 1000)
+                if timeout_ms <= 0:
+                    break
+            had = len(self._pending)
+            self._poll(timeout_ms, self.cfg.max_batch - len(self._pending))
+            if self._pending and first_deadline is None:
+                first_deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
+            if not self._pending or (timeout_ms == 0 and len(self._pending) == had):
+                break
+        batch, self._pending = self._pending[: self.cfg.max_batch], self._pending[self.cfg.max_batch:]
+        return batch
+
+    def _poll(self, timeout_ms: int, max_records: int) -> None:
+        """One poll; rebalance events applied before its records join ``_pending``."""
+        from kafka.errors import KafkaError
+
+        try:
+            got = self.consumer.poll(timeout_ms=max(0, timeout_ms), max_records=max(1, max_records))
+        except KafkaError as exc:  # the client retries connections itself; never crash here
+            if self._say["poll"].due():
+                log.error("polling for frames failed (%s: %s); retrying", type(exc).__name__, exc)
+            self._stop.wait(0.5)
+            got = {}
+        rewound = self._apply_rebalances()
+        for tp, records in got.items():
+            if tp not in self._owned or tp in rewound:  # rewound: read again from the seek
+                continue
+            done = self._delivered.get(tp)
+            for rec in records:
+                if done is not None and rec.offset < done:
+                    self.stats.skipped_redeliveries += 1  # our outputs for it were delivered
+                    continue
+                self._pending.append(rec)
+
+    def _apply_rebalances(self) -> set[Any]:
+        """Apply what the listener recorded; returns the partitions rewound by a seek."""
+        revoked, lost, assigned = self._rebalances.take()
+        gone = revoked | lost
+        if gone:
+            for rec in self._pending:
+                if _tp(rec) in gone:
+                    self._give_up(rec)
+            self._pending = [r for r in self._pending if _tp(r) not in gone]
+            if self._batch_tps & gone:
+                self._batch_revoked = True
+            for tp in gone:
+                self._window.pop(tp, None)
+                metrics.remove_series(metrics.COMMITTED_OFFSET, tp.topic, str(tp.partition))
+            self._owned -= gone
+            self._kept |= revoked - lost
+            self._delivered = {tp: o for tp, o in self._delivered.items() if tp not in lost}
+            log.info("partitions %s revoked%s", sorted(tp.partition for tp in gone),
+                     f" ({len(lost)} lost)" if lost else "")
+        rewound: set[Any] = set()
+        if assigned:
+            for tp in assigned - self._kept:  # another member may have scored past its commit
+                self._window[tp] = None
+                self._rewind.pop(tp, None)  # fresh state: it starts from the committed offset
+            # a partition we kept keeps its position, past records we gave up: read them again
+            for tp in assigned & self._kept & self._rewind.keys():
+                self.consumer.seek(tp, self._rewind.pop(tp))
+                rewound.add(tp)
+            self._owned |= assigned
+            self._kept = set()
+            log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+            self._write_ready()
+        return rewound
+
+    def _give_up(self, rec: Any) -> None:
+        """``rec`` will not be committed by this batch: read it again if the partition stays ours."""
+        tp = _tp(rec)
+        self._rewind[tp] = min(self._rewind.get(tp, rec.offset), rec.offset)
+
+    # -- one batch: decide, deliver, commit ------------------------------------------------
+    def _handle(self, batch: list[Any]) -> None:
+        self.stats.batches += 1
+        self._batch_tps, self._batch_revoked = {_tp(r) for r in batch}, False
+        try:
+            outputs = self._decide(batch)   # step 1: every frame has an outcome
+            self._deliver(outputs)          # step 2: every outcome is in Kafka
+            self._commit(batch)             # step 3: only now are the input offsets released
+        except BatchAbandoned as exc:
+            self.stats.abandoned_batches += 1
+            for rec in batch:
+                self._give_up(rec)
+            for tp in self._batch_tps:  # outputs may be out already: a re-read is marked
+                self._window[tp] = None
+                if tp in self._owned:  # still ours: read the batch again from its first record
+                    self.consumer.seek(tp, self._rewind.pop(tp))
+                    self._pending = [r for r in self._pending if _tp(r) != tp]
+            log.warning("batch of %d frame(s) abandoned uncommitted (%s); whoever owns its "
+                        "partitions next reads it again", len(batch), exc)
+        finally:
+            self._batch_tps = set()
+
+    def _decide(self, batch: list[Any]) -> list[Outbound]:
+        backoff = 1.0
+        while True:
+            try:
+                return self.processor.process(batch, self._maybe_duplicate)
+            except ModelUnavailable as exc:
+                if self._say["model"].due():
+                    log.error("the model fails even on a reference image (%s): %d frame(s) stay "
+                              "uncommitted in Kafka and are retried every %.0fs (max 30s)",
+                              exc, len(batch), backoff)
+                self._pause(backoff)
+                backoff = min(30.0, backoff * 2)
+
+    def _deliver(self, outputs: list[Outbound]) -> None:
+        left, attempt = outputs, 0
+        while True:
+            result = self.delivery.deliver(left)
+            left = result.outputs
+            for topic in (self.cfg.topics.scores, self.cfg.topics.alerts, self.cfg.topics.review,
+                          self.cfg.topics.deadletter):
+                blocked = topic in result.errors and any(o.topic == topic for o in left)
+                metrics.OUTPUT_BLOCKED.labels(worker=self.cfg.worker_id, topic=topic).set(int(blocked))
+            if not left and self.delivery.settled:
+                return
+            attempt += 1
+            metrics.DELIVERY_RETRIES.labels(worker=self.cfg.worker_id).inc()
+            backoff = min(30.0, 0.5 * 2 ** attempt)
+            if self._say["delivery"].due() or attempt == 1:
+                why = "; ".join(f"{t}: {e}" for t, e in result.errors.items())
+                log.error("%d output(s) not delivered (%s); the batch stays uncommitted, retrying in "
+                          "%.0fs. If this persists: does the topic exist (linewatch topics), may "
+                          "this worker write to it, is the broker up?", len(left), why, backoff)
+            self._pause(backoff)
+
+    def _commit(self, batch: list[Any]) -> None:
+        nxt: dict[Any, int] = {}
+        for rec in batch:
+            nxt[_tp(rec)] = max(nxt.get(_tp(rec), 0), rec.offset + 1)
+        self._commit_offsets(nxt)
+
+    def _commit_offsets(self, nxt: dict[Any, int]) -> None:
+        """Commit ``nxt`` (partition -> next offset) and any delivered, uncommitted offsets of
+        partitions we own; retried while the broker is away, given up if the group moved on."""
+        from kafka.errors import (
+            CommitFailedError,
+            IllegalGenerationError,
+            KafkaError,
+            RebalanceInProgressError,
+            UnknownMemberIdError,
+        )
+        from kafka.structs import OffsetAndMetadata
+
+        nxt = dict(nxt)
+        for tp, done in list(self._delivered.items()):  # skipped re-deliveries ride along
+            if tp in self._owned:
+                nxt[tp] = max(nxt.get(tp, 0), done)
+        nxt = {tp: o for tp, o in nxt.items() if tp in self._owned}
+        if not nxt:
+            raise BatchAbandoned("its partitions were revoked before the commit")
+        offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in nxt.items()}
+        attempt = 0
+        while True:
+            try:
+                self.consumer.commit(offsets)
+                break
+            except (CommitFailedError, IllegalGenerationError, UnknownMemberIdError,
+                    RebalanceInProgressError) as exc:
+                # the group moved on: remember what was delivered, so we skip it if it comes back
+                for tp, o in nxt.items():
+                    self._delivered[tp] = max(self._delivered.get(tp, 0), o)
+                self._commit_failed(exc, "the group is rebalancing")
+                return
+            except KafkaError as exc:  # broker or coordinator unavailable: retry
+                attempt += 1
+                self._commit_failed(exc, f"retrying in {min(10, attempt)}s")
+                try:
+                    self._pause(min(10.0, float(attempt)))
+                except BatchAbandoned:
+                    for tp, o in nxt.items():
+                        self._delivered[tp] = max(self._delivered.get(tp, 0), o)
+                    raise
+        self.stats.commits += 1
+        metrics.COMMITS.labels(worker=self.cfg.worker_id).inc()
+        for tp, o in nxt.items():
+            if self._delivered.get(tp, -1) <= o:
+                self._delivered.pop(tp, None)
+            metrics.COMMITTED_OFFSET.labels(topic=tp.topic, partition=str(tp.partition)).set(o)
+
+    def _commit_failed(self, exc: BaseException, then: str) -> None:
+        self.stats.commit_failures += 1
+        metrics.COMMIT_FAILURES.labels(worker=self.cfg.worker_id).inc()
+        if self._say["commit"].due():
+            log.warning("offset commit refused (%s: %s); %s", type(exc).__name__, exc, then)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait while staying in the group: polls with every partition paused, applying
+        rebalances. Raises BatchAbandoned when the batch's partitions are revoked, or when
+        the worker has been stopping for longer than ``stop_grace_s``."""
+        deadline = time.monotonic() + seconds
+        paused = set(self.consumer.assignment())
+        self.consumer.pause(*paused)
+        try:
+            while True:
+                if self._batch_revoked:
+                    raise BatchAbandoned("its partitions were revoked while it waited")
+                if self._stop.is_set():
+                    self._stopping_since = self._stopping_since or time.monotonic()
+                    if time.monotonic() - self._stopping_since > self.cfg.stop_grace_s:
+                        raise BatchAbandoned("the worker is stopping")
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    return
+                self._poll(min(left_ms, 200), self.cfg.max_batch)
+        finally:
+            still = paused & set(self.consumer.assignment())
+            if still:
+                self.consumer.resume(*still)
+
+    def _maybe_duplicate(self, rec: Any) -> bool:
+        tp = _tp(rec)
+        if tp not in self._window:
+            return False
+        end = self._window[tp]
+        if end is None:  # first record read since the partition became ours
+            end = self._window[tp] = rec.offset + self.cfg.max_batch
+        if rec.offset >= end:
+            del self._window[tp]
+            return False
+        return True
+
+    # -- profile reloads and operators' verdicts ----------------------------------------
     def _swap_profile(self, new: LoadedProfile) -> None:
         if self.learner is not None:  # operator-confirmed normals stay learned across reloads
             self.learner.scorer, self.learner.references = new.scorer, list(new.references)
             if self.learner.learned:
                 new.scorer.add_normals([im for _, im in self.learner.learned])
-        self.scorer = new.scorer
+        self.processor.scorer = new.scorer
+        if new.references:
+            self.processor.probe = new.references[0]
         if new.drift is not None:
-            self.drift = new.drift
+            self.processor.drift = new.drift
         self._set_thresholds(new.thresholds)
         metrics.REFERENCE_IMAGES.labels(worker=self.cfg.worker_id).set(len(new.references))
         metrics.PROFILE_RELOADS.labels(worker=self.cfg.worker_id).inc()
@@ -223,15 +541,16 @@ class Worker:
         log.info("profile %s in use: alert %.4f, review %.4f", new.fingerprint[:12],
                  new.thresholds.alert, new.thresholds.review)
 
+    def _publish_thresholds(self, th: Thresholds) -> None:
+        metrics.THRESHOLD.labels(worker=self.cfg.worker_id, kind="alert").set(th.alert)
+        metrics.THRESHOLD.labels(worker=self.cfg.worker_id, kind="review").set(th.review)
+
     def _set_thresholds(self, th: Thresholds) -> None:
-        w = self.cfg.worker_id
-        self.cfg.thresholds = th
-        metrics.THRESHOLD.labels(worker=w, kind="alert").set(th.alert)
-        metrics.THRESHOLD.labels(worker=w, kind="review").set(th.review)
+        self.cfg.thresholds = self.processor.thresholds = th
+        self._publish_thresholds(th)
         if getattr(self.scorer, "map_gate", None) is not None:
             self.scorer.map_gate = th.review  # type: ignore[attr-defined]
 
-    # -- operator verdicts ----------------------------------------------------
     def _replay_labels(self) -> None:
         """Apply every verdict already on ``.labels`` before scoring (the memory survives restarts)."""
         assert self.labels is not None
@@ -241,10 +560,11 @@ class Worker:
             quiet = 0 if got else quiet + 1
             self._apply_labels(got)
 
-    def _apply_labels(self, labels: list) -> None:
-        if not labels or self.learner is None:
-            return
-        res = self.learner.apply(labels)
+    def _apply_labels(self, verdicts: list[Verdict]) -> None:
+        if verdicts and self.learner is not None:
+            self._use(self.learner.apply(verdicts))
+
+    def _use(self, res: LearnResult) -> None:
         if res.thresholds is None:
             return
         th = res.thresholds
@@ -254,161 +574,10 @@ class Worker:
         if self.drift is not None and res.holdout_scores is not None:
             self.drift.rebase_scores(res.holdout_scores)
 
-    # -- the batch -----------------------------------------------------------
-    def _fill_batch(self) -> None:
-        """Poll until the batch is full, ``max_wait_ms`` passed since its first frame, or stop."""
-        first_deadline: float | None = None
-        while len(self._pending) < self.cfg.max_batch and not self._stop.is_set():
-            if first_deadline is None:
-                timeout_ms = 200  # idle: wake up regularly to notice a stop request
-            else:
-                timeout_ms = int((first_deadline - time.monotonic()) * 1000)
-                if timeout_ms <= 0:
-                    return
-            got = self.consumer.poll(timeout_ms=timeout_ms,
-                                     max_records=self.cfg.max_batch - len(self._pending))
-            for records in got.values():
-                self._pending.extend(records)
-            if self._pending and first_deadline is None:
-                first_deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
-            if not self._pending:
-                return
-
-    def _process_pending(self) -> None:
-        batch, self._pending = self._pending, []
-        outputs = self._score_and_route(batch)  # scored once; a retry only re-sends
-        attempt = 0
-        while True:
-            try:
-                self._send_and_flush(outputs)  # step 1: outputs are in Kafka
-                break
-            except DeliveryFailed as exc:
-                attempt += 1
-                metrics.DELIVERY_RETRIES.labels(worker=self.cfg.worker_id).inc()
-                if self._stop.is_set() and attempt >= 3:
-                    log.error("giving up on a batch while stopping (%s); not committing it, so "
-                              "the next owner of its partitions will score it", exc)
-                    return
-                backoff = min(10.0, 0.5 * 2 ** attempt)
-                log.error("outputs not delivered (%s); retrying the batch in %.1fs", exc, backoff)
-                time.sleep(backoff)
-        try:
-            self._commit(batch)  # step 2: only now are the input offsets released
-        except CommitRefused as exc:
-            log.warning("%s", exc)
-
-    def _score_and_route(self, batch: Sequence[Any]) -> list[Outbound]:
-        cfg, w = self.cfg, self.cfg.worker_id
-        self.stats.batches += 1
-        self.stats.received += len(batch)
-        metrics.FRAMES_RECEIVED.labels(worker=w).inc(len(batch))
-        valid: list[tuple[Any, FrameMeta, np.ndarray]] = []
-        outputs: list[Outbound] = []
-        for rec in batch:
-            try:
-                meta, rgb = decode_frame(rec.headers, rec.value, cfg.max_frame_bytes, cfg.max_pixels)
-                valid.append((rec, meta, rgb))
-            except WireError as err:
-                outputs.append(self._dead(rec, err))
-        results = self._score([rgb for _, _, rgb in valid])
-        decided_ns = time.time_ns()
-        for (rec, meta, rgb), res in zip(valid, results, strict=True):
-            if isinstance(res, WireError):
-                outputs.append(self._dead(rec, res))
-                continue
-            score, outs = route(meta, self._ref(rec), rgb, res, cfg.thresholds, cfg.topics,
-                                self.scorer.name, w, decided_ns, self.describe)
-            outputs.extend(outs)
-            self._count(meta, score.decision, score.latency_s, res.score)
-            if self.drift is not None:
-                self.drift.observe(meta.line, meta.camera, res.score, rgb, res.embedding)
+    # -- the rest ------------------------------------------------------------------------
+    def _forget_cameras(self, keys: list[tuple[str, str]]) -> None:
         if self.drift is not None:
-            metrics.publish_drift(self.drift)
-        return outputs
-
-    def _score(self, images: list[np.ndarray]) -> list[ScoreResult | WireError]:
-        """Score the batch; if the batch fails, score frames one by one to isolate the culprit."""
-        if not images:
-            return []
-        t0 = time.perf_counter()
-        try:
-            out: list[ScoreResult | WireError] = list(self.scorer.score(images))
-        except Exception as exc:  # a model failure must not kill the worker or lose frames
-            log.exception("scoring a batch of %d failed (%s); scoring frames one by one",
-                          len(images), exc)
-            out = []
-            for im in images:
-                try:
-                    out.append(self.scorer.score([im])[0])
-                except Exception as one:
-                    out.append(WireError("scoring_failed", f"{type(one).__name__}: {one}"))
-        metrics.SCORING_SECONDS.labels(worker=self.cfg.worker_id).observe(time.perf_counter() - t0)
-        metrics.BATCH_SIZE.labels(worker=self.cfg.worker_id).observe(len(images))
-        return out
-
-    def _dead(self, rec: Any, err: WireError) -> Outbound:
-        self.stats.dead_letters += 1
-        metrics.DEAD_LETTERS.labels(worker=self.cfg.worker_id, reason=err.reason).inc()
-        log.warning("dead-lettering %s/%d/%d: %s", rec.topic, rec.partition, rec.offset, err)
-        return dead_letter(self.cfg.topics.deadletter, rec.key, rec.value, rec.headers, err,
-                           self._ref(rec), self.cfg.worker_id, self.cfg.max_frame_bytes)
-
-    @staticmethod
-    def _ref(rec: Any) -> FrameRef:
-        return FrameRef(rec.topic, rec.partition, rec.offset)
-
-    def _count(self, meta: FrameMeta, decision: str, latency_s: float, score: float) -> None:
-        lc = {"line": meta.line, "camera": meta.camera}
-        if (meta.line, meta.camera) not in self._seen_cameras:  # start this camera's counters at 0
-            self._seen_cameras.add((meta.line, meta.camera))
-            for d in ("normal", "review", "alert"):
-                metrics.FRAMES_SCORED.labels(**lc, decision=d)
-            metrics.ALERTS.labels(**lc)
-            metrics.REVIEW_ITEMS.labels(**lc)
-        self.stats.scored += 1
-        metrics.FRAMES_SCORED.labels(**lc, decision=decision).inc()
-        metrics.END_TO_END_SECONDS.labels(**lc).observe(max(0.0, latency_s))
-        metrics.ANOMALY_SCORE.labels(**lc).observe(score)
-        if decision == "alert":
-            self.stats.alerts += 1
-            metrics.ALERTS.labels(**lc).inc()
-        elif decision == "review":
-            self.stats.reviews += 1
-            metrics.REVIEW_ITEMS.labels(**lc).inc()
-
-    def _send_and_flush(self, outputs: list[Outbound]) -> None:
-        futures = [self.producer.send(o.topic, key=o.key, value=o.value, headers=o.headers)
-                   for o in outputs]
-        self.producer.flush(timeout=30)
-        failed = []
-        for f in futures:
-            if not f.is_done:
-                failed.append("not acknowledged within 30s")
-            elif f.failed():
-                failed.append(repr(f.exception))
-        if failed:
-            raise DeliveryFailed(f"{len(failed)} of {len(futures)} outputs failed: {failed[0]}")
-
-    def _commit(self, batch: Sequence[Any]) -> None:
-        from kafka.errors import CommitFailedError, KafkaError
-        from kafka.structs import OffsetAndMetadata, TopicPartition
-
-        nxt: dict[TopicPartition, int] = {}
-        for rec in batch:
-            tp = TopicPartition(rec.topic, rec.partition)
-            nxt[tp] = max(nxt.get(tp, 0), rec.offset + 1)
-        offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in nxt.items()}
-        try:
-            self.consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            self.stats.commit_failures += 1
-            metrics.COMMIT_FAILURES.labels(worker=self.cfg.worker_id).inc()
-            raise CommitRefused(f"commit of {len(batch)} frames refused ({exc}); the new owner "
-                                "of those partitions will score them again") from exc
-        self.stats.commits += 1
-        metrics.COMMITS.labels(worker=self.cfg.worker_id).inc()
-        for tp, o in nxt.items():
-            metrics.COMMITTED_OFFSET.labels(topic=tp.topic, partition=str(tp.partition)).set(o)
+            self.drift.forget(keys)
 
     def _write_ready(self) -> None:
         if self.cfg.ready_file and not self._ready_written:
@@ -421,5 +590,13 @@ class Worker:
         try:
             self.producer.flush(timeout=30)
             self.producer.close(timeout=10)
+        except Exception as exc:  # the batch in hand is already settled or abandoned
+            log.warning("closing the producer: %s", exc)
         finally:
             self.consumer.close(autocommit=False)  # leave the group now: fast handover
+
+
+def _tp(rec: Any) -> Any:
+    from kafka.structs import TopicPartition
+
+    return TopicPartition(rec.topic, rec.partition)

@@ -137,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="partitions per topic = most workers that can share the load "
                         "(default: %(default)s)")
     b.add_argument("--topic-prefix", default=DEFAULT_TOPIC_PREFIX, help="default: %(default)s")
-    b.add_argument("--storage", default="memory://tansu/",
-                   help="memory://tansu/ (lost on exit) or s3://bucket/ (default: %(default)s)")
+    b.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="keep the broker's data in DIR (survives kill -9 and restarts; a local S3 "
+                        "server writes it to disk) (default: in memory, lost on exit)")
 
     t = sub.add_parser("topics", formatter_class=fmt,
                        help="create the linewatch topics on a Kafka cluster",
@@ -212,6 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-frame-pixels", type=int, default=DEFAULT_MAX_FRAME_PIXELS)
     w.add_argument("--session-timeout-ms", type=int, default=10_000,
                    help="how long a dead worker keeps its partitions (default: %(default)s)")
+    w.add_argument("--max-poll-interval-ms", type=int, default=60_000,
+                   help="longest a batch may take before the group counts this worker as gone; "
+                        "also how long a rebalance waits for a member that died during it "
+                        "(default: %(default)s)")
+    w.add_argument("--delivery-timeout-ms", type=int, default=30_000,
+                   help="how long Kafka may take to acknowledge an output before the batch's "
+                        "undelivered outputs are sent again (the batch stays uncommitted until "
+                        "all are acknowledged) (default: %(default)s)")
+    w.add_argument("--max-cameras", type=int, default=256,
+                   help="cameras with their own metric series and drift window; frames of more "
+                        "cameras are still scored and counted as camera=\"_other\" "
+                        "(default: %(default)s)")
+    w.add_argument("--camera-idle-s", type=float, default=300.0, metavar="SECONDS",
+                   help="forget a camera's series and drift window after this long without a "
+                        "frame (its partition moved, or it stopped) (default: %(default)s)")
     w.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
                    help="exit after this long without frames (batch jobs, tests)")
     w.add_argument("--drift-window", type=int, default=100, metavar="FRAMES",
@@ -225,12 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated defect words scored on each flagged region with the CLIP text "
                         "model (winclip/winclip+ only; default: scratch, crack, dent, contamination, "
                         "missing part, discolouration, hole, stain, deformation, foreign object)")
-    w.add_argument("--learn-from-labels", action=argparse.BooleanOptionalAction, default=True,
+    w.add_argument("--learn-from-labels", action=argparse.BooleanOptionalAction, default=None,
                    help="add frames operators judged normal (PREFIX.labels) to the reference memory "
-                        "and recalibrate thresholds on --holdout (default: on)")
+                        "and recalibrate thresholds on --holdout. Only labels signed with "
+                        "LINEWATCH_LABEL_KEY (the review service's key) are applied (default: on "
+                        "when LINEWATCH_LABEL_KEY is set, else off)")
     w.add_argument("--max-learned-normals", type=int, default=200, metavar="N",
                    help="bound on learned normal frames; the oldest are evicted (default: %(default)s)")
     w.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    # tests and benchmarks only: make the model fail on purpose (inference/faults.py)
+    w.add_argument("--inject-faults", default=None, metavar="SPEC", help=argparse.SUPPRESS)
     _metrics_arg(w, 9108)
 
     e = sub.add_parser("evaluate", formatter_class=fmt,
@@ -319,22 +339,45 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("review", formatter_class=fmt, help="the operator review page for borderline frames",
                        description="Consume PREFIX.review into a durable store, serve the review page "
                                    "(frame, heatmap, score, explanation; normal / defect / skip with "
-                                   "keyboard shortcuts) and publish verdicts to PREFIX.labels. Access "
-                                   "needs the token in LINEWATCH_REVIEW_TOKEN (bearer header, or the "
-                                   "login page's cookie); without it every page and API answers 401.")
+                                   "keyboard shortcuts) and publish verdicts, signed with "
+                                   "LINEWATCH_LABEL_KEY, to PREFIX.labels. Operators sign in with their "
+                                   "own name and password (add them with `linewatch operators add`); "
+                                   "without a session every page and API answers 401.")
     _common_kafka(r)
     r.add_argument("--port", type=int, default=8080, help="web port (default: %(default)s)")
     r.add_argument("--host", default="127.0.0.1",
                    help="listen address; 0.0.0.0 for other machines (default: %(default)s)")
-    r.add_argument("--db", default="sqlite:///linewatch-review.db",
-                   help="SQLAlchemy database URL; a production database, e.g. "
-                        "postgresql+psycopg://user@host/linewatch (default: %(default)s)")
+    _db_arg(r)
     r.add_argument("--lease-seconds", type=float, default=120.0,
                    help="how long an operator holds an item before others may take it "
                         "(default: %(default)s)")
+    r.add_argument("--retention-days", type=float, default=30.0,
+                   help="delete review items older than this (labelled ones once their label was "
+                        "sent); checked hourly (default: %(default)s)")
+    r.add_argument("--session-hours", type=float, default=12.0,
+                   help="how long a sign-in lasts (default: %(default)s)")
     r.add_argument("--group-id", default="linewatch-review", help="default: %(default)s")
+    r.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES,
+                   help="largest picture accepted inside a review item (default: %(default)s)")
+    r.add_argument("--max-frame-pixels", type=int, default=DEFAULT_MAX_FRAME_PIXELS,
+                   help="default: %(default)s")
     r.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     _metrics_arg(r, None)
+
+    op = sub.add_parser("operators", formatter_class=fmt, help="who may sign in to the review page",
+                        description="Add, list or remove the operators of the review page. Each has "
+                                    "a name and a password (scrypt-hashed in the review database); "
+                                    "verdicts are recorded under the name they signed in with.")
+    osub = op.add_subparsers(dest="operators_command", metavar="ACTION", required=True)
+    oa = osub.add_parser("add", help="add an operator, or set a new password (ends their sessions)")
+    oa.add_argument("name")
+    oa.add_argument("--password-stdin", action="store_true",
+                    help="read the password from standard input instead of prompting")
+    _db_arg(oa)
+    orm = osub.add_parser("remove", help="remove an operator and end their sessions")
+    orm.add_argument("name")
+    _db_arg(orm)
+    _db_arg(osub.add_parser("list", help="list the operators"))
 
     al = sub.add_parser("alert-log", help="receive Alertmanager webhooks and keep a JSON-lines log",
                         description="An Alertmanager webhook receiver: every alert that fires or "
@@ -356,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="API token (default: the GRAFANA_TOKEN environment variable)")
     gp.add_argument("--folder", default="linewatch", help="folder title and uid (default: %(default)s)")
     return parser
+
+
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default="sqlite:///linewatch-review.db",
+                   help="SQLAlchemy database URL of the review store; a production database, e.g. "
+                        "postgresql+psycopg://user@host/linewatch (default: %(default)s)")
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -382,9 +431,10 @@ def cmd_broker(a: argparse.Namespace) -> int:
 
     stop = threading.Event()
     _install_stop_signals(stop.set)
-    with EmbeddedBroker(port=a.port, storage=a.storage) as broker:
+    with EmbeddedBroker(port=a.port, data_dir=a.data_dir) as broker:
         created = create_topics(broker.bootstrap, Topics(a.topic_prefix), a.partitions)
-        print(f"broker ready on {broker.bootstrap} (pid {broker.pid}); topics "
+        print(f"broker ready on {broker.bootstrap} (pid {broker.pid}, "
+              f"{'data in ' + str(a.data_dir) if a.data_dir else 'in memory'}); topics "
               f"{', '.join(Topics(a.topic_prefix).all())} ({len(created)} created). Ctrl-C stops.",
               flush=True)
         while not stop.wait(0.5):
@@ -512,9 +562,22 @@ def build_worker(a: argparse.Namespace):
                        max_wait_ms=a.max_wait_ms, max_frame_bytes=a.max_frame_bytes,
                        max_pixels=a.max_frame_pixels, session_timeout_ms=a.session_timeout_ms,
                        heartbeat_interval_ms=max(500, a.session_timeout_ms // 5),
-                       exit_when_idle_s=a.exit_when_idle, ready_file=a.ready_file)
-    learner = None
-    if a.scorer != "noop" and a.learn_from_labels:
+                       max_poll_interval_ms=a.max_poll_interval_ms,
+                       delivery_timeout_ms=a.delivery_timeout_ms, max_cameras=a.max_cameras,
+                       camera_idle_s=a.camera_idle_s, exit_when_idle_s=a.exit_when_idle,
+                       ready_file=a.ready_file)
+    describe = _describer(a, scorer)
+    if a.inject_faults:
+        from inference.faults import FaultyScorer
+
+        try:
+            scorer = FaultyScorer(scorer, a.inject_faults)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        log.warning("--inject-faults %s: this worker's model fails on purpose (tests only)",
+                    a.inject_faults)
+    learner, key = None, _label_key(a)
+    if key is not None:
         from consumers.labels import ReferenceLearner
 
         # thresholds given by hand stay as given; calibrated ones are recalibrated
@@ -532,7 +595,34 @@ def build_worker(a: argparse.Namespace):
 
         watcher = ProfileWatcher(a.profile, lambda: load_profile(a.profile, a.device, a.drift_window,
                                                                  overrides), profile_fp or "")
-    return Worker(cfg, scorer, drift, learner, watcher, describe=_describer(a, scorer), info=info)
+    return Worker(cfg, scorer, drift, learner, watcher, describe=describe, info=info,
+                  probe=refs[0] if refs else None, label_key=key)
+
+
+def _label_key(a: argparse.Namespace) -> bytes | None:
+    """The label-signing key when this worker learns from operators' verdicts, else None."""
+    from linewatch.wire import LABEL_KEY_ENV, label_key
+
+    try:
+        key = label_key()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if a.scorer == "noop":
+        if a.learn_from_labels:
+            raise CliError("--learn-from-labels: the noop scorer has no reference memory to grow")
+        return None
+    if a.learn_from_labels is False:
+        log.info("learning from operators' verdicts: off (--no-learn-from-labels)")
+        return None
+    if key is None:
+        if a.learn_from_labels:
+            raise CliError(f"--learn-from-labels needs {LABEL_KEY_ENV}: the key the review service "
+                           "signs labels with (workers apply only signed labels)")
+        log.warning("learning from operators' verdicts: off, because %s is not set (set it to the "
+                    "review service's key to learn from verdicts)", LABEL_KEY_ENV)
+        return None
+    log.info("learning from operators' verdicts signed with %s", LABEL_KEY_ENV)
+    return key
 
 
 def _describer(a: argparse.Namespace, scorer):
@@ -687,29 +777,41 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_review(a: argparse.Namespace) -> int:
-    import os
+def _open_store(a: argparse.Namespace, **kw: object):
+    from linewatch.review.store import ReviewStore
 
+    try:
+        return ReviewStore(a.db, **kw)  # type: ignore[arg-type]
+    except Exception as exc:
+        raise CliError(f"cannot open the review database {a.db}: {exc}") from None
+
+
+def cmd_review(a: argparse.Namespace) -> int:
     import uvicorn
 
     from linewatch.review.app import create_app
     from linewatch.review.service import ReviewBridge
-    from linewatch.review.store import ReviewStore
-    from linewatch.wire import Topics
+    from linewatch.wire import LABEL_KEY_ENV, Topics, label_key
     from monitoring import metrics
 
-    token = os.environ.get("LINEWATCH_REVIEW_TOKEN", "")
-    if len(token) < 12:
-        raise CliError("set LINEWATCH_REVIEW_TOKEN to a secret of at least 12 characters (operators "
-                       "sign in with it; e.g. `export LINEWATCH_REVIEW_TOKEN=$(openssl rand -hex 16)`)")
     try:
-        store = ReviewStore(a.db, lease_s=a.lease_seconds)
-    except Exception as exc:
-        raise CliError(f"cannot open the review database {a.db}: {exc}") from None
+        key = label_key()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if key is None:
+        raise CliError(f"set {LABEL_KEY_ENV} to a secret of at least 16 characters, the same one the "
+                       f"workers get: they apply only labels signed with it (e.g. `export "
+                       f"{LABEL_KEY_ENV}=$(openssl rand -hex 32)`)")
+    store = _open_store(a, lease_s=a.lease_seconds, max_image_bytes=a.max_frame_bytes,
+                        max_image_pixels=a.max_frame_pixels)
+    if not store.operators():
+        log.warning("no operator can sign in yet: add one with `linewatch operators add NAME --db %s`",
+                    a.db)
     if a.metrics_port is not None:
         metrics.serve(a.metrics_port, a.metrics_host)
-    bridge = ReviewBridge(a.bootstrap_servers, Topics(a.topic_prefix), store, a.group_id).start()
-    app = create_app(store, token)
+    bridge = ReviewBridge(a.bootstrap_servers, Topics(a.topic_prefix), store, key, a.group_id,
+                          retention_s=a.retention_days * 86400).start()
+    app = create_app(store, session_hours=a.session_hours)
     app.state.on_labelled = bridge.wake.set
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
@@ -721,6 +823,33 @@ def cmd_review(a: argparse.Namespace) -> int:
         server.run()
     finally:
         bridge.close()
+    return 0
+
+
+def cmd_operators(a: argparse.Namespace) -> int:
+    import getpass
+
+    from linewatch.review.store import ReviewError
+
+    store = _open_store(a)
+    try:
+        if a.operators_command == "list":
+            print("\n".join(store.operators()) or "(no operators)")
+        elif a.operators_command == "remove":
+            if not store.remove_operator(a.name):
+                raise CliError(f"no operator named {a.name!r}")
+            print(f"removed {a.name} (their sessions ended)")
+        else:
+            if a.password_stdin:
+                password = sys.stdin.readline().rstrip("\n")
+            else:
+                password = getpass.getpass(f"password for {a.name}: ")
+                if getpass.getpass("again: ") != password:
+                    raise CliError("the two passwords differ")
+            store.add_operator(a.name, password)
+            print(f"operator {a.name} can sign in to the review page")
+    except ReviewError as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 
@@ -772,7 +901,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 COMMANDS = {"broker": cmd_broker, "topics": cmd_topics, "produce": cmd_produce,
             "worker": cmd_worker, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "calibrate": cmd_calibrate, "review": cmd_review, "alert-log": cmd_alert_log,
+            "calibrate": cmd_calibrate, "review": cmd_review, "operators": cmd_operators,
+            "alert-log": cmd_alert_log,
             "grafana": cmd_grafana_push}  # grafana has one action: push
 
 

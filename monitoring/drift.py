@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -267,7 +266,6 @@ class _Camera:
     scores: deque
     quality: deque
     embeddings: deque
-    last_seen: float = field(default_factory=time.monotonic)
 
 
 class DriftMonitor:
@@ -315,7 +313,6 @@ class DriftMonitor:
             cam.quality.append(np.asarray(q, dtype=np.float64))
             if embedding is not None:
                 cam.embeddings.append(np.asarray(embedding, dtype=np.float64))
-            cam.last_seen = time.monotonic()
 
     def thresholds(self, n_window: int) -> dict[str, float]:
         """The threshold of every statistic for a window of ``n_window`` frames (cached: they
@@ -347,11 +344,8 @@ class DriftMonitor:
                                    self.thresholds(len(s)), q.mean(axis=0), len(s))
         return out
 
-    def forget_idle(self, idle_s: float) -> list[tuple[str, str]]:
-        """Drop cameras not seen for ``idle_s`` seconds (e.g. moved to another worker)."""
-        now = time.monotonic()
+    def forget(self, keys: list[tuple[str, str]]) -> None:
+        """Drop these cameras' windows (they went quiet; see monitoring.metrics.CameraSeries)."""
         with self._lock:
-            gone = [k for k, c in self._cams.items() if now - c.last_seen > idle_s]
-            for k in gone:
-                del self._cams[k]
-        return gone
+            for k in keys:
+                self._cams.pop(k, None)

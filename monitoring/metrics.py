@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
@@ -43,8 +47,50 @@ FRAMES_SCORED = Counter(
     "linewatch_frames_scored_total", "Frames scored, by routing decision.",
     ["line", "camera", "decision"])
 DEAD_LETTERS = Counter(
-    "linewatch_dead_letters_total", "Frames sent to the dead-letter topic, by reason.",
-    ["worker", "reason"])
+    "linewatch_dead_letters_total",
+    "Frames sent to the dead-letter topic, by reason; cause is bad_input (the camera's fault) "
+    "or failed (valid input the worker could not process).", ["worker", "reason", "cause"])
+MODEL_ERRORS = Counter(
+    "linewatch_model_errors_total", "Model calls that raised (every retry counts).", ["worker"])
+MODEL_UP = Gauge(
+    "linewatch_model_up",
+    "1 while the model scores; 0 while it fails even on a known-good reference image (the "
+    "batch stays uncommitted in Kafka and is retried).", ["worker"])
+FRAME_ERRORS = Counter(
+    "linewatch_frame_errors_total",
+    "Per-frame failures outside the model that were contained: the frame was still routed "
+    "(routing: without explanation; explain: without defect words; drift: not observed).",
+    ["worker", "stage"])
+OUTPUTS_SHRUNK = Counter(
+    "linewatch_outputs_shrunk_total",
+    "Outputs the cluster refused as too large and that were sent in their smaller form.",
+    ["worker", "topic"])
+OUTPUTS_DROPPED = Counter(
+    "linewatch_outputs_dropped_total",
+    "Outputs refused permanently even in their smaller form (the frame's score was still "
+    "delivered unless the topic is .scores).", ["worker", "topic"])
+OUTPUT_BLOCKED = Gauge(
+    "linewatch_output_blocked",
+    "1 while a topic refuses this worker's outputs (unknown topic, not authorised): the "
+    "batch stays uncommitted and is retried.", ["worker", "topic"])
+MAYBE_DUPLICATES = Counter(
+    "linewatch_frames_maybe_duplicate_total",
+    "Frames scored right after their partition changed owner, within one batch of the "
+    "committed offset: a previous owner may have scored them (marked on the score).", ["worker"])
+RECORDS_REJECTED = Counter(
+    "linewatch_records_rejected_total",
+    "Records a reader refused (malformed, unknown schema, unsigned, forged, bad image); each "
+    "is logged once with its topic/partition/offset and skipped.", ["reader", "topic", "reason"])
+CAMERAS_TRACKED = Gauge(
+    "linewatch_cameras_tracked", "Cameras with their own series (and drift window) here.",
+    ["worker"])
+CAMERA_LIMIT = Gauge(
+    "linewatch_camera_limit",
+    "Most cameras with their own series here; frames of further cameras are still scored and "
+    'counted under camera="_other".', ["worker"])
+CAMERA_OVERFLOW_FRAMES = Counter(
+    "linewatch_camera_overflow_frames_total",
+    'Frames of cameras over the limit (counted under camera="_other").', ["worker"])
 ALERTS = Counter("linewatch_alerts_total", "Alerts emitted.", ["line", "camera"])
 REVIEW_ITEMS = Counter("linewatch_review_items_total", "Frames sent for human review.",
                        ["line", "camera"])
@@ -80,6 +126,10 @@ REVIEW_RECEIVED = Counter("linewatch_review_items_stored_total",
                           "Review items the review service stored (re-deliveries not counted).")
 REVIEW_VERDICTS = Counter("linewatch_review_verdicts_total", "Operator verdicts, by verdict.",
                           ["verdict"])
+REVIEW_PRUNED = Counter("linewatch_review_items_pruned_total",
+                        "Review items deleted by retention (--retention-days), by state.", ["state"])
+REVIEW_LOGINS = Counter("linewatch_review_logins_total",
+                        "Sign-in attempts on the review service, by outcome.", ["outcome"])
 LABELS_APPLIED = Counter(
     "linewatch_labels_applied_total",
     "Operator labels a worker acted on (normal: frame added to the reference memory).",
@@ -124,22 +174,11 @@ IMAGE_QUALITY_REFERENCE = Gauge(
     ["statistic"])
 
 
-def publish_drift(monitor: DriftMonitor, forget_after_s: float = 300.0) -> None:
-    """Export every camera's drift statistics, thresholds and image statistics.
-
-    Cameras silent for ``forget_after_s`` (their partition moved to another worker,
-    or the camera stopped) are dropped, with their series, so a stale value never
-    keeps an alert firing.
-    """
+def publish_drift(monitor: DriftMonitor) -> None:
+    """Export every camera's drift statistics, thresholds and image statistics (cameras
+    that went quiet are dropped by :class:`CameraSeries`, series and window alike)."""
     from monitoring.drift import QUALITY_FEATURES
 
-    for line, camera in monitor.forget_idle(forget_after_s):
-        for name in STATISTICS:
-            for g in (DRIFT, DRIFT_THRESHOLD):
-                remove_series(g, line, camera, name)
-        for name in QUALITY_FEATURES:
-            remove_series(IMAGE_QUALITY, line, camera, name)
-        remove_series(DRIFT_WINDOW_FRAMES, line, camera)
     for (line, camera), cam in monitor.snapshot().items():
         for name, value in cam.statistics.items():
             DRIFT.labels(line=line, camera=camera, statistic=name).set(value)
@@ -156,10 +195,94 @@ def publish_reference(reference: DriftReference) -> None:
         IMAGE_QUALITY_REFERENCE.labels(statistic=name).set(float(value))
 
 
-def remove_series(gauge: Gauge, *labels: str) -> None:
+def remove_series(gauge: Gauge | Counter | Histogram, *labels: str) -> None:
     """Stop exporting one labelled series (absent is fine)."""
     with contextlib.suppress(KeyError):
         gauge.remove(*labels)
+
+
+OVERFLOW = "_other"  # line and camera label of frames from cameras over the limit
+DECISIONS = ("normal", "review", "alert")
+
+
+def _remove_camera_series(line: str, camera: str) -> None:
+    from monitoring.drift import QUALITY_FEATURES
+
+    for d in DECISIONS:
+        remove_series(FRAMES_SCORED, line, camera, d)
+    for m in (ALERTS, REVIEW_ITEMS, END_TO_END_SECONDS, ANOMALY_SCORE, DRIFT_WINDOW_FRAMES):
+        remove_series(m, line, camera)
+    for name in STATISTICS:
+        remove_series(DRIFT, line, camera, name)
+        remove_series(DRIFT_THRESHOLD, line, camera, name)
+    for name in QUALITY_FEATURES:
+        remove_series(IMAGE_QUALITY, line, camera, name)
+
+
+class CameraSeries:
+    """Which cameras get their own series here: bounded in number and in idle time.
+
+    Camera and line ids come from outside (frame headers), so state keyed by them must be
+    bounded. A camera is tracked from its first frame until it has been silent for
+    ``idle_s`` (its partition moved to another worker, or the camera stopped: its series
+    and drift window go, so a stale value never keeps an alert firing). At most
+    ``max_cameras`` are tracked; frames of further cameras are still scored and routed,
+    and counted under ``camera="_other"``, never given series of their own.
+    """
+
+    def __init__(self, worker: str, max_cameras: int = 256, idle_s: float = 300.0,
+                 on_forget: Callable[[list[tuple[str, str]]], None] | None = None) -> None:
+        if max_cameras < 1 or idle_s <= 0:
+            raise ValueError("max_cameras must be >= 1 and idle_s > 0")
+        self.worker, self.max_cameras, self.idle_s = worker, max_cameras, idle_s
+        self.on_forget = on_forget
+        self._last: OrderedDict[tuple[str, str], float] = OrderedDict()  # oldest first
+        self._lock = threading.Lock()
+        CAMERAS_TRACKED.labels(worker=worker).set(0)
+        CAMERA_LIMIT.labels(worker=worker).set(max_cameras)
+        CAMERA_OVERFLOW_FRAMES.labels(worker=worker)
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def admit(self, line: str, camera: str) -> tuple[str, str] | None:
+        """The (line, camera) labels to count this frame under; None means the overflow."""
+        key, now = (line, camera), time.monotonic()
+        with self._lock:
+            if key in self._last:
+                self._last[key] = now
+                self._last.move_to_end(key)
+                return key
+        self.expire(now)
+        with self._lock:
+            if len(self._last) >= self.max_cameras:
+                CAMERA_OVERFLOW_FRAMES.labels(worker=self.worker).inc()
+                return None
+            self._last[key] = now
+            CAMERAS_TRACKED.labels(worker=self.worker).set(len(self._last))
+        for d in DECISIONS:  # a new camera's counters start at 0: "none", not "no data"
+            FRAMES_SCORED.labels(line=line, camera=camera, decision=d)
+        ALERTS.labels(line=line, camera=camera)
+        REVIEW_ITEMS.labels(line=line, camera=camera)
+        return key
+
+    def expire(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Forget cameras silent for ``idle_s``: their series, and (``on_forget``) their state."""
+        now = time.monotonic() if now is None else now
+        gone: list[tuple[str, str]] = []
+        with self._lock:
+            while self._last:
+                key, seen = next(iter(self._last.items()))
+                if now - seen <= self.idle_s:
+                    break
+                del self._last[key]
+                gone.append(key)
+            CAMERAS_TRACKED.labels(worker=self.worker).set(len(self._last))
+        for line, camera in gone:
+            _remove_camera_series(line, camera)
+        if gone and self.on_forget is not None:
+            self.on_forget(gone)
+        return gone
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> int:

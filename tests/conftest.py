@@ -26,6 +26,7 @@ from linewatch.wire import FrameMeta, Topics
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+LABEL_KEY = "test-label-signing-key-0123456789"  # what the review service and workers share
 
 
 def shared_data(*parts: str) -> Path:
@@ -66,17 +67,17 @@ class WorkerProc:
     """A ``linewatch worker`` subprocess with its log and readiness file."""
 
     def __init__(self, broker: EmbeddedBroker, topics: Topics, references: Path, workdir: Path,
-                 name: str, group: str, *extra: str) -> None:
+                 name: str, group: str, *extra: str, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log = workdir / f"{name}.log"
         self.ready = workdir / f"{name}.ready"
-        cmd = [sys.executable, "-m", "linewatch", "worker",
+        cmd = [sys.executable, "-m", "linewatch", *os.environ.get("LW_PRE", "").split(), "worker",
                "--bootstrap-servers", broker.bootstrap, "--topic-prefix", topics.prefix,
                "--group-id", group, "--worker-id", name, "--references", str(references),
                "--shots", "2", "--alert-threshold", "0.5", "--review-threshold", "0.3",
                "--session-timeout-ms", "6000", "--metrics-port", "0",
                "--ready-file", str(self.ready), "--torch-threads", "1", *extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
@@ -89,6 +90,18 @@ class WorkerProc:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    @property
+    def metrics_url(self) -> str:
+        import re
+
+        m = re.search(r"metrics on (http://\S+/metrics)", self.log.read_text())
+        assert m, f"worker {self.name} serves no metrics:\n{self.log.read_text()}"
+        return m.group(1)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the worker's samples called ``name`` whose labels include ``labels``."""
+        return metric(self.metrics_url, name, **labels)
 
     def stop(self, timeout_s: float = 30) -> int:
         if self.proc.poll() is None:
@@ -108,8 +121,8 @@ def workers(broker: EmbeddedBroker, topics: Topics, references: Path, tmp_path: 
     started: list[WorkerProc] = []
     group = f"g-{uuid.uuid4().hex[:8]}"
 
-    def start(name: str, *extra: str) -> WorkerProc:
-        w = WorkerProc(broker, topics, references, tmp_path, name, group, *extra)
+    def start(name: str, *extra: str, env: dict[str, str] | None = None) -> WorkerProc:
+        w = WorkerProc(broker, topics, references, tmp_path, name, group, *extra, env=env)
         started.append(w)
         return w
 
@@ -159,6 +172,29 @@ def collect(broker: EmbeddedBroker, topics: Topics, until, timeout_s: float = 12
     return reader
 
 
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` at a /metrics URL whose labels include ``labels``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.2):
+    """Poll ``condition()`` until it is truthy (and return it) or fail saying ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = condition()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f}s waiting for {what}"
+        time.sleep(interval_s)
+
+
 def send_raw(broker: EmbeddedBroker, topic: str, records: list[tuple[bytes, list]]) -> None:
     """Send hand-made frame records (for bad-input tests)."""
     from kafka import KafkaProducer
@@ -171,6 +207,53 @@ def send_raw(broker: EmbeddedBroker, topic: str, records: list[tuple[bytes, list
     p.close()
 
 
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A small, valid-looking JPEG whose header declares ``width`` x ``height`` pixels."""
+    import struct
+
+    import numpy as np
+
+    data = bytearray(cv2.imencode(".jpg", np.full((16, 16, 3), 90, np.uint8))[1].tobytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
 def frame_meta(seq: int, w: int, h: int, encoding: str = "jpeg", camera: str = "cam-bad") -> FrameMeta:
     return FrameMeta(camera=camera, line="L", seq=seq, capture_ns=time.time_ns(),
                      encoding=encoding, width=w, height=h)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server for this test session (Debian's postgresql, which
+    scripts/bootstrap installs), on loopback with a port of its own; its SQLAlchemy URL."""
+    import glob
+    import shutil
+
+    from linewatch.broker import free_port, wait_for_port
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = found[-1] if found else shutil.which("initdb")
+    assert initdb, "PostgreSQL is not installed: scripts/bootstrap installs Debian's postgresql"
+    import tempfile
+
+    bindir = Path(initdb).parent
+    root = Path(tempfile.mkdtemp(prefix="linewatch-pg-"))  # pytest's own tmp dirs are root-only
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(root, "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*as_owner, str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust",
+                    "-U", "lw"], check=True, capture_output=True)
+    subprocess.run([*as_owner, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-w", "-l",
+                    str(root / "log"), "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+                    "start"], check=True, capture_output=True)
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        yield f"postgresql+psycopg://lw@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_owner, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast",
+                        "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

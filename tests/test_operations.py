@@ -39,6 +39,7 @@ from linewatch.broker import EmbeddedBroker, create_topics, free_port
 from linewatch.images import write_frames
 from linewatch.wire import Topics
 from monitoring import dashboards, metrics
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 MON = REPO / "monitoring"
@@ -99,16 +100,6 @@ class Prom:
     def scalar(self, expr: str) -> float | None:
         res = self.query(expr)
         return float(res[0]["value"][1]) if res else None
-
-
-def _wait(cond, timeout_s: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f}s waiting for {what}"
-        time.sleep(every)
 
 
 def _alert_log(path: Path) -> list[dict]:
@@ -179,7 +170,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory):
         worker.wait_http(f"http://127.0.0.1:{w_port}/metrics", timeout_s=240)
         # frames sent before the group assigned partitions would wait seconds and (truthfully)
         # breach the latency objective; a real line starts its workers before its cameras
-        _wait(lambda: (work / "worker.ready").exists(), 60, "the worker's partition assignment")
+        wait_for(lambda: (work / "worker.ready").exists(), 60, "the worker's partition assignment")
         alert_log.wait_http(f"http://127.0.0.1:{log_port}/-/healthy")
         am.wait_http(f"http://127.0.0.1:{am_port}/-/ready")
         # Prometheus starts once the worker is up (before that, "no workers" is a true alert)
@@ -201,7 +192,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory):
         cam = threading.Thread(target=camera, args=(6.0, None, stop_camera), daemon=True)
         cam.start()
         rec["t0"] = time.time()
-        _wait(lambda: (P.scalar('min(linewatch_drift_window_frames{camera="cam-ops"})') or 0) >= 20,
+        wait_for(lambda: (P.scalar('min(linewatch_drift_window_frames{camera="cam-ops"})') or 0) >= 20,
               120, "a full drift window in Prometheus")
 
         # 1. stable: watch for any alert about the stream, pending or firing, for 20 s. Capacity
@@ -218,14 +209,14 @@ def ops(tmp_path_factory: pytest.TempPathFactory):
         # 2. the lamp dims
         conveyor.brightness = 0.55
         rec["t_dim"] = time.time()
-        rec["fired"] = _wait(lambda: [r for r in _alert_log(rec["alert_log"])
+        rec["fired"] = wait_for(lambda: [r for r in _alert_log(rec["alert_log"])
                                       if r["alertname"] == "LinewatchBrightnessDrift"
                                       and r["status"] == "firing"], 90, "the brightness alert at the webhook")
         rec["t_fired"] = time.time()
 
         # 3. the lamp is fixed
         conveyor.brightness = 1.0
-        rec["resolved"] = _wait(lambda: [r for r in _alert_log(rec["alert_log"])
+        rec["resolved"] = wait_for(lambda: [r for r in _alert_log(rec["alert_log"])
                                          if r["alertname"] == "LinewatchBrightnessDrift"
                                          and r["status"] == "resolved"], 90,
                                 "the brightness alert to resolve")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import Camera, collect, frame_meta, send_raw
 
-from linewatch.wire import H_DL_REASON, H_DL_SOURCE, Alert, Score, headers_dict
+from linewatch.wire import H_DL_REASON, Alert, Score, headers_dict
 
 
 def _jpeg(w: int, h: int, seed: int = 0) -> bytes:
@@ -140,12 +140,13 @@ def test_bad_input_goes_to_dead_letter_and_worker_keeps_going(broker, topics, wo
     send_raw(broker, topics.frames, records)
     reader = collect(broker, topics, lambda t: len(t.dead) >= len(cases) + 1 and len(t.scores) >= 2, 60)
     t = reader.tally
-    got = {int(h["lw-seq"]): h[H_DL_REASON] for k, h in t.dead.items() if k[0] == "cam-bad"}
+    got = {dl.seq: dl.reason for k, dl in t.dead.items() if k[0] == "cam-bad"}
     # a frame without a camera id (case 4) is identified by its source position instead
     assert got == {seq: reason for seq, (reason, _, _) in cases.items() if seq != 4}
-    headerless = [h for k, h in t.dead.items() if k[0] == "@"]
-    assert sorted(h[H_DL_REASON] for h in headerless) == ["missing_header", "missing_header"]
-    assert all(h[H_DL_SOURCE].startswith(topics.frames + "/") for h in headerless)
+    assert {dl.cause for dl in t.dead.values()} == {"bad_input"}
+    headerless = [dl for k, dl in t.dead.items() if k[0] == "@"]
+    assert sorted(dl.reason for dl in headerless) == ["missing_header", "missing_header"]
+    assert all(dl.source.topic == topics.frames for dl in headerless)
     assert set(t.scores) == {("cam-bad", "100"), ("cam-bad", "101")}
     assert w.proc.poll() is None, "worker still running"
     assert w.stop() == 0

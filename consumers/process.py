@@ -1,0 +1,287 @@
+"""The per-frame work of a micro-batch, apart from Kafka: decode, score, route.
+
+Every record of a batch leaves :meth:`FrameProcessor.process` with exactly one
+named outcome, or the whole batch is deferred:
+
+=====================================  ==============================================
+outcome                                 what the worker does with it
+=====================================  ==============================================
+scored                                  score (+ alert or review item) to deliver
+bad input                               dead letter, reason from the wire contract
+fails alone, repeatedly, while the      dead letter ``scoring_failed`` (counted as
+model scores a reference image          ``cause="failed"``, apart from bad input)
+routing/explaining it fails             routed again without explanation; dead letter
+                                        ``processing_failed`` only if that fails too
+the model fails on a reference image    :class:`ModelUnavailable`: nothing is decided,
+                                        the batch stays uncommitted and is retried
+the batch's partitions are revoked      :class:`BatchAbandoned` (raised by ``pause``):
+while it waits for a retry              nothing committed; the new owner scores it
+=====================================  ==============================================
+
+Transient model errors (a GPU out-of-memory burst) are retried with backoff;
+a batch that keeps failing is split in halves down to single frames, so one
+poisonous frame cannot take its batch-mates with it. An error in drift or in
+the defect words for one frame affects that frame's extras only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from consumers.decode import decode_frame
+from consumers.routing import Outbound, dead_letter, route
+from inference.calibration import Thresholds
+from inference.scoring import Scorer, ScoreResult
+from linewatch.wire import DL_REASONS, FrameMeta, FrameRef, Topics, WireError, dead_letter_cause
+from monitoring import metrics
+from monitoring.drift import DriftMonitor
+
+log = logging.getLogger(__name__)
+
+
+class ModelUnavailable(RuntimeError):
+    """The model failed on a known-good reference image too: not the frames' fault."""
+
+
+class BatchAbandoned(RuntimeError):
+    """The batch's partitions were revoked (or the worker is stopping) while it waited."""
+
+
+class Record(Protocol):
+    """What a frame record offers (kafka-python's ConsumerRecord has these)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Any
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a group of frames is tried before it is split (or, alone, judged)."""
+
+    attempts: int = 2
+    backoff_s: float = 0.5
+    max_backoff_s: float = 5.0
+
+    def delay(self, retry: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** retry)
+
+
+@dataclass
+class BatchStats:
+    received: int = 0
+    scored: int = 0
+    dead_letters: int = 0
+    alerts: int = 0
+    reviews: int = 0
+    maybe_duplicates: int = 0
+
+
+class FrameProcessor:
+    """Turns a batch of frame records into the outputs they owe. Not thread-safe: the
+    worker's loop is its only caller; ``scorer``, ``thresholds`` and ``drift`` may be
+    swapped between batches (profile reloads, recalibration)."""
+
+    def __init__(self, scorer: Scorer, thresholds: Thresholds, topics: Topics, worker_id: str,
+                 max_frame_bytes: int, max_pixels: int, cameras: metrics.CameraSeries,
+                 describe: Callable[[np.ndarray], str] | None = None,
+                 drift: DriftMonitor | None = None, probe: np.ndarray | None = None,
+                 retry: RetryPolicy | None = None,
+                 pause: Callable[[float], None] = time.sleep) -> None:
+        """``probe`` is a known-good image (a reference) that tells a broken model from a
+        poisonous frame; ``pause(seconds)`` waits between retries and raises
+        :class:`BatchAbandoned` when the batch should be given up."""
+        self.scorer, self.thresholds, self.topics = scorer, thresholds, topics
+        self.worker_id = worker_id
+        self.max_frame_bytes, self.max_pixels = max_frame_bytes, max_pixels
+        self.cameras, self.describe, self.drift, self.probe = cameras, describe, drift, probe
+        self.retry = retry or RetryPolicy()
+        self.pause = pause
+        self.stats = BatchStats()
+        w = worker_id
+        for reason in DL_REASONS:  # rare events start at 0: "none", not "no data"
+            metrics.DEAD_LETTERS.labels(worker=w, reason=reason, cause=dead_letter_cause(reason))
+        for stage in ("routing", "explain", "drift"):
+            metrics.FRAME_ERRORS.labels(worker=w, stage=stage)
+        for counter in (metrics.MODEL_ERRORS, metrics.MAYBE_DUPLICATES):
+            counter.labels(worker=w)
+        metrics.MODEL_UP.labels(worker=w).set(1)
+
+    # -- the batch -----------------------------------------------------------------------
+    def process(self, records: Sequence[Record],
+                maybe_duplicate: Callable[[Record], bool] = lambda _r: False) -> list[Outbound]:
+        """Every output the batch owes, in record order. Raises ModelUnavailable or
+        BatchAbandoned (then nothing was decided and nothing may be committed)."""
+        valid: list[tuple[int, Record, FrameMeta, np.ndarray]] = []
+        invalid: list[tuple[int, Record, WireError]] = []
+        for i, rec in enumerate(records):
+            try:
+                meta, rgb = decode_frame(rec.headers, rec.value, self.max_frame_bytes, self.max_pixels)
+                valid.append((i, rec, meta, rgb))
+            except WireError as err:
+                invalid.append((i, rec, err))
+        results = self._score_all([rgb for *_, rgb in valid])  # may raise: nothing counted yet
+        self.stats.received += len(records)
+        metrics.FRAMES_RECEIVED.labels(worker=self.worker_id).inc(len(records))
+        by_record = {i: [self._dead(rec, err)] for i, rec, err in invalid}
+        decided_ns = time.time_ns()
+        for (i, rec, meta, rgb), res in zip(valid, results, strict=True):
+            if isinstance(res, BaseException):
+                by_record[i] = [self._dead(rec, WireError(
+                    "scoring_failed", f"the model failed on this frame alone {self.retry.attempts} "
+                    f"times while it scored a reference image: {type(res).__name__}: {res}"))]
+            else:
+                by_record[i] = self._route(rec, meta, rgb, res, decided_ns, maybe_duplicate(rec))
+        if self.drift is not None:
+            metrics.publish_drift(self.drift)
+        return [o for i in sorted(by_record) for o in by_record[i]]
+
+    # -- scoring, with retries -----------------------------------------------------------
+    def _call(self, images: list[np.ndarray]) -> list[ScoreResult]:
+        t0 = time.perf_counter()
+        out = list(self.scorer.score(images))
+        if len(out) != len(images):
+            raise RuntimeError(f"the scorer returned {len(out)} results for {len(images)} frames")
+        bad = [r.score for r in out if not math.isfinite(r.score)]
+        if bad:
+            raise FloatingPointError(f"the scorer returned a non-finite score ({bad[0]})")
+        metrics.SCORING_SECONDS.labels(worker=self.worker_id).observe(time.perf_counter() - t0)
+        metrics.BATCH_SIZE.labels(worker=self.worker_id).observe(len(images))
+        return out
+
+    def _try(self, images: list[np.ndarray]) -> list[ScoreResult] | BaseException:
+        """Up to ``retry.attempts`` calls with backoff: the results, or the last error."""
+        err: BaseException | None = None
+        for attempt in range(self.retry.attempts):
+            if attempt:
+                self.pause(self.retry.delay(attempt - 1))
+            try:
+                return self._call(images)
+            except Exception as exc:  # a model failure must not kill the worker or lose frames
+                err = exc
+                metrics.MODEL_ERRORS.labels(worker=self.worker_id).inc()
+                log.warning("scoring %d frame(s) failed (attempt %d of %d): %s: %s", len(images),
+                            attempt + 1, self.retry.attempts, type(exc).__name__, exc)
+        assert err is not None
+        return err
+
+    def _model_works(self) -> bool:
+        if self.probe is None:
+            return False
+        try:
+            self._call([self.probe])
+            return True
+        except Exception as exc:
+            log.error("the model fails on a reference image too (%s: %s)", type(exc).__name__, exc)
+            return False
+
+    def _score_all(self, images: list[np.ndarray]) -> list[ScoreResult | BaseException]:
+        if not images:
+            return []
+        first = self._try(images)
+        if not isinstance(first, BaseException):
+            metrics.MODEL_UP.labels(worker=self.worker_id).set(1)
+            return list(first)
+        if not self._model_works():
+            metrics.MODEL_UP.labels(worker=self.worker_id).set(0)
+            raise ModelUnavailable(f"{type(first).__name__}: {first}")
+        out = self._split(images) if len(images) > 1 else [first]
+        if any(isinstance(r, BaseException) for r in out) and not self._model_works():
+            metrics.MODEL_UP.labels(worker=self.worker_id).set(0)  # it broke while splitting
+            raise ModelUnavailable(f"{type(first).__name__}: {first}")
+        metrics.MODEL_UP.labels(worker=self.worker_id).set(1)
+        return out
+
+    def _split(self, images: list[np.ndarray]) -> list[ScoreResult | BaseException]:
+        """Halves, each tried again, down to single frames: only culprits stay failed."""
+        half = len(images) // 2
+        out: list[ScoreResult | BaseException] = []
+        for part in (images[:half], images[half:]):
+            got = self._try(part)
+            if not isinstance(got, BaseException):
+                out.extend(got)
+            elif len(part) == 1:
+                out.append(got)
+            else:
+                out.extend(self._split(part))
+        return out
+
+    # -- routing, one frame at a time ----------------------------------------------------
+    def _describe(self, crop: np.ndarray) -> str | None:
+        assert self.describe is not None
+        try:
+            return self.describe(crop)
+        except Exception as exc:
+            metrics.FRAME_ERRORS.labels(worker=self.worker_id, stage="explain").inc()
+            log.warning("defect words failed for one frame (%s: %s); explained without them",
+                        type(exc).__name__, exc)
+            return None
+
+    def _route(self, rec: Record, meta: FrameMeta, rgb: np.ndarray, res: ScoreResult,
+               decided_ns: int, maybe_dup: bool) -> list[Outbound]:
+        ref = FrameRef(rec.topic, rec.partition, rec.offset)
+        args = (meta, ref, rgb, res, self.thresholds, self.topics, self.scorer.name,
+                self.worker_id, decided_ns)
+        try:
+            score, outs = route(*args, describe=self._describe if self.describe else None,
+                                maybe_duplicate=maybe_dup)
+        except Exception as exc:
+            metrics.FRAME_ERRORS.labels(worker=self.worker_id, stage="routing").inc()
+            log.exception("routing %s (%s) failed (%s); routing it without explanation",
+                          meta.frame_id, ref, exc)
+            try:
+                score, outs = route(*args, explain=False, maybe_duplicate=maybe_dup)
+            except Exception as again:
+                return [self._dead(rec, WireError("processing_failed",
+                                                  f"{type(again).__name__}: {again}"))]
+        tracked = self._count(meta, score.decision, score.latency_s, res.score, maybe_dup)
+        if self.drift is not None and tracked:  # cameras over the limit have no drift window
+            self._observe_drift(meta, res, rgb)
+        return outs
+
+    def _observe_drift(self, meta: FrameMeta, res: ScoreResult, rgb: np.ndarray) -> None:
+        try:
+            self.drift.observe(meta.line, meta.camera, res.score, rgb, res.embedding)  # type: ignore[union-attr]
+        except Exception as exc:
+            metrics.FRAME_ERRORS.labels(worker=self.worker_id, stage="drift").inc()
+            log.warning("drift statistics failed for %s (%s: %s); frame routed, not observed",
+                        meta.frame_id, type(exc).__name__, exc)
+
+    def _count(self, meta: FrameMeta, decision: str, latency_s: float, score: float,
+               maybe_dup: bool) -> bool:
+        """Count a routed frame; False when its camera is over the limit (counted as _other)."""
+        tracked = self.cameras.admit(meta.line, meta.camera)
+        line, camera = tracked or (metrics.OVERFLOW, metrics.OVERFLOW)
+        self.stats.scored += 1
+        metrics.FRAMES_SCORED.labels(line=line, camera=camera, decision=decision).inc()
+        metrics.END_TO_END_SECONDS.labels(line=line, camera=camera).observe(max(0.0, latency_s))
+        metrics.ANOMALY_SCORE.labels(line=line, camera=camera).observe(score)
+        if decision == "alert":
+            self.stats.alerts += 1
+            metrics.ALERTS.labels(line=line, camera=camera).inc()
+        elif decision == "review":
+            self.stats.reviews += 1
+            metrics.REVIEW_ITEMS.labels(line=line, camera=camera).inc()
+        if maybe_dup:
+            self.stats.maybe_duplicates += 1
+            metrics.MAYBE_DUPLICATES.labels(worker=self.worker_id).inc()
+        return tracked is not None
+
+    def _dead(self, rec: Record, err: WireError) -> Outbound:
+        self.stats.dead_letters += 1
+        metrics.DEAD_LETTERS.labels(worker=self.worker_id, reason=err.reason,
+                                    cause=dead_letter_cause(err.reason)).inc()
+        log.warning("dead-lettering %s/%d/%d: %s", rec.topic, rec.partition, rec.offset, err)
+        return dead_letter(self.topics.deadletter, rec.key, rec.value, rec.headers, err,
+                           FrameRef(rec.topic, rec.partition, rec.offset), self.worker_id,
+                           self.max_frame_bytes)
