@@ -24,8 +24,9 @@ from pathlib import Path
 
 from linewatch.broker import EmbeddedBroker, create_topics, free_port, stop_process
 from linewatch.images import write_frames
+from linewatch.review.store import ReviewStore
 from linewatch.tally import TallyReader
-from linewatch.wire import FrameMeta, Topics
+from linewatch.wire import LABEL_KEY_ENV, FrameMeta, Topics
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +90,24 @@ def run_demo(a: argparse.Namespace) -> int:
                "--holdout", str(workdir / "holdout"), "--false-alarm-rate", str(a.false_alarm_rate),
                "--metrics-port", str(metrics_port), "--ready-file", str(ready),
                "--group-id", "linewatch-demo"]
+        # the review service signs operators' verdicts with this key; the worker learns only
+        # from labels signed with it
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               LABEL_KEY_ENV: os.environ.get(LABEL_KEY_ENV) or secrets.token_hex(32)}
         with open(worker_log, "ab") as wl:
-            worker = subprocess.Popen(cmd, stdout=wl, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            worker = subprocess.Popen(cmd, stdout=wl, stderr=subprocess.STDOUT, env=env)
         review_port = a.review_port or free_port()
-        token = os.environ.get("LINEWATCH_REVIEW_TOKEN") or secrets.token_hex(12)
+        review_db = f"sqlite:///{workdir / 'review.db'}"
+        password = secrets.token_urlsafe(9)
+        ReviewStore(review_db).add_operator("demo", password)
         review_log, review_ready = workdir / "review.log", workdir / "review.ready"
         with open(review_log, "ab") as rl:
             review = subprocess.Popen(
                 [sys.executable, "-m", "linewatch", "review", "--bootstrap-servers", broker.bootstrap,
-                 "--port", str(review_port), "--db", f"sqlite:///{workdir / 'review.db'}",
-                 "--ready-file", str(review_ready)],
-                stdout=rl, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "LINEWATCH_REVIEW_TOKEN": token})
+                 "--port", str(review_port), "--db", review_db, "--ready-file", str(review_ready)],
+                stdout=rl, stderr=subprocess.STDOUT, env=env)
         print(f"broker   {broker.bootstrap}\nmetrics  http://127.0.0.1:{metrics_port}/metrics\n"
-              f"review   http://127.0.0.1:{review_port}/  (sign in with token {token})\n"
+              f"review   http://127.0.0.1:{review_port}/  (sign in as demo, password {password})\n"
               f"workdir  {workdir} (references, holdout, worker.log, review.log, broker.log)\n"
               "loading the model and calibrating thresholds...", flush=True)
         _wait_ready(review, review_ready, review_log, timeout_s=60, what="review service")

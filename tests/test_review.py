@@ -1,13 +1,12 @@
-"""The review queue against real things: the Tansu broker, `linewatch review` processes with a
-SQLite file, and the system Chromium driving the real page (selenium + chromedriver from apt).
-
-Not covered: a server database (PostgreSQL is not installable here); the claim logic is a
-conditional UPDATE that does not depend on SQLite, but only SQLite is exercised.
+"""The review queue against real things: the Tansu broker, `linewatch review` processes, the
+store on a SQLite file and on a real PostgreSQL server (started by the tests), and the system
+Chromium driving the real page (selenium + chromedriver from apt).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import signal
@@ -26,9 +25,25 @@ import pytest
 from linewatch.broker import EmbeddedBroker, free_port
 from linewatch.review.store import ReviewError, ReviewStore
 from linewatch.wire import FrameRef, Label, ReviewItem, Topics
+from tests.conftest import LABEL_KEY, jpeg_declaring, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-TOKEN = "test-token-0123456789"
+PASSWORD = "correct horse battery"
+OPERATORS = ("op", "ann", "lena", "op-a", "op-b", "Dana")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty review database: a SQLite file, or a new database on the test server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'r.db'}"
+    import psycopg
+
+    server = request.getfixturevalue("postgres_url")
+    name = f"t{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.replace("postgresql+psycopg", "postgresql"), autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    return server.rsplit("/", 1)[0] + f"/{name}"
 
 
 def make_item(seq: int, camera: str = "cam-r", score: float = 0.31) -> ReviewItem:
@@ -49,8 +64,8 @@ def make_item(seq: int, camera: str = "cam-r", score: float = 0.31) -> ReviewIte
 
 
 # --- the store ---------------------------------------------------------------------------------
-def test_intake_is_idempotent_and_claims_are_exclusive(tmp_path: Path) -> None:
-    store = ReviewStore(f"sqlite:///{tmp_path / 'r.db'}", lease_s=60)
+def test_intake_is_idempotent_and_claims_are_exclusive(store_url: str) -> None:
+    store = ReviewStore(store_url, lease_s=60)
     for i in range(40):
         assert store.add(make_item(i)) is True
     assert store.add(make_item(3)) is False  # the same frame scored twice is one item
@@ -72,8 +87,8 @@ def test_intake_is_idempotent_and_claims_are_exclusive(tmp_path: Path) -> None:
     assert store.counts() == {"waiting": 0, "claimed": 0, "labelled": 40}
 
 
-def test_leases_expire_and_only_the_holder_labels(tmp_path: Path) -> None:
-    store = ReviewStore(f"sqlite:///{tmp_path / 'r.db'}", lease_s=0.3)
+def test_leases_expire_and_only_the_holder_labels(store_url: str) -> None:
+    store = ReviewStore(store_url, lease_s=0.3)
     store.add(make_item(1))
     a = store.claim_next("alice")
     assert a is not None and store.claim_next("bob") is None
@@ -93,6 +108,55 @@ def test_leases_expire_and_only_the_holder_labels(tmp_path: Path) -> None:
         store.label(b.item_id, "bob", "defect", "not-a-type")
 
 
+def test_64_bit_numbers_and_every_valid_camera_id_are_stored(store_url: str) -> None:
+    """e170531: 32-bit seq/ns columns failed on PostgreSQL's first insert, and a camera id the
+    wire contract accepts ("Line 1") was refused by the store: logged, committed, lost."""
+    store = ReviewStore(store_url)
+    item = dataclasses.replace(make_item(2**62, camera="Line 1"), capture_ns=1_796_000_000_000_000_000)
+    assert store.add(item) is True
+    got = store.item("Line 1:4611686018427387904")
+    assert (got["seq"], got["capture_ns"], got["camera"]) == (2**62, 1_796_000_000_000_000_000, "Line 1")
+    assert store.claim_next("ann").item_id == "Line 1:4611686018427387904"
+    with pytest.raises(ReviewError):  # a picture that only declares its size is refused
+        store.add(dataclasses.replace(make_item(5), overlay_jpeg_b64=base64.b64encode(
+            jpeg_declaring(20000, 20000)).decode()))
+
+
+def test_retention_prunes_old_items_and_expired_sessions(store_url: str) -> None:
+    store = ReviewStore(store_url, lease_s=60)
+    for i in range(4):
+        store.add(make_item(i))
+    c = store.claim_next("ann")
+    store.label(c.item_id, "ann", "normal")
+    store.add_operator("ann", PASSWORD)
+    token = store.create_session("ann", ttl_s=0.0)  # expires at once
+    assert store.prune(retention_s=3600) == {"labelled": 0, "unlabelled": 0}
+    assert store.prune(retention_s=0.0) == {"labelled": 0, "unlabelled": 3}  # label not sent yet
+    store.mark_sent([c.item_id])
+    assert store.prune(retention_s=0.0) == {"labelled": 1, "unlabelled": 0}
+    assert store.counts() == {"waiting": 0, "claimed": 0, "labelled": 0}
+    assert store.session_operator(token) is None
+
+
+def test_operators_sign_in_with_their_own_password(store_url: str) -> None:
+    store = ReviewStore(store_url)
+    store.add_operator("ann", PASSWORD)
+    with pytest.raises(ReviewError, match="at least"):
+        store.add_operator("bob", "short")
+    with pytest.raises(ReviewError, match="operator name"):
+        store.add_operator("bob<script>", PASSWORD)
+    assert store.check_password("ann", PASSWORD)
+    assert not store.check_password("ann", PASSWORD + "!") and not store.check_password("nobody", PASSWORD)
+    token = store.create_session("ann", ttl_s=60)
+    assert store.session_operator(token) == "ann"
+    assert store.session_operator(token + "x") is None
+    store.add_operator("ann", PASSWORD + " 2")  # a new password ends every session
+    assert store.session_operator(token) is None
+    token = store.create_session("ann", ttl_s=60)
+    assert store.remove_operator("ann") and store.session_operator(token) is None
+    assert store.operators() == []
+
+
 # --- the service over HTTP ---------------------------------------------------------------------
 class ReviewProc:
     def __init__(self, broker: EmbeddedBroker, topics: Topics, db: Path, workdir: Path,
@@ -101,30 +165,49 @@ class ReviewProc:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"review-{self.port}.log"
         self.ready = workdir / f"review-{self.port}-{uuid.uuid4().hex[:4]}.ready"
+        store = ReviewStore(f"sqlite:///{db}")
+        for name in OPERATORS:
+            if name not in store.operators():
+                store.add_operator(name, PASSWORD)
+        self.tokens: dict[str, str] = {}
         cmd = [sys.executable, "-m", "linewatch", "review", "--bootstrap-servers", broker.bootstrap,
                "--topic-prefix", topics.prefix, "--port", str(self.port), "--db", f"sqlite:///{db}",
-               "--lease-seconds", str(lease_s), "--ready-file", str(self.ready)]
+               "--lease-seconds", str(lease_s), "--metrics-port", "0", "--ready-file", str(self.ready)]
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
-                                         env={**os.environ, "LINEWATCH_REVIEW_TOKEN": TOKEN})
+                                         env={**os.environ, "LINEWATCH_LABEL_KEY": LABEL_KEY})
         deadline = time.monotonic() + 60
         while not self.ready.exists():
             assert self.proc.poll() is None, self.log.read_text()
             assert time.monotonic() < deadline, self.log.read_text()
             time.sleep(0.1)
 
-    def call(self, method: str, path: str, body: dict | None = None, token: str | None = TOKEN,
-             operator: str = "op") -> tuple[int, bytes]:
-        headers = {"X-Operator": operator, "Content-Type": "application/json"}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.url + path, method=method, headers=headers,
+    def request(self, method: str, path: str, body: dict | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})},
                                      data=None if body is None else json.dumps(body).encode())
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
+
+    def sign_in(self, operator: str, password: str = PASSWORD) -> tuple[int, dict]:
+        status, body = self.request("POST", "/api/session", {"operator": operator, "password": password})
+        return status, json.loads(body)
+
+    def call(self, method: str, path: str, body: dict | None = None, operator: str | None = "op",
+             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """A request as ``operator`` (signed in once, then by session token), or anonymous."""
+        auth = {}
+        if operator is not None:
+            if operator not in self.tokens:
+                status, got = self.sign_in(operator)
+                assert status == 200, got
+                self.tokens[operator] = got["token"]
+            auth = {"Authorization": f"Bearer {self.tokens[operator]}"}
+        return self.request(method, path, body, {**auth, **(headers or {})})
 
     def wait_items(self, n: int, timeout_s: float = 60) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -134,6 +217,12 @@ class ReviewProc:
                 return counts
             assert time.monotonic() < deadline, counts
             time.sleep(0.2)
+
+    @property
+    def metrics_url(self) -> str:
+        import re
+
+        return re.search(r"metrics on (http://\S+/metrics)", self.log.read_text()).group(1)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -161,13 +250,13 @@ def read_labels(broker: EmbeddedBroker, topics: Topics, n: int, timeout_s: float
     try:
         while len(got) < n and time.monotonic() < deadline:
             for rec in c:
-                got.append(Label.from_bytes(rec.value))
+                got.append(Label.from_signed_bytes(rec.value, LABEL_KEY.encode()))
     finally:
         c.close()
     return got
 
 
-def test_every_route_needs_the_token_and_ids_are_safe(broker: EmbeddedBroker, topics: Topics,
+def test_every_route_needs_a_session_and_ids_are_safe(broker: EmbeddedBroker, topics: Topics,
                                                       tmp_path: Path) -> None:
     svc = ReviewProc(broker, topics, tmp_path / "r.db", tmp_path)
     try:
@@ -177,9 +266,10 @@ def test_every_route_needs_the_token_and_ids_are_safe(broker: EmbeddedBroker, to
                              ("GET", "/api/items/cam-r:1"), ("GET", "/api/items/cam-r:1/frame.jpg"),
                              ("POST", "/api/items/cam-r:1/label"), ("POST", "/api/items/cam-r:1/skip"),
                              ("GET", "/-/healthy"), ("GET", "/docs"), ("GET", "/nothing-here")]:
-            for token in (None, "wrong-token-000000"):
-                status, _ = svc.call(method, path, {"verdict": "normal"}, token=token)
-                assert status == 401, (method, path, token, status)
+            for auth in ({}, {"Authorization": "Bearer not-a-session-0000000000"},
+                         {"Cookie": "lw_session=not-a-session-0000000000"}):
+                status, _ = svc.request(method, path, {"verdict": "normal"}, auth)
+                assert status == 401, (method, path, auth, status)
         assert svc.call("GET", "/api/items/cam-r:1/frame.jpg")[1][:2] == b"\xff\xd8"  # a JPEG
         for bad in ["..%2F..%2Fetc%2Fpasswd", "x'%20OR%20'1'%3D'1", "%3Cscript%3E", "a" * 300,
                     "cam-r:1%00"]:
@@ -188,6 +278,76 @@ def test_every_route_needs_the_token_and_ids_are_safe(broker: EmbeddedBroker, to
                 assert status == 404, (path, status, body[:200])
         assert svc.call("GET", "/api/items/cam-r:1/secret.jpg")[0] == 404
         assert svc.call("POST", "/api/items/cam-r:1/label", {"verdict": "normal"})[0] == 409  # unclaimed
+    finally:
+        svc.stop()
+
+
+def test_sessions_are_server_side_operators_are_who_signed_in_and_guessing_is_slowed(
+        broker: EmbeddedBroker, topics: Topics, tmp_path: Path) -> None:
+    """e170531: the cookie held the master token (sign-out revoked nothing) and the operator was
+    whatever an X-Operator header said."""
+    svc = ReviewProc(broker, topics, tmp_path / "r.db", tmp_path)
+    try:
+        produce_items(broker, topics, [make_item(1)])
+        svc.wait_items(1)
+        item = json.loads(svc.call("POST", "/api/claim", operator="ann")[1])["item"]
+        status, _ = svc.call("POST", f"/api/items/{item['item_id']}/label", {"verdict": "defect"},
+                             operator="ann", headers={"X-Operator": "someone-else"})
+        assert status == 200
+        (lab,) = read_labels(broker, topics, 1)
+        assert lab.operator == "ann"  # the header is ignored: identity comes from the session
+        token = svc.tokens["ann"]
+        assert svc.request("GET", "/api/queue", headers={"Authorization": f"Bearer {token}"})[0] == 200
+        svc.request("POST", "/logout", headers={"Cookie": f"lw_session={token}"})  # (then 303 to /)
+        assert svc.request("GET", "/api/queue", headers={"Authorization": f"Bearer {token}"})[0] == 401
+        for _ in range(5):
+            assert svc.sign_in("ann", "not the password")[0] == 401
+        status, body = svc.sign_in("ann")  # even the right password waits now
+        assert status == 429 and "try again" in body["error"]
+        assert svc.sign_in("lena")[0] == 429  # and so does this client for other names
+    finally:
+        svc.stop()
+
+
+def test_poison_review_records_are_skipped_and_what_follows_reaches_the_page(
+        broker: EmbeddedBroker, topics: Topics, tmp_path: Path) -> None:
+    """e170531: a review record with a missing field, a null, a string where a number belongs or a
+    2**70 sequence number was retried every 2 s forever, and nothing behind it reached the page."""
+    from kafka import KafkaProducer
+
+    from tests.conftest import metric
+
+    good = json.loads(make_item(1).to_bytes())
+
+    def edit(**changes: object) -> bytes:
+        d = dict(good)
+        for k, v in changes.items():
+            if v is ...:
+                d.pop(k)
+            else:
+                d[k] = v
+        return json.dumps(d).encode()
+
+    poison = [edit(score=...), edit(camera=None), edit(seq="12"), edit(seq=2**70),
+              edit(item_id="cam-r:2"), b"\x00 not json", edit(schema=9),
+              edit(frame_jpeg_b64=base64.b64encode(jpeg_declaring(20000, 20000)).decode())]
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", max_request_size=8 << 20)
+    for value in poison:
+        p.send(topics.review, key=b"cam-r", value=value)
+    p.send(topics.review, key=b"Line 1", value=make_item(7, camera="Line 1").to_bytes())
+    p.flush()
+    p.close()
+    svc = ReviewProc(broker, topics, tmp_path / "r.db", tmp_path)
+    try:
+        svc.wait_items(1, timeout_s=30)
+        waiting = json.loads(svc.call("GET", "/api/queue")[1])["waiting"]
+        assert [w["item_id"] for w in waiting] == ["Line 1:7"]
+        def rejected() -> float:
+            return metric(svc.metrics_url, "linewatch_records_rejected_total", reader="review")
+
+        wait_for(lambda: rejected() >= len(poison), 30, "the poison records counted")
+        assert rejected() == len(poison)
+        assert svc.proc.poll() is None
     finally:
         svc.stop()
 
@@ -275,9 +435,9 @@ def test_page_labels_an_item_with_the_keyboard_and_the_label_reaches_kafka(
     try:
         wait = WebDriverWait(chromium, 30)
         chromium.get(svc.url + "/")
-        assert "Access token" in chromium.page_source  # the 401 page is the sign-in form
+        assert "Password" in chromium.page_source  # the 401 page is the sign-in form
         chromium.find_element(By.ID, "operator").send_keys("Dana")
-        chromium.find_element(By.ID, "token").send_keys(TOKEN)
+        chromium.find_element(By.ID, "password").send_keys(PASSWORD)
         chromium.find_element(By.ID, "signin").click()
         wait.until(ec.visibility_of_element_located((By.ID, "empty")))  # nothing waiting yet
         produce_items(broker, topics, [make_item(11, score=0.312), make_item(12, score=0.335)])

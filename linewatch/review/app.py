@@ -1,18 +1,23 @@
-"""The review page and its JSON API (FastAPI), behind one shared token.
+"""The review page and its JSON API (FastAPI), for signed-in operators only.
 
-Every route, pages and API alike, answers 401 without the token. A browser
-logs in once (``/login`` sets an HttpOnly, SameSite=Strict cookie, so other
-sites cannot submit verdicts with it); scripts send ``Authorization: Bearer``.
-The operator's name comes from the login form (or the ``X-Operator`` header)
-and is what claims and verdicts are recorded under.
+Operators sign in with their own name and password (``linewatch operators add``),
+so every claim and verdict is recorded under the person who made it, not under
+a name anyone could type. Signing in creates a server-side session: the browser
+gets a random session id in an HttpOnly, SameSite=Strict cookie (other sites
+cannot submit verdicts with it), scripts get the same kind of token from
+``POST /api/session`` and send ``Authorization: Bearer TOKEN``. Signing out
+deletes the session, so a copied cookie stops working. Failed sign-ins are rate
+limited per operator name and per client address. Every other route answers 401
+without a live session.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import re
+import threading
+import time
 import urllib.parse
+from collections import OrderedDict, deque
 from importlib import resources
 from typing import Any
 
@@ -24,49 +29,92 @@ from monitoring import metrics
 
 log = logging.getLogger(__name__)
 
-TOKEN_COOKIE = "lw_review_token"
-OPERATOR_COOKIE = "lw_operator"
-OPERATOR = re.compile(r"^[A-Za-z0-9 ._@-]{1,64}$")
-
-
+SESSION_COOKIE = "lw_session"
 
 
 def _asset(name: str) -> str:
     return resources.files("linewatch.review").joinpath(name).read_text(encoding="utf-8")
 
 
-def create_app(store: ReviewStore, token: str) -> FastAPI:
-    if not token:
-        raise ValueError("the review service needs a token (LINEWATCH_REVIEW_TOKEN)")
+class LoginLimiter:
+    """At most ``max_failures`` failed sign-ins per ``window_s`` per key (operator name,
+    client address); bounded to ``max_keys`` keys, the least recently failing forgotten."""
+
+    def __init__(self, max_failures: int = 5, window_s: float = 300.0, max_keys: int = 10_000) -> None:
+        self.max_failures, self.window_s, self.max_keys = max_failures, window_s, max_keys
+        self._fails: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def retry_after(self, *keys: str) -> float:
+        """Seconds until these keys may try again (0 = now)."""
+        now = time.monotonic()
+        wait = 0.0
+        with self._lock:
+            for k in keys:
+                q = self._fails.get(k)
+                while q and now - q[0] > self.window_s:
+                    q.popleft()
+                if q and len(q) >= self.max_failures:
+                    wait = max(wait, self.window_s - (now - q[0]))
+        return wait
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for k in keys:
+                q = self._fails.setdefault(k, deque(maxlen=self.max_failures))
+                q.append(now)
+                self._fails.move_to_end(k)
+            while len(self._fails) > self.max_keys:
+                self._fails.popitem(last=False)
+
+
+def create_app(store: ReviewStore, session_hours: float = 12.0,
+               limiter: LoginLimiter | None = None) -> FastAPI:
     app = FastAPI(title="linewatch review", docs_url=None, redoc_url=None, openapi_url=None)
     page = _asset("page.html")
     login_form = _asset("login.html")
+    limiter = limiter or LoginLimiter()
+    ttl_s = session_hours * 3600
+    for outcome in ("ok", "bad_credentials", "rate_limited"):
+        metrics.REVIEW_LOGINS.labels(outcome=outcome)
 
-    def login_page(error: str = "") -> HTMLResponse:
-        return HTMLResponse(login_form.replace("{error}", error), status_code=401)
+    def login_page(error: str = "", status: int = 401) -> HTMLResponse:
+        return HTMLResponse(login_form.replace("{error}", error), status_code=status)
 
-    def authorised(request: Request) -> bool:
-        got = request.cookies.get(TOKEN_COOKIE, "")
+    def token_of(request: Request) -> str:
         auth = request.headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
-            got = auth[7:].strip()
-        return hmac.compare_digest(got.encode(), token.encode())
+            return auth[7:].strip()
+        return request.cookies.get(SESSION_COOKIE, "")
 
-    def operator(request: Request) -> str:
-        name = request.headers.get("x-operator") or request.cookies.get(OPERATOR_COOKIE) or "operator"
-        if not OPERATOR.fullmatch(name):
-            raise ReviewError(400, "operator names use letters, digits, space and . _ @ - (max 64)")
-        return name
+    def sign_in(request: Request, name: str, password: str) -> str | Response:
+        """A session token, or the response that refuses it (401, or 429 when rate limited)."""
+        keys = (f"op:{name.lower()}", f"ip:{request.client.host if request.client else '?'}")
+        wait = limiter.retry_after(*keys)
+        if wait > 0:
+            metrics.REVIEW_LOGINS.labels(outcome="rate_limited").inc()
+            return JSONResponse({"error": f"too many failed sign-ins; try again in {wait:.0f}s"},
+                                status_code=429, headers={"Retry-After": str(int(wait) + 1)})
+        if not store.check_password(name, password):
+            limiter.failed(*keys)
+            metrics.REVIEW_LOGINS.labels(outcome="bad_credentials").inc()
+            log.warning("failed sign-in for operator %r from %s", name[:64], keys[1][3:])
+            return JSONResponse({"error": "wrong operator name or password"}, status_code=401)
+        metrics.REVIEW_LOGINS.labels(outcome="ok").inc()
+        return store.create_session(name, ttl_s)
 
     @app.middleware("http")
-    async def require_token(request: Request, call_next: Any) -> Response:
-        if request.url.path == "/login" and request.method == "POST":
+    async def require_session(request: Request, call_next: Any) -> Response:
+        if request.method == "POST" and request.url.path in ("/login", "/api/session"):
             return await call_next(request)
-        if not authorised(request):
+        operator = store.session_operator(token_of(request))
+        if operator is None:
             if request.url.path.startswith("/api/") or request.method != "GET":
-                return JSONResponse({"error": "a valid token is required"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
+                return JSONResponse({"error": "sign in first (POST /api/session, or the page)"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
             return login_page()
+        request.state.operator = operator
         return await call_next(request)
 
     @app.exception_handler(ReviewError)
@@ -76,23 +124,35 @@ def create_app(store: ReviewStore, token: str) -> FastAPI:
     @app.post("/login")
     async def login(request: Request) -> Response:
         form = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
-        given = (form.get("token") or [""])[0]
         name = (form.get("operator") or [""])[0].strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return login_page("Wrong token.")
-        if not OPERATOR.fullmatch(name):
-            return login_page("Operator names use letters, digits, space and . _ @ - (at most 64).")
+        got = sign_in(request, name, (form.get("password") or [""])[0])
+        if not isinstance(got, str):
+            return login_page("Too many failed sign-ins: wait a few minutes." if got.status_code == 429
+                              else "Wrong operator name or password.", got.status_code)
         resp = RedirectResponse("/", status_code=303)
-        secure = request.url.scheme == "https"
-        for k, v in ((TOKEN_COOKIE, token), (OPERATOR_COOKIE, name)):
-            resp.set_cookie(k, v, httponly=True, samesite="strict", secure=secure, max_age=12 * 3600)
+        resp.set_cookie(SESSION_COOKIE, got, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", max_age=int(ttl_s))
         return resp
 
+    @app.post("/api/session")
+    async def api_session(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str)
+                                                 for k in ("operator", "password")):
+            raise ReviewError(400, 'send JSON: {"operator": NAME, "password": PASSWORD}')
+        got = sign_in(request, body["operator"], body["password"])
+        if not isinstance(got, str):
+            return got
+        return JSONResponse({"token": got, "expires_in_s": int(ttl_s)})
+
     @app.post("/logout")
-    async def logout() -> Response:
+    async def logout(request: Request) -> Response:
+        store.end_session(token_of(request))  # the cookie's id is dead from now on
         resp = RedirectResponse("/", status_code=303)
-        resp.delete_cookie(TOKEN_COOKIE)
-        resp.delete_cookie(OPERATOR_COOKIE)
+        resp.delete_cookie(SESSION_COOKIE)
         return resp
 
     @app.get("/", response_class=HTMLResponse)
@@ -105,8 +165,8 @@ def create_app(store: ReviewStore, token: str) -> FastAPI:
 
     @app.get("/api/queue")
     def queue(request: Request) -> dict[str, Any]:
-        return {"counts": store.counts(), "waiting": store.waiting(), "operator": operator(request),
-                "defect_types": list(DEFECT_TYPES)}
+        return {"counts": store.counts(), "waiting": store.waiting(),
+                "operator": request.state.operator, "defect_types": list(DEFECT_TYPES)}
 
     def public(item: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in item.items() if not k.endswith("_jpeg")}
@@ -117,7 +177,7 @@ def create_app(store: ReviewStore, token: str) -> FastAPI:
 
     @app.post("/api/claim")
     def claim(request: Request) -> dict[str, Any]:
-        c = store.claim_next(operator(request))
+        c = store.claim_next(request.state.operator)
         return {"item": None if c is None else public(store.item(c.item_id))}
 
     @app.get("/api/items/{item_id}")
@@ -138,7 +198,7 @@ def create_app(store: ReviewStore, token: str) -> FastAPI:
         if not isinstance(body, dict):
             raise ReviewError(400, "send a JSON object")
         verdict, dtype = body.get("verdict"), body.get("defect_type")
-        store.label(check_item_id(item_id), operator(request), str(verdict),
+        store.label(check_item_id(item_id), request.state.operator, str(verdict),
                     None if dtype in (None, "") else str(dtype))
         metrics.REVIEW_VERDICTS.labels(verdict=str(verdict)).inc()
         app.state.on_labelled()
@@ -146,7 +206,7 @@ def create_app(store: ReviewStore, token: str) -> FastAPI:
 
     @app.post("/api/items/{item_id}/skip")
     def skip(item_id: str, request: Request) -> dict[str, Any]:
-        store.skip(check_item_id(item_id), operator(request))
+        store.skip(check_item_id(item_id), request.state.operator)
         metrics.REVIEW_VERDICTS.labels(verdict="skip").inc()
         return {"ok": True}
 

@@ -1,7 +1,9 @@
-"""The review queue's durable store: items, claims with leases, verdicts, and an outbox.
+"""The review queue's durable store: items, claims with leases, verdicts, an outbox,
+and the operators who may sign in (with their server-side sessions).
 
 SQLite by default (one file, survives restarts), any SQLAlchemy database URL in
-production. Three rules keep it honest:
+production (tested on PostgreSQL; every integer that holds a sequence number or
+nanoseconds is 64-bit). Three rules keep it honest:
 
 * **Idempotent intake**: an item id is (camera, sequence number), so a frame the
   workers scored twice (at-least-once) is one item, and re-reading ``.review``
@@ -12,12 +14,21 @@ production. Three rules keep it honest:
 * **Verdicts are never lost**: a verdict is written here first (the outbox) and
   marked sent only after Kafka acknowledged its label; a restart re-sends what
   was not acknowledged.
+
+Nothing grows without bound: :meth:`ReviewStore.prune` deletes items older than
+the retention period (a labelled item only once its label was sent) and expired
+sessions.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
+import hashlib
+import hmac
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -35,6 +47,7 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -43,13 +56,22 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
-from linewatch.wire import Label, ReviewItem
+from linewatch.images import open_limited
+from linewatch.wire import (
+    DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_FRAME_PIXELS,
+    INT64_MAX,
+    ITEM_ID_RE,
+    Label,
+    ReviewItem,
+)
 
-ITEM_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
-"""What an item id may look like (camera ids are free text on the wire, so ids are checked
-here before they reach a URL or a query; queries are parameterised regardless)."""
+OPERATOR = re.compile(r"[A-Za-z0-9 ._@-]{1,64}")
+OPERATOR_RULE = "1-64 letters, digits, spaces and . _ @ -"
+MIN_PASSWORD_CHARS = 10
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 DEFECT_TYPES = ("scratch", "crack", "dent", "contamination", "missing part", "discolouration",
                 "other")
@@ -60,10 +82,10 @@ items = Table(
     Column("item_id", String(200), primary_key=True),
     Column("camera", String(200), nullable=False),
     Column("line", String(200), nullable=False),
-    Column("seq", Integer, nullable=False),
-    Column("capture_ns", Integer, nullable=False),
-    Column("decided_ns", Integer, nullable=False),
-    Column("received_ns", Integer, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("capture_ns", BigInteger, nullable=False),
+    Column("decided_ns", BigInteger, nullable=False),
+    Column("received_ns", BigInteger, nullable=False, index=True),
     Column("score", Float, nullable=False),
     Column("alert_threshold", Float, nullable=False),
     Column("review_threshold", Float, nullable=False),
@@ -75,12 +97,25 @@ items = Table(
     Column("state", String(16), nullable=False, index=True),  # waiting | claimed | labelled
     Column("skips", Integer, nullable=False, default=0),
     Column("claimed_by", String(100)),
-    Column("lease_until_ns", Integer),
+    Column("lease_until_ns", BigInteger),
     Column("verdict", String(16)),
     Column("defect_type", String(50)),
     Column("operator", String(100)),
-    Column("labelled_ns", Integer),
+    Column("labelled_ns", BigInteger),
     Column("label_sent", Boolean, nullable=False, default=False, index=True),
+)
+operators = Table(
+    "review_operators", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("password_hash", String(200), nullable=False),
+    Column("created_ns", BigInteger, nullable=False),
+)
+sessions = Table(
+    "review_sessions", metadata,
+    Column("token_sha256", String(64), primary_key=True),  # the token itself is never stored
+    Column("operator", String(64), nullable=False, index=True),
+    Column("created_ns", BigInteger, nullable=False),
+    Column("expires_ns", BigInteger, nullable=False, index=True),
 )
 
 
@@ -99,15 +134,42 @@ class Claim:
 
 
 def check_item_id(item_id: str) -> str:
-    if not ITEM_ID.fullmatch(item_id or ""):
+    """``item_id`` if it is CAMERA:SEQ by the wire contract's id rule, else a 404; checked
+    before an id reaches a URL or a query (queries are parameterised regardless)."""
+    m = ITEM_ID_RE.fullmatch(item_id or "")
+    if not m or int(m.group(2)) > INT64_MAX:
         raise ReviewError(404, "no such item")
     return item_id
 
 
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
+    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def _password_matches(password: str, stored: str) -> bool:
+    try:
+        _, n, r, p, salt, digest = stored.split("$")
+        got = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r),
+                             p=int(p), dklen=32)
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got.hex(), digest)
+
+
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 class ReviewStore:
-    def __init__(self, url: str, lease_s: float = 120.0) -> None:
+    def __init__(self, url: str, lease_s: float = 120.0,
+                 max_image_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 max_image_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> None:
+        """``max_image_*``: the frame limits, applied to the pictures inside review items."""
         self.url = url
         self.lease_ns = int(lease_s * 1e9)
+        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
         self.engine: Engine = create_engine(url, future=True)
         if self.engine.dialect.name == "sqlite":
             @event.listens_for(self.engine, "connect")
@@ -125,17 +187,32 @@ class ReviewStore:
             yield conn
 
     # -- intake ------------------------------------------------------------------------------
+    def _image(self, b64: str, what: str) -> bytes:
+        try:
+            data = base64.b64decode(b64, validate=True)
+            _im, fmt = open_limited(data, self.max_image_bytes, self.max_image_pixels)
+        except (binascii.Error, ValueError) as exc:  # WireError is a ValueError
+            raise ReviewError(422, f"{what}: {exc}") from None
+        if fmt != "jpeg":
+            raise ReviewError(422, f"{what} is {fmt}, not JPEG")
+        return data
+
     def add(self, item: ReviewItem) -> bool:
-        """Store a review item; False when it was already there (a re-delivery)."""
+        """Store a review item; False when it was already there (a re-delivery). A
+        ReviewError (422) says the item itself is unusable: skip it, retrying cannot help."""
         check_item_id(item.item_id)
+        if item.item_id != f"{item.camera}:{item.seq}":
+            raise ReviewError(422, f"item id {item.item_id!r} does not match its camera and seq")
+        frame = self._image(item.frame_jpeg_b64, "frame")
+        over = self._image(item.overlay_jpeg_b64, "overlay")
         row = {
             "item_id": item.item_id, "camera": item.camera, "line": item.line, "seq": item.seq,
             "capture_ns": item.capture_ns, "decided_ns": item.decided_ns,
             "received_ns": time.time_ns(), "score": item.score,
             "alert_threshold": item.alert_threshold, "review_threshold": item.review_threshold,
             "where_text": item.where, "explanation": item.explanation,
-            "frame_jpeg": base64.b64decode(item.frame_jpeg_b64),
-            "overlay_jpeg": base64.b64decode(item.overlay_jpeg_b64),
+            "frame_jpeg": frame,
+            "overlay_jpeg": over,
             "ref": f"{item.ref.topic}/{item.ref.partition}/{item.ref.offset}",
             "state": "waiting", "skips": 0, "label_sent": False,
         }
@@ -145,6 +222,8 @@ class ReviewStore:
             return True
         except IntegrityError:
             return False
+        except DataError as exc:  # a value the database refuses; not worth retrying
+            raise ReviewError(422, f"the database refused the item: {exc.orig}") from None
 
     # -- claims ------------------------------------------------------------------------------
     def _claimable(self, now: int) -> Any:
@@ -265,3 +344,81 @@ class ReviewStore:
             with self._tx() as c:
                 c.execute(update(items).where(items.c.item_id.in_(item_ids)).values(label_sent=True))
 
+    # -- operators and sessions --------------------------------------------------------------
+    def add_operator(self, name: str, password: str) -> None:
+        """Create an operator, or set a new password for an existing one (ends their sessions)."""
+        if not OPERATOR.fullmatch(name or ""):
+            raise ReviewError(400, f"operator name {name!r}: {OPERATOR_RULE}")
+        if len(password) < MIN_PASSWORD_CHARS:
+            raise ReviewError(400, f"a password needs at least {MIN_PASSWORD_CHARS} characters")
+        hashed = hash_password(password)
+        with self._tx() as c:
+            done = c.execute(update(operators).where(operators.c.name == name)
+                             .values(password_hash=hashed))
+            if done.rowcount == 0:
+                c.execute(insert(operators).values(name=name, password_hash=hashed,
+                                                   created_ns=time.time_ns()))
+            c.execute(delete(sessions).where(sessions.c.operator == name))
+
+    def remove_operator(self, name: str) -> bool:
+        with self._tx() as c:
+            c.execute(delete(sessions).where(sessions.c.operator == name))
+            return c.execute(delete(operators).where(operators.c.name == name)).rowcount == 1
+
+    def operators(self) -> list[str]:
+        with self.engine.connect() as c:
+            return [r.name for r in c.execute(select(operators.c.name).order_by(operators.c.name))]
+
+    def check_password(self, name: str, password: str) -> bool:
+        """Whether ``name`` signs in with ``password`` (as slow for unknown names as for known)."""
+        with self.engine.connect() as c:
+            row = c.execute(select(operators.c.password_hash).where(operators.c.name == name)).first()
+        stored = row.password_hash if row is not None else _unknown_operator_hash()
+        return _password_matches(password, stored) and row is not None
+
+    def create_session(self, name: str, ttl_s: float) -> str:
+        """A new random session token for ``name``; only its hash is stored."""
+        token = secrets.token_urlsafe(32)
+        now = time.time_ns()
+        with self._tx() as c:
+            c.execute(insert(sessions).values(token_sha256=_sha256(token), operator=name,
+                                              created_ns=now, expires_ns=now + int(ttl_s * 1e9)))
+        return token
+
+    def session_operator(self, token: str) -> str | None:
+        """The operator a live session token belongs to, or None."""
+        if not token or len(token) > 200:
+            return None
+        with self.engine.connect() as c:
+            row = c.execute(select(sessions.c.operator).where(
+                (sessions.c.token_sha256 == _sha256(token))
+                & (sessions.c.expires_ns > time.time_ns()))).first()
+        return None if row is None else row.operator
+
+    def end_session(self, token: str) -> None:
+        with self._tx() as c:
+            c.execute(delete(sessions).where(sessions.c.token_sha256 == _sha256(token)))
+
+    # -- retention ---------------------------------------------------------------------------
+    def prune(self, retention_s: float) -> dict[str, int]:
+        """Delete items older than ``retention_s`` (labelled ones only once their label was
+        sent) and expired sessions; how many items of each state went."""
+        now = time.time_ns()
+        cutoff = now - int(retention_s * 1e9)
+        out: dict[str, int] = {}
+        with self._tx() as c:
+            done = c.execute(delete(items).where((items.c.state == "labelled")
+                                                 & (items.c.label_sent == True)  # noqa: E712
+                                                 & (items.c.labelled_ns < cutoff)))
+            out["labelled"] = done.rowcount
+            done = c.execute(delete(items).where((items.c.state != "labelled")
+                                                 & (items.c.received_ns < cutoff)))
+            out["unlabelled"] = done.rowcount
+            c.execute(delete(sessions).where(sessions.c.expires_ns <= now))
+        return out
+
+
+@functools.cache
+def _unknown_operator_hash() -> str:
+    """Compared against for unknown names, so they take as long as known ones."""
+    return hash_password(secrets.token_hex(16))
