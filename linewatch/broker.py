@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -74,21 +75,32 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> None:
 class EmbeddedBroker:
     """A Tansu broker process on loopback; a context manager that always stops it.
 
-    ``storage`` is ``memory://tansu/`` by default (lost on exit, right for a
-    demo); an ``s3://`` URL gives durable storage (see ENVIRONMENT notes).
+    In memory by default (lost on exit, right for a demo and most tests). With
+    ``data_dir`` it keeps its data on disk: Tansu's ``s3://`` storage engine against
+    a local S3 server (``localbucket``, from PyPI) that stores the bucket as a plain
+    folder under ``data_dir``, so acknowledged records survive a ``kill -9`` of the
+    broker and a restart on the same folder.
     """
 
-    def __init__(self, port: int | None = None, storage: str = "memory://tansu/",
+    BUCKET = "linewatch"
+
+    def __init__(self, port: int | None = None, data_dir: str | os.PathLike[str] | None = None,
                  log_path: str | os.PathLike[str] | None = None) -> None:
         self.port = port or free_port()
-        self.storage = storage
+        self.data_dir = Path(data_dir) if data_dir else None
         self.log_path = Path(log_path) if log_path else None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._s3: subprocess.Popen[bytes] | None = None
+        self._s3_port: int | None = None
         self._log_file = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def storage(self) -> str:
+        return f"s3://{self.BUCKET}/" if self.data_dir else "memory://tansu/"
 
     @property
     def exit_code(self) -> int | None:
@@ -99,16 +111,37 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    def _start_s3(self, timeout_s: float) -> dict[str, str]:
+        """The local S3 server for durable storage (started once), and Tansu's environment."""
+        assert self.data_dir is not None
+        if self._s3 is None or self._s3.poll() is not None:
+            (self.data_dir / self.BUCKET).mkdir(parents=True, exist_ok=True)  # a bucket is a folder
+            self._s3_port = free_port()
+            self._s3 = subprocess.Popen(
+                [sys.executable, "-m", "localbucket", str(self.data_dir), "--host", "127.0.0.1",
+                 "--port", str(self._s3_port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                wait_for_port("127.0.0.1", self._s3_port, timeout_s)
+            except BrokerError:
+                raise BrokerError(f"the local S3 server for {self.data_dir} did not start: is "
+                                  "localbucket installed (pip install 'linewatch[embedded]')?") from None
+        return {"AWS_ACCESS_KEY_ID": "linewatch", "AWS_SECRET_ACCESS_KEY": "linewatch",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true",
+                "AWS_ENDPOINT": f"http://127.0.0.1:{self._s3_port}"}
+
     def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
+        env = {**os.environ, **(self._start_s3(timeout_s) if self.data_dir else {})}
         url = f"tcp://127.0.0.1:{self.port}"
         cmd = [str(tansu_binary()), "broker", "--listener-url", url,
                "--advertised-listener-url", url, "--storage-engine", self.storage]
         out = subprocess.DEVNULL
         if self.log_path:
-            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            self._log_file = self._log_file or open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
             out = self._log_file
-        log.info("starting embedded broker on %s", self.bootstrap)
-        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+        log.info("starting embedded broker on %s (%s)", self.bootstrap,
+                 f"data in {self.data_dir}" if self.data_dir else "in memory")
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True)
         try:
             wait_for_port("127.0.0.1", self.port, timeout_s)
@@ -119,9 +152,23 @@ class EmbeddedBroker:
             raise BrokerError(f"embedded broker did not start on {self.bootstrap}{hint}") from None
         return self
 
+    def kill(self) -> None:
+        """SIGKILL the broker process only (its storage stays): for fault tests."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def restart(self, timeout_s: float = 15.0) -> EmbeddedBroker:
+        """Start the broker again on the same port and storage (after :meth:`kill`)."""
+        if self._proc is not None and self._proc.poll() is None:
+            raise BrokerError("the broker is still running; kill() it first")
+        return self.start(timeout_s)
+
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         stop_process(proc, timeout_s=10)
+        s3, self._s3 = self._s3, None
+        stop_process(s3, timeout_s=10)
         if self._log_file:
             self._log_file.close()
             self._log_file = None
