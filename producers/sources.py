@@ -172,21 +172,49 @@ class SyntheticConveyor:
         return [self.frame(offset + i, allow_defect=False).image for i in range(count)]
 
 
+LOT_CODE_PITCH = 3.0  # dot spacing at 448 px
+LOT_CODE_INK = 80.0   # grey level of the ink
+# 5x7 dot-matrix glyphs, as an ink-jet coder prints them (rows top to bottom, 5 bits each)
+_GLYPHS = {
+    "L": (16, 16, 16, 16, 16, 16, 31), "O": (14, 17, 17, 17, 17, 17, 14),
+    "T": (31, 4, 4, 4, 4, 4, 4), " ": (0,) * 7,
+    "0": (14, 17, 19, 21, 25, 17, 14), "1": (4, 12, 4, 4, 4, 4, 14), "2": (14, 17, 1, 2, 4, 8, 31),
+    "3": (31, 2, 4, 2, 1, 17, 14), "4": (2, 6, 10, 18, 31, 2, 2), "5": (31, 16, 30, 1, 1, 17, 14),
+    "6": (6, 8, 16, 30, 17, 17, 14), "7": (31, 1, 2, 4, 8, 8, 8), "8": (14, 17, 17, 14, 17, 17, 14),
+    "9": (14, 17, 17, 15, 1, 2, 12),
+}
+
+
 def _lot_code(rgb: np.ndarray, index: int) -> np.ndarray:
     """An ink-jet lot code printed on the part: normal, but absent from the first references.
 
     The recurring false alarm of a new line: every part of some batches carries it, the
     model has never seen it, and operators' "normal" verdicts are how it gets learned.
+    It sits at the same place on every part (give or take the part's placement), as a
+    coder prints it. Drawn dot by dot with NumPy, so frames are the same whatever OpenCV renders text
+    like (OpenCV 5's new text renderer changed the old putText lot codes, and with them
+    what the review-loop test measured).
     """
-    import cv2
-
-    out = rgb.copy()
+    out = rgb.astype(np.float32)
     rng = np.random.default_rng((index, 7))
     h, w = out.shape[:2]
-    x, y = int(rng.integers(w // 10, w // 2)), int(rng.integers(h // 6, h - h // 10))
-    cv2.putText(out, f"LOT {2400 + index % 50:04d}", (x, y), cv2.FONT_HERSHEY_SIMPLEX,
-                0.55 * w / 448, (80, 80, 80), 1, cv2.LINE_AA)
-    return out
+    pitch = max(2.0, LOT_CODE_PITCH * w / 448)  # dot spacing in pixels
+    radius = 0.42 * pitch
+    # the coder prints at one place on the part; parts sit a little differently each time
+    x0, y0 = int(w * 0.12 + rng.integers(-6, 7)), int(h * 0.72 + rng.integers(-6, 7))
+    yy, xx = np.mgrid[0:h, 0:w]
+    ink = np.zeros((h, w), np.float32)
+    for ci, ch in enumerate(f"LOT {2400 + index % 50:04d}"):
+        for row, bits in enumerate(_GLYPHS[ch]):
+            for col in range(5):
+                if bits >> (4 - col) & 1:
+                    cx, cy = x0 + (ci * 6 + col) * pitch, y0 + row * pitch
+                    ys, xs = slice(max(0, int(cy - pitch)), int(cy + pitch) + 1), \
+                        slice(max(0, int(cx - pitch)), int(cx + pitch) + 1)
+                    d = np.hypot(yy[ys, xs] - cy, xx[ys, xs] - cx)
+                    ink[ys, xs] = np.maximum(ink[ys, xs], np.clip(radius + 0.5 - d, 0.0, 1.0))
+    out = out * (1 - 0.85 * ink[..., None]) + LOT_CODE_INK * 0.85 * ink[..., None]
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def _apply_defect(rgb: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ import pytest
 from linewatch.broker import EmbeddedBroker, free_port
 from linewatch.images import write_frames
 from linewatch.wire import Topics
-from tests.conftest import collect
+from tests.conftest import LABEL_KEY, collect
 from tests.test_review import ReviewProc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +54,8 @@ def test_operator_verdicts_stop_a_recurring_false_alarm(broker: EmbeddedBroker, 
     log = tmp_path / "worker.log"
     with open(log, "ab") as fh:
         worker = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
-                                  env={**os.environ, "OMP_NUM_THREADS": "2"})
+                                  env={**os.environ, "OMP_NUM_THREADS": "2",
+                                       "LINEWATCH_LABEL_KEY": LABEL_KEY})
     review = ReviewProc(broker, topics, tmp_path / "review.db", tmp_path)
     metrics_url = f"http://127.0.0.1:{m_port}/metrics"
     try:
@@ -70,7 +71,7 @@ def test_operator_verdicts_stop_a_recurring_false_alarm(broker: EmbeddedBroker, 
             run_producer(cfg, frames, None)
             want = {("cam-loop", str(i)) for i in range(first, first + count)}
             tally = collect(broker, topics, lambda t: want <= t.accounted, timeout_s=300).tally
-            out = {}
+            out = {"review_items": len(tally.reviews)}
             for kind in ("lot-code", "plain"):
                 idx = [i for i in range(first, first + count) if conveyor.frame(i).truth == "normal"
                        and conveyor.frame(i).name.endswith("lot-code") == (kind == "lot-code")]
@@ -80,6 +81,9 @@ def test_operator_verdicts_stop_a_recurring_false_alarm(broker: EmbeddedBroker, 
             return out
 
         before = run_phase(0, 120)
+        # every item of the phase is in the review store before the operator starts: otherwise
+        # how many get answered would depend on how far the intake got (a loaded machine)
+        review.wait_items(before["review_items"], timeout_s=120)
         # the operator works through the queue, answering from the feed's ground truth
         labelled = normal_verdicts = 0
         while True:
@@ -106,13 +110,13 @@ def test_operator_verdicts_stop_a_recurring_false_alarm(broker: EmbeddedBroker, 
                 r = ph[kind]
                 print(f"{kind:<14}{name:<8}{r['frames']:>7}{r['review']:>8.0%}{r['flagged']:>9.0%}")
         assert learned > 0
-        lot_b, lot_a, plain_a = before["lot-code"], after["lot-code"], after["plain"]
-        assert lot_b["flagged"] > 2 * plain_a["flagged"] + 0.1, "the lot code was no false alarm"
-        # learned: lot-coded parts are flagged at most half as often as before, and sent to review
-        # about as often as plain parts (whose review rate is the calibrated review budget)
+        lot_b, lot_a = before["lot-code"], after["lot-code"]
+        plain_b, plain_a = before["plain"], after["plain"]
+        assert lot_b["flagged"] > plain_b["flagged"] + 0.2, "the lot code was no false alarm"
+        # learned: lot-coded parts are flagged at most half as often as before, and about as
+        # often as plain parts (whose rate is the calibrated review budget)
         assert lot_a["flagged"] <= 0.5 * lot_b["flagged"], (before, after)
-        assert lot_a["review"] <= lot_b["review"], (before, after)
-        assert lot_a["review"] <= plain_a["review"] + 0.1, (before, after)
+        assert lot_a["flagged"] <= plain_a["flagged"] + 0.1, (before, after)
         assert _metric(metrics_url, "linewatch_recalibrations_total") >= 1
     finally:
         review.stop()
