@@ -114,7 +114,7 @@ def run_demo(a: argparse.Namespace) -> int:
         _wait_ready(worker, ready, worker_log, timeout_s=300, what="worker")
         reader = TallyReader(broker.bootstrap, topics)
 
-        def on_sent(meta: FrameMeta) -> None:
+        def on_acked(meta: FrameMeta) -> None:  # on the producer's network thread: no blocking
             produced.add((meta.camera, str(meta.seq)))
 
         cfg = ProducerConfig(bootstrap=broker.bootstrap, topics=topics, camera="demo-cam",
@@ -130,7 +130,7 @@ def run_demo(a: argparse.Namespace) -> int:
 
         def produce() -> None:
             try:
-                run_producer(cfg, frames(), stop, on_sent)
+                run_producer(cfg, frames(), stop, on_acked)
             finally:
                 done.set()
 

@@ -58,6 +58,7 @@ class ProducerConfig:
 @dataclass
 class ProducerStats:
     sent: int = 0
+    acked: int = 0
     rejected: int = 0
     errors: int = 0
     bytes: int = 0
@@ -68,12 +69,17 @@ class ProducerStats:
 def make_kafka_producer(bootstrap: str, max_request_bytes: int, acks: int | str = "all"):
     from kafka import KafkaProducer
 
-    # acks=0 silently loses large records on some brokers; never use it for frames.
+    # acks=0 silently loses large records on some brokers; never use it for frames. Sends are
+    # retried for up to two minutes, so a broker restart delays frames instead of losing them.
+    # Not idempotent: kafka-python's idempotent producer wedged for good after one expired
+    # batch against the embedded broker; a frame sent twice is one (camera, seq) to readers.
     return KafkaProducer(
         bootstrap_servers=bootstrap,
         acks=acks,
+        enable_idempotence=False,
         linger_ms=5,
-        retries=5,
+        request_timeout_ms=10_000,
+        delivery_timeout_ms=120_000,
         max_request_size=max_request_bytes + 64 * 1024,
         client_id="linewatch-producer",
     )
@@ -81,8 +87,11 @@ def make_kafka_producer(bootstrap: str, max_request_bytes: int, acks: int | str 
 
 def run_producer(cfg: ProducerConfig, frames: Iterator[SourceFrame],
                  stop: threading.Event | None = None,
-                 on_sent: Callable[[FrameMeta], None] | None = None) -> ProducerStats:
-    """Send frames until the source ends, ``max_frames`` is reached or ``stop`` is set."""
+                 on_acked: Callable[[FrameMeta], None] | None = None) -> ProducerStats:
+    """Send frames until the source ends, ``max_frames`` is reached or ``stop`` is set.
+
+    ``on_acked(meta)`` is called once Kafka acknowledged a frame (on the client's network
+    thread: it must not block); every frame it was called for is durably in Kafka."""
     if cfg.acks in (0, "0"):
         raise ValueError("acks=0 can lose frames without any error; use 1 or 'all'")
     stop = stop or threading.Event()
@@ -99,9 +108,12 @@ def run_producer(cfg: ProducerConfig, frames: Iterator[SourceFrame],
     end_offsets: dict[tuple[str, int], int] = {}
     end_lock = threading.Lock()
 
-    def acked(md: Any) -> None:
+    def acked(meta: FrameMeta, md: Any) -> None:
+        if on_acked is not None:
+            on_acked(meta)
         key = (md.topic, md.partition)
         with end_lock:
+            stats.acked += 1
             if md.offset + 1 > end_offsets.get(key, -1):
                 end_offsets[key] = md.offset + 1
                 metrics.PARTITION_END_OFFSET.labels(topic=md.topic, partition=str(md.partition)).set(
@@ -139,15 +151,13 @@ def run_producer(cfg: ProducerConfig, frames: Iterator[SourceFrame],
             meta = FrameMeta(camera=cfg.camera, line=cfg.line, seq=seq, capture_ns=capture_ns,
                              encoding=cfg.encoding, width=w, height=h, truth=frame.truth)
             producer.send(cfg.topics.frames, key=meta.key, value=payload,
-                          headers=meta.headers()).add_callback(acked).add_errback(failed)
+                          headers=meta.headers()).add_callback(acked, meta).add_errback(failed)
             stats.first_seq = seq if stats.first_seq is None else stats.first_seq
             stats.last_seq = seq
             stats.sent += 1
             stats.bytes += len(payload)
             metrics.FRAMES_PRODUCED.labels(**labels).inc()
             metrics.FRAME_BYTES_PRODUCED.labels(**labels).inc(len(payload))
-            if on_sent is not None:
-                on_sent(meta)
             seq += 1
     finally:
         producer.flush(timeout=30)

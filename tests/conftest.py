@@ -141,7 +141,7 @@ class Camera:
         from producers.producer import ProducerConfig, run_producer
         from producers.sources import SyntheticConveyor
 
-        self.sent: set[tuple[str, str]] = set()
+        self.sent: set[tuple[str, str]] = set()  # acknowledged by Kafka
         self.done = threading.Event()
         cfg = ProducerConfig(bootstrap=broker.bootstrap, topics=topics, camera=camera, line="L",
                              fps=fps, max_frames=frames, start_seq=0)
