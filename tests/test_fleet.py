@@ -247,3 +247,52 @@ def test_state_keyed_by_camera_is_bounded(broker, topics, workers, cameras):
     assert w.metric("linewatch_frames_scored_total", camera="_other") == 2 * (cameras - 3)
     assert w.metric("linewatch_cameras_tracked") == 3 and w.metric("linewatch_camera_limit") == 3
     assert w.stop() == 0
+
+
+# --- per-frame extras -------------------------------------------------------------------------
+def test_a_failure_explaining_or_watching_one_frame_affects_that_frame_only(broker, topics):
+    """e170531: an exception in the defect words or in drift for one frame escaped the loop and
+    crash-looped the worker on that frame. In-process worker (the words need a CLIP model the
+    command line would load; the failing parts are plain callables here)."""
+    import threading
+    import uuid
+
+    from consumers.worker import Worker, WorkerConfig
+    from inference.calibration import Thresholds
+    from inference.scoring import NoopScorer
+    from monitoring.drift import DriftMonitor, DriftReference
+    from producers.sources import SyntheticConveyor
+
+    calls = {"n": 0}
+
+    def describe(crop: np.ndarray) -> str:
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise RuntimeError("the text model failed on this crop")
+        return "looks like a scratch (40%)"
+
+    class PickyDrift(DriftMonitor):
+        def observe(self, line, camera, *args, **kwargs):  # type: ignore[override]
+            if camera == "cam-x":
+                raise RuntimeError("drift statistics failed")
+            return super().observe(line, camera, *args, **kwargs)
+
+    normals = SyntheticConveyor(seed=1).normals(10)
+    drift = PickyDrift(DriftReference.from_frames(normals, [0.0] * 10, [None] * 10), window=5)
+    cfg = WorkerConfig(bootstrap=broker.bootstrap, thresholds=Thresholds(10.0, -1.0, 0, False),
+                       topics=topics, group_id=f"g-{uuid.uuid4().hex[:6]}", worker_id="explain",
+                       session_timeout_ms=6000, heartbeat_interval_ms=1000)
+    worker = Worker(cfg, NoopScorer(), drift=drift, describe=describe)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        want = _frames(broker, topics, range(6), camera="cam-x") | _frames(broker, topics, range(6))
+        t = collect(broker, topics, lambda t: want <= set(t.reviews) and want <= t.accounted, 90).tally
+        assert set(t.scores) == want and not t.dead
+        words = [r.explanation for r in t.reviews.values()]
+        assert sum("looks like a scratch" in w for w in words) == 6  # the other 6 lost only words
+        assert thread.is_alive()
+    finally:
+        worker.request_stop()
+        thread.join(30)
+    assert worker.stats.frames.scored == 12

@@ -381,3 +381,30 @@ def test_no_drift_on_a_long_stable_stream() -> None:
         r = scorer.score([im])[0]
         mon.observe("L", "c", r.score, im, r.embedding)
     assert "brightness" in mon.snapshot()[("L", "c")].drifting()
+
+
+def test_camera_series_are_capped_and_forgotten_when_idle() -> None:
+    """State keyed by camera ids (which come from outside) is bounded in number and in time."""
+    from prometheus_client import REGISTRY
+
+    from monitoring.metrics import FRAMES_SCORED, CameraSeries
+
+    forgotten: list = []
+    cams = CameraSeries("w-cap", max_cameras=2, idle_s=60, on_forget=forgotten.extend)
+
+    def series(camera: str) -> float | None:
+        return REGISTRY.get_sample_value("linewatch_frames_scored_total",
+                                         {"line": "L", "camera": camera, "decision": "normal"})
+
+    assert cams.admit("L", "a") == ("L", "a") and cams.admit("L", "b") == ("L", "b")
+    assert cams.admit("L", "c") is None  # over the cap: counted as _other, no series of its own
+    FRAMES_SCORED.labels(line="L", camera="a", decision="normal").inc()
+    assert series("a") == 1 and series("c") is None
+    assert REGISTRY.get_sample_value("linewatch_cameras_tracked", {"worker": "w-cap"}) == 2
+    assert REGISTRY.get_sample_value("linewatch_camera_overflow_frames_total", {"worker": "w-cap"}) == 1
+    import time
+
+    later = time.monotonic() + 61
+    assert cams.expire(later) == [("L", "a"), ("L", "b")] and forgotten == [("L", "a"), ("L", "b")]
+    assert series("a") is None and len(cams) == 0  # the series went with the camera
+    assert cams.admit("L", "c") == ("L", "c")

@@ -200,3 +200,31 @@ def _info_profile(metrics_url: str) -> str:
 
     page = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
     return re.search(r'linewatch_worker_info\{[^}]*profile="([^"]+)"', page).group(1)
+
+
+def test_a_profile_reload_that_fails_is_logged_and_retried(tmp_path: Path, caplog) -> None:
+    """e170531: a reload failing with anything but ProfileError/ValueError/OSError killed the
+    watcher thread without a log line, and that version was never tried again."""
+    from consumers.profiles import LoadedProfile, ProfileWatcher
+
+    path = tmp_path / "line1"
+    _profile().save(path)
+    built: list[int] = []
+
+    def build() -> LoadedProfile:
+        built.append(1)
+        if len(built) == 1:
+            raise RuntimeError("CUDA out of memory while building")  # transient, not the file's fault
+        return LoadedProfile(None, Thresholds(0.3, 0.2, 10, False), [], None, "fp", _profile())
+
+    watcher = ProfileWatcher(path, build, fingerprint="older", every_s=0.0)
+    watcher.max_backoff_s = 0.0  # retry at the next poll
+    got = None
+    deadline = time.monotonic() + 30
+    while got is None:
+        assert time.monotonic() < deadline, "the failed reload was never retried"
+        got = watcher.poll()
+        if watcher._thread is not None:
+            watcher._thread.join()
+    assert len(built) == 2 and got.thresholds.alert == 0.3
+    assert "CUDA out of memory while building" in caplog.text and "attempt 1" in caplog.text

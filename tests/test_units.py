@@ -209,3 +209,102 @@ def test_label_learner_counts_a_redelivered_label_once_and_forgets_the_oldest(mo
     assert list(learner.seen) == ["cam:1", "cam:2", "cam:3"]  # cam:0 forgotten, memory stays at 3
     learner.apply([lab(0)])
     assert applied() == 5
+
+
+# --- the wire contract's one parsing path ---------------------------------------------------------
+def _score_dict() -> dict:
+    import json
+
+    s = Score(camera="Line 1", line="L", seq=2**62, capture_ns=1, decided_ns=2, score=0.5,
+              decision="review", alert_threshold=0.7, review_threshold=0.4, scorer="patch-knn",
+              worker="w", ref=FrameRef("p.frames", 2, 99))
+    return json.loads(s.to_bytes())
+
+
+@pytest.mark.parametrize("change", [
+    {"seq": None}, {"seq": "12"}, {"seq": 2**63}, {"seq": -1}, {"seq": True}, {"seq": 1.5},
+    {"score": "high"}, {"score": None}, {"ref": [1, 2]}, {"ref": {"topic": "t", "partition": "0",
+                                                                  "offset": 1}},
+    {"camera": ["c"]}, {"camera": "has/slash"}, {"camera": " lead"}, {"camera": "x" * 65},
+    {"camera": "tab\tin"}, {"worker": "w" * 500}, {"maybe_duplicate": "yes"},
+])
+def test_every_malformed_field_is_a_wire_error(change):
+    import json
+
+    d = _score_dict() | change
+    with pytest.raises(WireError) as e:
+        Score.from_bytes(json.dumps(d).encode())
+    assert e.value.reason == "bad_message"
+
+
+def test_missing_fields_nan_and_size_are_wire_errors():
+    import json
+
+    d = _score_dict()
+    del d["decision"]
+    for bad in (json.dumps(d).encode(), b'{"schema": 1, "kind": "score", "score": NaN}', b"[]",
+                b"", None, b"{" * 100_000, b'"' + b"x" * (17 << 20) + b'"'):
+        with pytest.raises(WireError):
+            Score.from_bytes(bad)
+    assert Score.from_bytes(json.dumps(_score_dict()).encode()).seq == 2**62
+
+
+def test_labels_are_signed_and_checked():
+    from linewatch.wire import LABEL_KEY_ENV, label_key
+
+    key = b"k" * 32
+    lab = Label(item_id="Line 1:5", camera="Line 1", line="L", seq=5, verdict="normal", operator="ann")
+    signed = lab.signed(key)
+    assert Label.from_signed_bytes(signed.to_bytes(), key) == signed
+    for data, with_key, reason in [
+            (lab.to_bytes(), key, "unsigned"),
+            (signed.to_bytes(), b"x" * 32, "bad_signature"),  # signed with another key
+            (signed.to_bytes().replace(b'"normal"', b'"defect"'), key, "bad_signature")]:  # altered
+        with pytest.raises(WireError) as e:
+            Label.from_signed_bytes(data, with_key)
+        assert e.value.reason == reason
+    assert label_key({}) is None
+    with pytest.raises(ValueError, match="at least 16"):
+        label_key({LABEL_KEY_ENV: "short"})
+
+
+def test_ids_follow_one_rule():
+    from linewatch.wire import check_id
+
+    for good in ("cam-1", "Line 1", "a", "cam_7.b@site+2"):
+        assert check_id("camera", good) == good
+    for bad in ("", " x", "x ", "a:b", "a/b", "x" * 65, "ünï", "a\nb"):
+        with pytest.raises(WireError):
+            check_id("camera", bad)
+    with pytest.raises(WireError):
+        meta(camera="a:b")
+
+
+def test_images_from_outside_are_checked_before_decoding():
+    from conftest import jpeg_declaring
+
+    from linewatch.images import decode_limited
+
+    with pytest.raises(WireError) as e:
+        decode_limited(jpeg_declaring(20000, 20000), 1 << 20, 40_000_000)
+    assert e.value.reason == "too_many_pixels"
+    with pytest.raises(WireError) as e:
+        decode_limited(b"GIF89a....", 1 << 20, 40_000_000)
+    assert e.value.reason == "not_an_image"
+    assert decode_limited(_jpeg(), 1 << 20, 40_000_000).shape == (24, 32, 3)
+
+
+def test_dead_letters_round_trip_through_the_contract():
+    from linewatch.wire import dead_letter_record, parse_dead_letter, without_payload
+
+    m = meta(camera="Line 1", seq=12)
+    k, v, h = dead_letter_record(b"Line 1", b"x" * 100, m.headers(), WireError("scoring_failed", "boom"),
+                                 FrameRef("t.frames", 3, 40), "w1", max_copy_bytes=64)
+    dl = parse_dead_letter(h)
+    assert (dl.reason, dl.cause, dl.camera, dl.seq, dl.original_bytes) == (
+        "scoring_failed", "failed", "Line 1", 12, 100)
+    assert str(dl.source) == "t.frames/3/40" and len(v) == 64
+    k2, v2, h2 = without_payload(k, v, h)
+    assert v2 == b"" and parse_dead_letter(h2).original_bytes == 100
+    with pytest.raises(WireError):
+        parse_dead_letter([("lw-dl-reason", b"because")])
