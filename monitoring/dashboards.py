@@ -197,6 +197,14 @@ DASHBOARDS = [
              f"sum by (worker) (rate(linewatch_batch_size_frames_count[{RI}]))", "{{worker}}")]),
         Panel("Dead letters by reason", [(f"sum by (reason) (rate(linewatch_dead_letters_total[{RI}]))",
                                           "{{reason}}")]),
+        Panel("Model up, outputs blocked", [
+            ("min by (worker) (linewatch_model_up)", "model up {{worker}}"),
+            ("max by (worker, topic) (linewatch_output_blocked)", "blocked {{worker}} {{topic}}")],
+              description="Model up 0: it fails even on a reference image, frames wait uncommitted. "
+                          "Blocked 1: a topic refuses the worker's outputs. Neither drops a frame."),
+        Panel("Dead letters: bad input vs failed", [
+            (f"sum by (cause) (rate(linewatch_dead_letters_total[{RI}]))", "{{cause}}")],
+              description="failed: valid frames the model crashed on, alone and repeatedly."),
         Panel("Output delivery retries and producer send errors", [
             (f"sum by (worker) (rate(linewatch_output_delivery_retries_total[{RI}]))", "retries {{worker}}"),
             (f"sum by (camera) (rate(linewatch_producer_send_errors_total[{RI}]))", "send errors {{camera}}")]),
