@@ -77,9 +77,12 @@ class EmbeddedBroker:
 
     In memory by default (lost on exit, right for a demo and most tests). With
     ``data_dir`` it keeps its data on disk: Tansu's ``s3://`` storage engine against
-    a local S3 server (``localbucket``, from PyPI) that stores the bucket as a plain
-    folder under ``data_dir``, so acknowledged records survive a ``kill -9`` of the
-    broker and a restart on the same folder.
+    a local S3 server (:mod:`linewatch.s3local`, built on ``localbucket`` from PyPI)
+    that stores the bucket as a plain folder under ``data_dir``, so acknowledged
+    records survive a ``kill -9`` of the broker and a restart on the same folder.
+    Even so, concurrent writers to one partition are sometimes refused with
+    UNKNOWN_SERVER_ERROR (Tansu 0.6 does not retry a lost race for an offset): every
+    linewatch producer sends such records again.
     """
 
     BUCKET = "linewatch"
@@ -118,7 +121,7 @@ class EmbeddedBroker:
             (self.data_dir / self.BUCKET).mkdir(parents=True, exist_ok=True)  # a bucket is a folder
             self._s3_port = free_port()
             self._s3 = subprocess.Popen(
-                [sys.executable, "-m", "localbucket", str(self.data_dir), "--host", "127.0.0.1",
+                [sys.executable, "-m", "linewatch.s3local", str(self.data_dir), "--host", "127.0.0.1",
                  "--port", str(self._s3_port)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             try:
