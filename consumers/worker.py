@@ -85,6 +85,9 @@ class WorkerConfig:
     # rejoin (the default 300 s stalled the whole group when a member died mid-rebalance)
     max_poll_interval_ms: int = 60_000
     delivery_timeout_ms: int = 30_000
+    # how long the broker may hold a fetch that has no data yet; 50 ms keeps decisions fast,
+    # the embedded broker's durable storage needs ~500 (its fetches take longer than 50 ms)
+    fetch_max_wait_ms: int = 50
     max_cameras: int = 256
     camera_idle_s: float = 300.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -194,8 +197,7 @@ class Worker:
             max_poll_interval_ms=cfg.max_poll_interval_ms,
             fetch_max_bytes=max(52_428_800, cfg.max_frame_bytes * 2),
             max_partition_fetch_bytes=max(1_048_576, cfg.max_frame_bytes + 65_536),
-            # the default 500 ms fetch wait would add up to half a second to every decision
-            fetch_max_wait_ms=50,
+            fetch_max_wait_ms=cfg.fetch_max_wait_ms,
         )
         request_ms = min(10_000, cfg.delivery_timeout_ms - 10)
         self.producer = KafkaProducer(

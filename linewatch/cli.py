@@ -221,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long Kafka may take to acknowledge an output before the batch's "
                         "undelivered outputs are sent again (the batch stays uncommitted until "
                         "all are acknowledged) (default: %(default)s)")
+    w.add_argument("--fetch-max-wait-ms", type=int, default=50,
+                   help="how long the broker may hold a fetch while no frame is there; low keeps "
+                        "decisions fast. On the embedded broker with --data-dir use ~500: its "
+                        "fetches from disk take longer, and a shorter wait returns nothing "
+                        "(default: %(default)s)")
     w.add_argument("--max-cameras", type=int, default=256,
                    help="cameras with their own metric series and drift window; frames of more "
                         "cameras are still scored and counted as camera=\"_other\" "
@@ -563,7 +568,8 @@ def build_worker(a: argparse.Namespace):
                        max_pixels=a.max_frame_pixels, session_timeout_ms=a.session_timeout_ms,
                        heartbeat_interval_ms=max(500, a.session_timeout_ms // 5),
                        max_poll_interval_ms=a.max_poll_interval_ms,
-                       delivery_timeout_ms=a.delivery_timeout_ms, max_cameras=a.max_cameras,
+                       delivery_timeout_ms=a.delivery_timeout_ms,
+                       fetch_max_wait_ms=a.fetch_max_wait_ms, max_cameras=a.max_cameras,
                        camera_idle_s=a.camera_idle_s, exit_when_idle_s=a.exit_when_idle,
                        ready_file=a.ready_file)
     describe = _describer(a, scorer)

@@ -10,8 +10,10 @@ finishes the frame in hand and flushes what Kafka has not acknowledged yet.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +61,7 @@ class ProducerConfig:
 class ProducerStats:
     sent: int = 0
     acked: int = 0
+    retried: int = 0  # sends the broker refused and that were sent again
     rejected: int = 0
     errors: int = 0
     bytes: int = 0
@@ -119,10 +122,41 @@ def run_producer(cfg: ProducerConfig, frames: Iterator[SourceFrame],
                 metrics.PARTITION_END_OFFSET.labels(topic=md.topic, partition=str(md.partition)).set(
                     md.offset + 1)
 
-    def failed(exc: BaseException) -> None:
+    # a send the broker refused (not the frame's fault: e.g. the embedded broker's durable
+    # storage losing a write race) is sent again from this thread, up to MAX_SEND_ATTEMPTS
+    # with a jittered, growing pause, so two cameras that collided do not collide again
+    retry: deque[tuple[float, FrameMeta, bytes, int]] = deque()
+    jitter = random.Random(cfg.camera)
+
+    def failed(meta: FrameMeta, payload: bytes, attempt: int, exc: BaseException) -> None:
+        if attempt < MAX_SEND_ATTEMPTS and not _too_large(exc):
+            stats.retried += 1
+            pause = min(2.0, 0.05 * 2 ** attempt) * jitter.uniform(0.5, 1.5)
+            retry.append((time.monotonic() + pause, meta, payload, attempt + 1))
+            return
         stats.errors += 1
         metrics.PRODUCER_SEND_ERRORS.labels(**labels).inc()
-        log.error("Kafka did not accept a frame from %s: %s", cfg.camera, exc)
+        log.error("Kafka did not accept frame %s after %d attempt(s): %s", meta.frame_id, attempt, exc)
+
+    def send(meta: FrameMeta, payload: bytes, attempt: int = 1) -> None:
+        from kafka.errors import KafkaError
+
+        try:
+            fut = producer.send(cfg.topics.frames, key=meta.key, value=payload, headers=meta.headers())
+        except KafkaError as exc:  # e.g. no metadata while the broker restarts
+            failed(meta, payload, attempt, exc)
+            return
+        fut.add_callback(acked, meta).add_errback(failed, meta, payload, attempt)
+
+    def resend(wait: bool = False) -> None:
+        """Send the retries that are due (all of them, after waiting, with ``wait``)."""
+        for _ in range(len(retry)):
+            due, meta, payload, attempt = retry.popleft()
+            if due > time.monotonic() and not wait:
+                retry.append((due, meta, payload, attempt))
+                continue
+            time.sleep(max(0.0, due - time.monotonic()))
+            send(meta, payload, attempt)
 
     try:
         for frame in frames:
@@ -150,8 +184,8 @@ def run_producer(cfg: ProducerConfig, frames: Iterator[SourceFrame],
             h, w = frame.image.shape[:2]
             meta = FrameMeta(camera=cfg.camera, line=cfg.line, seq=seq, capture_ns=capture_ns,
                              encoding=cfg.encoding, width=w, height=h, truth=frame.truth)
-            producer.send(cfg.topics.frames, key=meta.key, value=payload,
-                          headers=meta.headers()).add_callback(acked, meta).add_errback(failed)
+            resend()
+            send(meta, payload)
             stats.first_seq = seq if stats.first_seq is None else stats.first_seq
             stats.last_seq = seq
             stats.sent += 1
@@ -160,6 +194,18 @@ def run_producer(cfg: ProducerConfig, frames: Iterator[SourceFrame],
             metrics.FRAME_BYTES_PRODUCED.labels(**labels).inc(len(payload))
             seq += 1
     finally:
-        producer.flush(timeout=30)
+        producer.flush(timeout=130)
+        while retry:  # bounded: every frame has at most MAX_SEND_ATTEMPTS
+            resend(wait=True)
+            producer.flush(timeout=130)
         producer.close(timeout=10)
     return stats
+
+
+MAX_SEND_ATTEMPTS = 8
+
+
+def _too_large(exc: BaseException) -> bool:
+    from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+
+    return isinstance(exc, MessageSizeTooLargeError | RecordListTooLargeError)

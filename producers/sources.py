@@ -133,6 +133,9 @@ class SyntheticConveyor:
         self.width, self.height = size
         if self.width > self.belt.shape[1] or self.height > self.belt.shape[0]:
             raise SourceError(f"frame size {size} is larger than the belt {self.belt.shape[::-1]}")
+        if defect_rate > 0 and min(size) < MIN_DEFECT_FRAME_SIDE:
+            raise SourceError(f"frame size {size}: the defect generators need frames of at least "
+                              f"{MIN_DEFECT_FRAME_SIDE} px a side (or defect_rate 0)")
         self.defect_rate = defect_rate
         self.seed = seed
         self.step = step
@@ -172,6 +175,7 @@ class SyntheticConveyor:
         return [self.frame(offset + i, allow_defect=False).image for i in range(count)]
 
 
+MIN_DEFECT_FRAME_SIDE = 192  # defect-synthesis's burns need this much room
 LOT_CODE_PITCH = 3.0  # dot spacing at 448 px
 LOT_CODE_INK = 80.0   # grey level of the ink
 # 5x7 dot-matrix glyphs, as an ink-jet coder prints them (rows top to bottom, 5 bits each)

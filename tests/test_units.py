@@ -304,7 +304,7 @@ def test_dead_letters_round_trip_through_the_contract():
     assert (dl.reason, dl.cause, dl.camera, dl.seq, dl.original_bytes) == (
         "scoring_failed", "failed", "Line 1", 12, 100)
     assert str(dl.source) == "t.frames/3/40" and len(v) == 64
-    k2, v2, h2 = without_payload(k, v, h)
+    _, v2, h2 = without_payload(k, v, h)
     assert v2 == b"" and parse_dead_letter(h2).original_bytes == 100
     with pytest.raises(WireError):
         parse_dead_letter([("lw-dl-reason", b"because")])
