@@ -16,14 +16,15 @@ handler with ``If-Match`` checked and applied atomically.
 from __future__ import annotations
 
 import argparse
-import bisect
+import base64
 import logging
 import os
 import threading
-import xml.etree.ElementTree as ET
+from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import localbucket
 
@@ -32,29 +33,54 @@ _conditional = threading.Lock()
 
 class ConditionalHandler(localbucket.S3Handler):
     """localbucket's handler, with ``If-Match`` on PUT compared and written under one lock,
-    and listings that read only the prefix's own folder (localbucket walks the whole bucket
-    for every page, and Tansu lists a partition's records on every fetch: with a few
-    thousand records a fetch took longer than a consumer's fetch wait, and reads stalled)."""
+    and fast prefix listings."""
 
-    def _list_entries(self, bucket_dir: Path, prefix: str, delimiter: str, marker: str,
-                      marker_is_prefix: bool, max_keys: int) -> Any:
-        folder, _, _rest = prefix.rpartition("/")
-        if delimiter or marker_is_prefix or not folder:
-            return super()._list_entries(bucket_dir, prefix, delimiter, marker,
-                                         marker_is_prefix, max_keys)
-        base = bucket_dir / folder
+    # headers and body leave in separate writes; with Nagle's algorithm each small GET waited
+    # ~40 ms for the client's delayed ACK (measured: 44-90 ms per 7 kB record batch)
+    disable_nagle_algorithm = True
+
+    def _list_objects_v2(self, bucket: str) -> None:
+        """A prefix listing reads only the prefix's folder and answers in one page.
+
+        localbucket walks the whole bucket for every page of 1,000 keys. Tansu lists all of a
+        partition's records on every fetch, so with a few thousand records a fetch outlasted
+        the consumer's fetch wait and reads stalled. Here: one folder scan and plain string
+        XML, every key after the marker at once (more than S3's 1,000 per page, which the
+        broker's client accepts); other listings go to localbucket as before.
+        """
+        prefix = self.query.get("prefix", "")
+        folder = prefix.rpartition("/")[0]
+        if not folder or self.query.get("delimiter") or self.query.get("encoding-type"):
+            return super()._list_objects_v2(bucket)
+        token = self.query.get("continuation-token")
+        marker = self.query.get("start-after", "")
+        if token is not None:
+            decoded = base64.urlsafe_b64decode(token.encode()).decode(errors="replace")
+            marker = max(marker, decoded[2:])
+        bucket_dir = self._bucket_dir(bucket)
         try:
-            names = sorted(e.name for e in os.scandir(base)
-                           if e.is_file() and not e.name.startswith(localbucket.TEMP_PREFIX))
+            entries = [e for e in os.scandir(bucket_dir / folder)
+                       if e.is_file() and not e.name.startswith(localbucket.TEMP_PREFIX)]
         except FileNotFoundError:
-            names = []
-        keys = [f"{folder}/{n}" for n in names]
-        keys = [k for k in keys if k.startswith(prefix)]  # byte order equals str order for ASCII keys
-        start = bisect.bisect_right(keys, marker) if marker else 0
-        page = keys[start:start + max_keys]
-        truncated = max_keys > 0 and start + max_keys < len(keys)
-        contents = [(k, bucket_dir / k) for k in page]
-        return contents, [], truncated, ("K:" + page[-1]) if page else ""
+            entries = []
+        rows = []
+        for e in sorted(entries, key=lambda e: e.name):
+            key = f"{folder}/{e.name}"
+            if not key.startswith(prefix) or (marker and key <= marker):
+                continue
+            try:
+                st = e.stat()
+            except FileNotFoundError:
+                continue
+            rows.append(f"<Contents><Key>{escape(key)}</Key><LastModified>"
+                        f"{localbucket.iso_timestamp(st.st_mtime)}</LastModified>"
+                        f"<Size>{st.st_size}</Size><StorageClass>STANDARD</StorageClass></Contents>")
+        body = ("<?xml version='1.0' encoding='UTF-8'?>"
+                f'<ListBucketResult xmlns="{localbucket.S3_NAMESPACE}"><Name>{escape(bucket)}</Name>'
+                f"<Prefix>{escape(prefix)}</Prefix><MaxKeys>{max(1000, len(rows))}</MaxKeys>"
+                f"<KeyCount>{len(rows)}</KeyCount><IsTruncated>false</IsTruncated>"
+                + "".join(rows) + "</ListBucketResult>")
+        self._send(HTTPStatus.OK, body.encode(), {"Content-Type": "application/xml"})
 
     def _write_object(self, bucket: str, key: str, write: Any) -> str:
         if_match = self.headers.get("If-Match")
@@ -66,23 +92,6 @@ class ConditionalHandler(localbucket.S3Handler):
                                                                     localbucket.object_etag(target)):
                 raise self._precondition_failed_error()
             return super()._write_object(bucket, key, write)
-
-    def _add_list_entries(self, root: Any, contents: list[tuple[str, Path]],
-                          common_prefixes: list[str], encode: Any) -> None:
-        """As localbucket's, without each object's ETag (optional in a listing; it costs an
-        MD5 of the file the first time)."""
-        for key, path in contents:
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            item = ET.SubElement(root, "Contents")
-            ET.SubElement(item, "Key").text = encode(key)
-            ET.SubElement(item, "LastModified").text = localbucket.iso_timestamp(stat.st_mtime)
-            ET.SubElement(item, "Size").text = str(stat.st_size)
-            ET.SubElement(item, "StorageClass").text = "STANDARD"
-        for common in common_prefixes:
-            ET.SubElement(ET.SubElement(root, "CommonPrefixes"), "Prefix").text = encode(common)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: one line per request would drown the broker's own log."""
