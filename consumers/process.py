@@ -107,6 +107,7 @@ class FrameProcessor:
         self.cameras, self.describe, self.drift, self.probe = cameras, describe, drift, probe
         self.retry = retry or RetryPolicy()
         self.pause = pause
+        self._last_good: np.ndarray | None = None  # the probe of scorers without references
         self.stats = BatchStats()
         w = worker_id
         for reason in DL_REASONS:  # rare events start at 0: "none", not "no data"
@@ -176,10 +177,13 @@ class FrameProcessor:
         return err
 
     def _model_works(self) -> bool:
-        if self.probe is None:
+        """Whether the model scores a known-good image: a reference, or (zero-shot scorers
+        have none) the last frame it scored."""
+        probe = self.probe if self.probe is not None else self._last_good
+        if probe is None:
             return False
         try:
-            self._call([self.probe])
+            self._call([probe])
             return True
         except Exception as exc:
             log.error("the model fails on a reference image too (%s: %s)", type(exc).__name__, exc)
@@ -191,6 +195,7 @@ class FrameProcessor:
         first = self._try(images)
         if not isinstance(first, BaseException):
             metrics.MODEL_UP.labels(worker=self.worker_id).set(1)
+            self._last_good = images[-1]
             return list(first)
         if not self._model_works():
             metrics.MODEL_UP.labels(worker=self.worker_id).set(0)
