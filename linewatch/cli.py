@@ -459,10 +459,16 @@ def cmd_topics(a: argparse.Namespace) -> int:
 
 
 def cmd_produce(a: argparse.Namespace) -> int:
-    from linewatch.wire import Topics
+    from linewatch.wire import Topics, WireError, check_id
     from monitoring import metrics
     from producers.producer import ProducerConfig, run_producer
     from producers.sources import SourceError, open_source
+
+    try:
+        check_id("--camera", a.camera)
+        check_id("--line", a.line)
+    except WireError as exc:
+        raise CliError(exc.detail) from None
 
     try:
         synthetic = {"defect_rate": a.defect_rate, "seed": a.seed} if a.source.startswith(
@@ -492,6 +498,7 @@ def build_worker(a: argparse.Namespace):
     from monitoring import metrics
 
     worker_id = a.worker_id or default_worker_id()
+    key = _label_key(a)  # settings errors before the model loads
     if a.torch_threads:
         import torch
 
@@ -582,7 +589,7 @@ def build_worker(a: argparse.Namespace):
             raise CliError(str(exc)) from None
         log.warning("--inject-faults %s: this worker's model fails on purpose (tests only)",
                     a.inject_faults)
-    learner, key = None, _label_key(a)
+    learner = None
     if key is not None:
         from consumers.labels import ReferenceLearner
 

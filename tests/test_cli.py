@@ -19,7 +19,7 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, cwd=REPO)
 
 
-@pytest.mark.parametrize("cmd", ["broker", "topics", "produce", "worker", "demo"])
+@pytest.mark.parametrize("cmd", ["broker", "topics", "produce", "worker", "demo", "review"])
 def test_every_subcommand_explains_itself(cmd):
     r = run(cmd, "--help")
     assert r.returncode == 0
@@ -32,6 +32,25 @@ def test_top_level_help_lists_commands_and_an_example():
     assert r.returncode == 0
     for word in ("broker", "produce", "worker", "demo", "linewatch demo --frames"):
         assert word in r.stdout
+
+
+def test_a_camera_id_outside_the_rule_is_refused_up_front():
+    r = run("produce", "--bootstrap-servers", "127.0.0.1:1", "--source", "synthetic", "--camera", "cam:7")
+    assert r.returncode == 2
+    assert "--camera 'cam:7' is not a valid id" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_review_and_learning_need_the_label_key():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "LINEWATCH_LABEL_KEY"}
+    r = subprocess.run([sys.executable, "-m", "linewatch", "review", "--bootstrap-servers", "127.0.0.1:1"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert r.returncode == 2 and "set LINEWATCH_LABEL_KEY" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "linewatch", "worker", "--bootstrap-servers", "127.0.0.1:1",
+                        "--references", "x", "--learn-from-labels"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert r.returncode == 2 and "--learn-from-labels needs LINEWATCH_LABEL_KEY" in r.stderr
 
 
 def test_worker_without_references_says_what_to_do():
