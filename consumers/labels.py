@@ -157,6 +157,9 @@ class ReferenceLearner:
         self.learned: deque[tuple[str, np.ndarray]] = deque()
         self._waiting: list[tuple[str, np.ndarray]] = []  # verified, not yet in the memory
         self._stale = False  # the memory grew but the thresholds were not recalibrated yet
+        self._first_waiting: float | None = None
+        self._last_arrival = 0.0
+        self._retry_at = 0.0
         # ids of applied labels, to count a redelivered label once; bounded (oldest forgotten),
         # since redeliveries arrive close to the original and verdicts accumulate for years
         self.seen: dict[str, None] = {}
@@ -164,7 +167,9 @@ class ReferenceLearner:
         for verdict in ("normal", "defect"):
             metrics.LABELS_APPLIED.labels(worker=worker_id, verdict=verdict)
 
-    def apply(self, verdicts: Sequence[Verdict]) -> LearnResult:
+    def apply(self, verdicts: Sequence[Verdict]) -> None:
+        """Take verified verdicts in (counted at once); :meth:`learn` adds the normal ones to
+        the memory when :meth:`due` says so."""
         fresh: list[tuple[str, np.ndarray]] = []
         for v in verdicts:
             lab = v.label
@@ -179,15 +184,27 @@ class ReferenceLearner:
                     log.warning("normal verdict on %s carries no frame; cannot learn it", lab.item_id)
                 else:
                     fresh.append((lab.item_id, v.image))
+        if fresh:
+            now = time.monotonic()
+            self._first_waiting = self._first_waiting or now
+            self._last_arrival = now
         self._waiting.extend(fresh)
         del self._waiting[:-self.max_learned]  # older ones would be evicted right away anyway
-        return self.learn()
 
-    @property
-    def pending(self) -> bool:
-        """Verdicts waiting to be learned, or thresholds waiting to be recalibrated (a model
-        failure interrupted them; :meth:`learn` tries again)."""
-        return bool(self._waiting) or self._stale
+    def due(self, settle_s: float = 2.0, max_delay_s: float = 30.0) -> bool:
+        """Whether to learn now: verdicts (or a recalibration) wait, and either none arrived
+        for ``settle_s`` or the oldest has waited ``max_delay_s``. Operators answer one item
+        at a time; learning each on arrival rescored the whole holdout per verdict, blocking
+        the worker's loop for seconds every time."""
+        if not (self._waiting or self._stale):
+            return False
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        if not self._waiting:
+            return True  # only the recalibration is left (a model failure interrupted it)
+        return (now - self._last_arrival >= settle_s
+                or now - (self._first_waiting or now) >= max_delay_s)
 
     def learn(self) -> LearnResult:
         """Learn the waiting normals and recalibrate. A model failure leaves both pending
@@ -197,6 +214,7 @@ class ReferenceLearner:
             if fresh:
                 self._grow(fresh)
                 self._waiting.clear()
+                self._first_waiting = None
                 self._stale = bool(self.holdout)
             result = LearnResult(len(fresh))
             if self._stale:
@@ -206,6 +224,7 @@ class ReferenceLearner:
                 self._stale = False
                 result = LearnResult(len(fresh), th, scores)
         except Exception as exc:  # the model failed: keep the verdicts, try again later
+            self._retry_at = time.monotonic() + 10.0
             metrics.MODEL_ERRORS.labels(worker=self.worker_id).inc()
             log.error("learning %d verdict(s) failed (%s: %s); will try again", len(fresh),
                       type(exc).__name__, exc)

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from consumers.delivery import Delivery
-from consumers.labels import LabelFollower, LearnResult, ReferenceLearner, Verdict
+from consumers.labels import LabelFollower, LearnResult, ReferenceLearner
 from consumers.process import BatchAbandoned, BatchStats, FrameProcessor, ModelUnavailable, RetryPolicy
 from consumers.profiles import LoadedProfile, ProfileWatcher
 from consumers.routing import Outbound
@@ -177,7 +177,6 @@ class Worker:
         self._rewind: dict[Any, int] = {}  # partition -> earliest offset given up, to read again
         self._ready_written = False
         self._say = {k: _EveryMinute() for k in ("model", "delivery", "commit", "poll")}
-        self._say["learn"] = _EveryMinute(10.0)
         w = cfg.worker_id
         self.cameras = metrics.CameraSeries(w, cfg.max_cameras, cfg.camera_idle_s,
                                             on_forget=self._forget_cameras)
@@ -282,10 +281,10 @@ class Worker:
         """Profile swaps, operators' verdicts and idle cameras: never inside a batch."""
         if self.watcher is not None and (fresh := self.watcher.poll()) is not None:
             self._swap_profile(fresh)
-        if self.labels is not None:
-            self._apply_labels(self.labels.poll(0))
-            if self.learner is not None and self.learner.pending and self._say["learn"].due():
-                self._use(self.learner.learn())  # a model failure interrupted learning earlier
+        if self.labels is not None and self.learner is not None:
+            self.learner.apply(self.labels.poll(0))
+            if self.learner.due():
+                self._use(self.learner.learn())
         self.cameras.expire()
         if self._owned & self._delivered.keys():  # skipped re-deliveries: commit them now
             with contextlib.suppress(BatchAbandoned):
@@ -556,15 +555,13 @@ class Worker:
     def _replay_labels(self) -> None:
         """Apply every verdict already on ``.labels`` before scoring (the memory survives restarts)."""
         assert self.labels is not None
+        assert self.learner is not None
         quiet = 0
         while quiet < 2 and not self._stop.is_set():
             got = self.labels.poll(500)
             quiet = 0 if got else quiet + 1
-            self._apply_labels(got)
-
-    def _apply_labels(self, verdicts: list[Verdict]) -> None:
-        if verdicts and self.learner is not None:
-            self._use(self.learner.apply(verdicts))
+            self.learner.apply(got)
+        self._use(self.learner.learn())  # once, for everything replayed
 
     def _use(self, res: LearnResult) -> None:
         if res.thresholds is None:

@@ -308,3 +308,20 @@ def test_dead_letters_round_trip_through_the_contract():
     assert v2 == b"" and parse_dead_letter(h2).original_bytes == 100
     with pytest.raises(WireError):
         parse_dead_letter([("lw-dl-reason", b"because")])
+
+
+def test_verdicts_arriving_one_by_one_are_learned_together():
+    """Operators answer one item at a time; each verdict learned on arrival rescored the whole
+    holdout, blocking the worker's loop for seconds per verdict."""
+    import consumers.labels as labels
+    from inference.scoring import NoopScorer
+
+    learner = labels.ReferenceLearner(NoopScorer(), [], None, "w-coalesce")
+    image = np.zeros((8, 8, 3), np.uint8)
+    for i in range(5):
+        learner.apply([labels.Verdict(Label(item_id=f"c:{i}", camera="c", line="l", seq=i,
+                                            verdict="normal", operator="op"), image)])
+    assert not learner.due(settle_s=60, max_delay_s=60)  # more may be on their way
+    assert learner.due(settle_s=0)
+    assert learner.learn().added == 5 and len(learner.learned) == 5
+    assert not learner.due(settle_s=0)
