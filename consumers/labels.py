@@ -96,7 +96,8 @@ class LabelFollower:
 
         try:
             got = self.consumer.poll(timeout_ms=timeout_ms)
-        except KafkaError as exc:  # the broker is away: labels wait, frames go on
+        except (KafkaError, ValueError) as exc:  # broker away, or a record the client cannot
+            # parse (e.g. a header key that is not UTF-8): labels wait, frames go on
             if time.monotonic() - self._poll_failed_at > 60:
                 self._poll_failed_at = time.monotonic()
                 log.error("reading %s failed (%s); retrying", self.topic, exc)
@@ -109,6 +110,8 @@ class LabelFollower:
                     out.append(Verdict(lab, self._image(lab)))
                 except WireError as exc:
                     _reject(rec, exc)
+                except Exception as exc:  # a parser gap must not stop a worker: still refused
+                    _reject(rec, WireError("bad_message", f"{type(exc).__name__}: {exc}"))
         return out
 
     def _image(self, lab: Label) -> np.ndarray | None:

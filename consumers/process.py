@@ -46,6 +46,9 @@ from monitoring.drift import DriftMonitor
 log = logging.getLogger(__name__)
 
 
+JUDGE_ROUNDS = 3  # "fails alone, while the model works" must hold this many times in a row
+
+
 class ModelUnavailable(RuntimeError):
     """The model failed on a known-good reference image too: not the frames' fault."""
 
@@ -131,6 +134,11 @@ class FrameProcessor:
                 valid.append((i, rec, meta, rgb))
             except WireError as err:
                 invalid.append((i, rec, err))
+            except MemoryError:
+                raise
+            except Exception as exc:  # a gap in the checks must still end as a dead letter
+                invalid.append((i, rec, WireError("not_an_image", f"unreadable record: "
+                                                                  f"{type(exc).__name__}: {exc}")))
         results = self._score_all([rgb for *_, rgb in valid])  # may raise: nothing counted yet
         self.stats.received += len(records)
         metrics.FRAMES_RECEIVED.labels(worker=self.worker_id).inc(len(records))
@@ -139,8 +147,8 @@ class FrameProcessor:
         for (i, rec, meta, rgb), res in zip(valid, results, strict=True):
             if isinstance(res, BaseException):
                 by_record[i] = [self._dead(rec, WireError(
-                    "scoring_failed", f"the model failed on this frame alone {self.retry.attempts} "
-                    f"times while it scored a reference image: {type(res).__name__}: {res}"))]
+                    "scoring_failed", f"the model failed on this frame alone, {JUDGE_ROUNDS} times "
+                    f"while it scored a known-good image: {type(res).__name__}: {res}"))]
             else:
                 by_record[i] = self._route(rec, meta, rgb, res, decided_ns, maybe_duplicate(rec))
         if self.drift is not None:
@@ -176,18 +184,23 @@ class FrameProcessor:
         assert err is not None
         return err
 
-    def _model_works(self) -> bool:
-        """Whether the model scores a known-good image: a reference, or (zero-shot scorers
-        have none) the last frame it scored."""
+    def _model_works(self, like: np.ndarray) -> bool:
+        """Whether the model scores a known-good image: a reference; for scorers without
+        references (zero-shot) the last frame it scored; before any, a uniform grey frame the
+        size of ``like`` (any model must score that)."""
         probe = self.probe if self.probe is not None else self._last_good
         if probe is None:
-            return False
+            probe = np.full_like(like, 128)
         try:
             self._call([probe])
             return True
         except Exception as exc:
-            log.error("the model fails on a reference image too (%s: %s)", type(exc).__name__, exc)
+            log.error("the model fails on a known-good image too (%s: %s)", type(exc).__name__, exc)
             return False
+
+    def _unavailable(self, err: BaseException) -> ModelUnavailable:
+        metrics.MODEL_UP.labels(worker=self.worker_id).set(0)
+        return ModelUnavailable(f"{type(err).__name__}: {err}")
 
     def _score_all(self, images: list[np.ndarray]) -> list[ScoreResult | BaseException]:
         if not images:
@@ -197,13 +210,9 @@ class FrameProcessor:
             metrics.MODEL_UP.labels(worker=self.worker_id).set(1)
             self._last_good = images[-1]
             return list(first)
-        if not self._model_works():
-            metrics.MODEL_UP.labels(worker=self.worker_id).set(0)
-            raise ModelUnavailable(f"{type(first).__name__}: {first}")
-        out = self._split(images) if len(images) > 1 else [first]
-        if any(isinstance(r, BaseException) for r in out) and not self._model_works():
-            metrics.MODEL_UP.labels(worker=self.worker_id).set(0)  # it broke while splitting
-            raise ModelUnavailable(f"{type(first).__name__}: {first}")
+        if not self._model_works(images[0]):
+            raise self._unavailable(first)
+        out = self._split(images) if len(images) > 1 else [self._alone(images[0], first)]
         metrics.MODEL_UP.labels(worker=self.worker_id).set(1)
         return out
 
@@ -216,10 +225,26 @@ class FrameProcessor:
             if not isinstance(got, BaseException):
                 out.extend(got)
             elif len(part) == 1:
-                out.append(got)
+                out.append(self._alone(part[0], got))
             else:
                 out.extend(self._split(part))
         return out
+
+    def _alone(self, image: np.ndarray, err: BaseException) -> ScoreResult | BaseException:
+        """A frame that failed alone is the culprit only if it keeps failing while the model,
+        checked each time, scores a known-good image: ``JUDGE_ROUNDS`` rounds, with backoff,
+        so a burst of device errors never becomes a verdict on healthy frames."""
+        for round_ in range(JUDGE_ROUNDS):
+            if not self._model_works(image):
+                raise self._unavailable(err)  # the model broke, not this frame
+            if round_ == JUDGE_ROUNDS - 1:
+                return err
+            self.pause(self.retry.delay(round_ + 1))
+            got = self._try([image])
+            if not isinstance(got, BaseException):
+                return got[0]
+            err = got
+        return err
 
     # -- routing, one frame at a time ----------------------------------------------------
     def _describe(self, crop: np.ndarray) -> str | None:

@@ -315,7 +315,11 @@ class Worker:
 
         try:
             got = self.consumer.poll(timeout_ms=max(0, timeout_ms), max_records=max(1, max_records))
-        except KafkaError as exc:  # the client retries connections itself; never crash here
+        except (KafkaError, ValueError) as exc:
+            # the client retries connections itself. A ValueError is a record kafka-python
+            # cannot parse (a header key that is not UTF-8, which no standard client writes):
+            # it raises at that record on every poll, so the worker cannot get past it or
+            # dead-letter it; it stays up and says so once a minute (README: Reliability)
             if self._say["poll"].due():
                 log.error("polling for frames failed (%s: %s); retrying", type(exc).__name__, exc)
             self._stop.wait(0.5)
@@ -346,7 +350,7 @@ class Worker:
                 self._window.pop(tp, None)
                 metrics.remove_series(metrics.COMMITTED_OFFSET, tp.topic, str(tp.partition))
             self._owned -= gone
-            self._kept |= revoked - lost
+            self._kept = (self._kept | revoked) - lost  # lost ones may already be someone's
             self._delivered = {tp: o for tp, o in self._delivered.items() if tp not in lost}
             log.info("partitions %s revoked%s", sorted(tp.partition for tp in gone),
                      f" ({len(lost)} lost)" if lost else "")
@@ -355,6 +359,8 @@ class Worker:
             for tp in assigned - self._kept:  # another member may have scored past its commit
                 self._window[tp] = None
                 self._rewind.pop(tp, None)  # fresh state: it starts from the committed offset
+                # another member may have committed past what we delivered: never commit back
+                self._delivered.pop(tp, None)
             # a partition we kept keeps its position, past records we gave up: read them again
             for tp in assigned & self._kept & self._rewind.keys():
                 self.consumer.seek(tp, self._rewind.pop(tp))
@@ -459,9 +465,14 @@ class Worker:
                 break
             except (CommitFailedError, IllegalGenerationError, UnknownMemberIdError,
                     RebalanceInProgressError) as exc:
-                # the group moved on: remember what was delivered, so we skip it if it comes back
+                # the group moved on: remember what was delivered, so we skip it if it comes back,
+                # and decide nothing more before the next poll has applied the rebalance (the
+                # next owner's duplicate window covers one batch, not what we would add to it)
                 for tp, o in nxt.items():
                     self._delivered[tp] = max(self._delivered.get(tp, 0), o)
+                for rec in self._pending:
+                    self._give_up(rec)
+                self._pending = []
                 self._commit_failed(exc, "the group is rebalancing")
                 return
             except KafkaError as exc:  # broker or coordinator unavailable: retry
@@ -491,10 +502,14 @@ class Worker:
         rebalances. Raises BatchAbandoned when the batch's partitions are revoked, or when
         the worker has been stopping for longer than ``stop_grace_s``."""
         deadline = time.monotonic() + seconds
-        paused = set(self.consumer.assignment())
-        self.consumer.pause(*paused)
+        paused: set[Any] = set()
         try:
             while True:
+                # every partition, including ones assigned (or re-assigned fresh) meanwhile
+                fresh = set(self.consumer.assignment()) - set(self.consumer.paused())
+                if fresh:
+                    self.consumer.pause(*fresh)
+                    paused |= fresh
                 if self._batch_revoked:
                     raise BatchAbandoned("its partitions were revoked while it waited")
                 if self._stop.is_set():
@@ -504,7 +519,7 @@ class Worker:
                 left_ms = int((deadline - time.monotonic()) * 1000)
                 if left_ms <= 0:
                     return
-                self._poll(min(left_ms, 200), self.cfg.max_batch)
+                self._poll(min(left_ms, 200), 1)
         finally:
             still = paused & set(self.consumer.assignment())
             if still:

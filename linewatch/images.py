@@ -122,6 +122,8 @@ def open_limited(data: bytes | None, max_bytes: int, max_pixels: int) -> tuple[o
         raise WireError("too_many_pixels", f"declared image size is a decompression bomb: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise WireError("not_an_image", f"not a readable JPEG/PNG: {exc}") from exc
+    except Exception as exc:  # any other parser failure on hostile bytes is still bad input
+        raise WireError("not_an_image", f"not a readable JPEG/PNG ({type(exc).__name__}: {exc})") from exc
     fmt = _PIL_FORMATS.get(im.format or "")
     if fmt is None:
         raise WireError("not_an_image", f"image format {im.format} is not JPEG or PNG")
@@ -136,7 +138,9 @@ def load_rgb(im: object) -> np.ndarray:
     try:
         im.load()  # type: ignore[attr-defined]  # Pillow never pads truncated data unless told to
         return np.asarray(im.convert("RGB"))  # type: ignore[attr-defined]
-    except (OSError, SyntaxError, ValueError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # OSError, SyntaxError, ValueError, or whatever hostile data causes
         raise WireError("truncated_image", f"image data ends early or is corrupt: {exc}") from exc
 
 

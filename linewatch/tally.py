@@ -33,7 +33,6 @@ from linewatch.wire import (
     ReviewItem,
     Score,
     Topics,
-    WireError,
     parse_dead_letter,
 )
 
@@ -150,7 +149,7 @@ class TallyReader:
 
         try:
             got = self.consumer.poll(timeout_ms=timeout_ms)
-        except KafkaError as exc:  # the broker restarting: read on next time
+        except (KafkaError, ValueError) as exc:  # broker restarting, or an unparsable record
             log.warning("tally: polling failed (%s)", exc)
             return 0
         n = 0
@@ -159,7 +158,7 @@ class TallyReader:
                 n += 1
                 try:
                     self._add(rec)
-                except WireError as exc:
+                except Exception as exc:  # WireError, or any parser gap: counted, skipped
                     self.tally.malformed[rec.topic] = self.tally.malformed.get(rec.topic, 0) + 1
                     log.warning("tally: skipping %s/%d/%d: %s", rec.topic, rec.partition, rec.offset, exc)
         return n

@@ -66,6 +66,28 @@ def test_a_worker_joining_a_sparse_stream_crashes_nobody(broker, topics, workers
     assert b.stop() == 0
 
 
+def test_a_batch_waiting_for_its_model_is_given_up_when_its_partitions_move(broker, topics, workers):
+    """The riskiest path of the rebalance design: A holds a batch uncommitted while its model is
+    down (retrying, partitions paused, still in the group) and B joins. A's batch partitions are
+    revoked while it waits: A abandons the batch uncommitted and reads again what stays its own;
+    nothing is lost, no re-scored frame is unmarked, both keep going."""
+    a = workers("A", "--scorer", "noop", "--max-batch", "4", "--inject-faults", "down_after=1,down_for=25")
+    a.wait_ready()
+    want = _frames(broker, topics, range(1), camera="cam-0", size=64)
+    collect(broker, topics, lambda t: want <= t.accounted, 60)  # the model's one good call
+    for i in range(4):
+        want |= _frames(broker, topics, range(1, 5), camera=f"cam-{i}", size=64)
+    wait_for(lambda: "the model fails even on a reference image" in a.log.read_text(), 60,
+             "A to hold a batch for its model")
+    b = workers("B", "--scorer", "noop", "--max-batch", "4")
+    b.wait_ready(60)
+    t = collect(broker, topics, lambda t: want <= t.accounted, 120).tally
+    assert "abandoned uncommitted" in a.log.read_text()
+    assert not t.dead and not t.unmarked_duplicates, t.unmarked_duplicates
+    assert a.proc.poll() is None and b.proc.poll() is None
+    assert a.stop() == 0 and b.stop() == 0
+
+
 # --- poison records on .labels ---------------------------------------------------------------
 def _label(seq: int, image: bytes | None = None, verdict: str = "normal") -> Label:
     return Label(item_id=f"cam-f:{seq}", camera="cam-f", line="L", seq=seq, verdict=verdict,

@@ -95,8 +95,8 @@ def test_leases_expire_and_only_the_holder_labels(store_url: str) -> None:
     with pytest.raises(ReviewError) as e:
         store.label(a.item_id, "bob", "normal")
     assert e.value.status == 409
-    time.sleep(0.4)  # alice walked away: her lease expires and bob may take the item
-    b = store.claim_next("bob")
+    # alice walked away: once her lease expires, bob may take the item
+    b = wait_for(lambda: store.claim_next("bob"), 10, "alice's lease to expire", interval_s=0.05)
     assert b is not None and b.item_id == a.item_id
     with pytest.raises(ReviewError, match="not claimed by you"):
         store.label(a.item_id, "alice", "defect", "crack")
@@ -129,13 +129,24 @@ def test_retention_prunes_old_items_and_expired_sessions(store_url: str) -> None
     c = store.claim_next("ann")
     store.label(c.item_id, "ann", "normal")
     store.add_operator("ann", PASSWORD)
-    token = store.create_session("ann", ttl_s=0.0)  # expires at once
+    store.create_session("ann", ttl_s=0.0)  # expires at once
+    live = store.create_session("ann", ttl_s=3600)
+
+    def sessions() -> int:
+        from sqlalchemy import func, select
+
+        from linewatch.review.store import sessions as table
+
+        with store.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(table)).scalar_one()
+
+    assert sessions() == 2
     assert store.prune(retention_s=3600) == {"labelled": 0, "unlabelled": 0}
+    assert sessions() == 1 and store.session_operator(live) == "ann"  # only the expired one went
     assert store.prune(retention_s=0.0) == {"labelled": 0, "unlabelled": 3}  # label not sent yet
     store.mark_sent([c.item_id])
     assert store.prune(retention_s=0.0) == {"labelled": 1, "unlabelled": 0}
     assert store.counts() == {"waiting": 0, "claimed": 0, "labelled": 0}
-    assert store.session_operator(token) is None
 
 
 def test_operators_sign_in_with_their_own_password(store_url: str) -> None:

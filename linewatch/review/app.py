@@ -7,8 +7,9 @@ gets a random session id in an HttpOnly, SameSite=Strict cookie (other sites
 cannot submit verdicts with it), scripts get the same kind of token from
 ``POST /api/session`` and send ``Authorization: Bearer TOKEN``. Signing out
 deletes the session, so a copied cookie stops working. Failed sign-ins are rate
-limited per operator name and per client address. Every other route answers 401
-without a live session.
+limited per operator name and per client address (behind a reverse proxy every client
+has the proxy's address: one client's failures then hold everyone back for the window).
+Every other route answers 401 without a live session.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from linewatch.review.store import DEFECT_TYPES, ReviewError, ReviewStore, check_item_id
 from monitoring import metrics
@@ -125,7 +127,8 @@ def create_app(store: ReviewStore, session_hours: float = 12.0,
     async def login(request: Request) -> Response:
         form = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
         name = (form.get("operator") or [""])[0].strip()
-        got = sign_in(request, name, (form.get("password") or [""])[0])
+        # scrypt takes ~50 ms on purpose: off the event loop, so other operators are not held
+        got = await run_in_threadpool(sign_in, request, name, (form.get("password") or [""])[0])
         if not isinstance(got, str):
             return login_page("Too many failed sign-ins: wait a few minutes." if got.status_code == 429
                               else "Wrong operator name or password.", got.status_code)
@@ -143,7 +146,7 @@ def create_app(store: ReviewStore, session_hours: float = 12.0,
         if not isinstance(body, dict) or not all(isinstance(body.get(k), str)
                                                  for k in ("operator", "password")):
             raise ReviewError(400, 'send JSON: {"operator": NAME, "password": PASSWORD}')
-        got = sign_in(request, body["operator"], body["password"])
+        got = await run_in_threadpool(sign_in, request, body["operator"], body["password"])
         if not isinstance(got, str):
             return got
         return JSONResponse({"token": got, "expires_in_s": int(ttl_s)})

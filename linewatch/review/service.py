@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from linewatch.review.store import ReviewError, ReviewStore
 from linewatch.wire import MESSAGE_REASONS, ReviewItem, Topics, WireError
 from monitoring import metrics
@@ -103,10 +105,16 @@ class ReviewBridge:
             if self.store.add(item):
                 metrics.REVIEW_RECEIVED.inc()
         except (WireError, ReviewError) as exc:
-            reason = exc.reason if isinstance(exc, WireError) else "refused"
-            metrics.RECORDS_REJECTED.labels(reader="review", topic=rec.topic, reason=reason).inc()
-            log.warning("skipping review record %s/%d/%d: %s", rec.topic, rec.partition,
-                        rec.offset, exc)
+            self._refuse(rec, exc.reason if isinstance(exc, WireError) else "refused", exc)
+        except (OperationalError, InterfaceError):
+            raise  # the database is down: nothing is committed, the batch is read again
+        except Exception as exc:  # any other fault of this record: refused, never retried
+            self._refuse(rec, "bad_message", exc)
+
+    def _refuse(self, rec: Any, reason: str, exc: BaseException) -> None:
+        metrics.RECORDS_REJECTED.labels(reader="review", topic=rec.topic, reason=reason).inc()
+        log.warning("skipping review record %s/%d/%d: %s: %s", rec.topic, rec.partition,
+                    rec.offset, type(exc).__name__, exc)
 
     def _export_queue(self, every_s: float = 2.0) -> None:
         """The queue gauge, kept current whether or not anyone has the page open."""

@@ -63,8 +63,18 @@ def dead_letter_record(key: bytes | None, value: bytes | None, headers: Headers 
     if len(payload) > max_copy_bytes:
         extra.append((H_DL_TRUNCATED, str(len(payload)).encode()))
         payload = payload[:max_copy_bytes]
-    original = [(k, v) for k, v in headers or [] if not k.startswith("lw-dl-")]
-    return key or b"", payload, original + extra
+    return key or b"", payload, _sendable(headers) + extra
+
+
+def _sendable(headers: Headers | None) -> Headers:
+    """The original headers as a producer can send them again: a null value (legal on the
+    wire; kafka-python reads it as None) becomes empty, and old ``lw-dl-*`` headers go."""
+    out: Headers = []
+    for k, v in headers or []:
+        key = k if isinstance(k, str) else bytes(k).decode("utf-8", "replace")
+        if not key.startswith("lw-dl-"):
+            out.append((key, v if isinstance(v, bytes) else b"" if v is None else bytes(v)))
+    return out
 
 
 def without_payload(key: bytes, value: bytes, headers: Headers) -> tuple[bytes, bytes, Headers]:

@@ -158,7 +158,8 @@ class _JsonMessage:
             raise _bad(cls.kind, f"not JSON: {str(exc)[:200]}") from exc
         if not isinstance(d, dict):
             raise _bad(cls.kind, "not a JSON object")
-        if d.get("schema") not in SUPPORTED_RESULT_SCHEMAS or isinstance(d.get("schema"), bool):
+        schema = d.get("schema")
+        if type(schema) is not int or schema not in SUPPORTED_RESULT_SCHEMAS:
             raise WireError("unknown_schema",
                             f"{cls.kind} schema {str(d.get('schema'))[:20]!r} not supported "
                             f"(this reader knows {sorted(SUPPORTED_RESULT_SCHEMAS)})")
@@ -317,7 +318,7 @@ class Label(_JsonMessage):
         if not sig:
             raise WireError("unsigned", "label carries no signature; only the review service's "
                                         "signed labels are applied")
-        if not isinstance(sig, str) or not hmac.compare_digest(sig, _mac(key, d)):
+        if not isinstance(sig, str) or not _HEX.fullmatch(sig) or not hmac.compare_digest(sig, _mac(key, d)):
             raise WireError("bad_signature", "label signature does not match (forged or altered, "
                                              f"or signed with another {LABEL_KEY_ENV})")
         d["sig"] = sig
