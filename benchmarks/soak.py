@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
         create_topics(broker.bootstrap, topics, partitions=4)
         args = ["--scorer", a.scorer, "--references", str(refs), "--alert-threshold", "0.9",
-                "--review-threshold", "0.8", "--max-batch", "32", "--max-wait-ms", "20",
+                "--review-threshold", "0.8", "--max-batch", "32", "--max-wait-ms", "200",
                 "--torch-threads", "1"]
         if a.scorer == "patch-knn":
             args += ["--backbone", "efficientnet-lite0", "--image-size", "64"]
