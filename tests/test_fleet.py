@@ -94,6 +94,12 @@ def _label(seq: int, image: bytes | None = None, verdict: str = "normal") -> Lab
                  operator="op", frame_jpeg_b64=base64.b64encode(image).decode() if image else None)
 
 
+def json_sig(value: bytes) -> bytes:
+    import json
+
+    return json.loads(value)["sig"].encode()
+
+
 def _bad_labels() -> list[tuple[bytes, str]]:
     """(record value, reason it must be refused with)."""
     good = _label(1, jpeg_declaring(16, 16)).signed(LABEL_KEY.encode()).to_bytes()
@@ -124,6 +130,8 @@ def _bad_labels() -> list[tuple[bytes, str]]:
         (edit(seq=2**70), "bad_message"),                    # not a 64-bit sequence number
         (b"\x00\xffnot json", "bad_message"),
         (edit(schema=7), "unknown_schema"),
+        (edit(schema=[1]), "unknown_schema"),                # not even a number
+        (good.replace(json_sig(good), ("é" * 64).encode()), "bad_signature"),  # not hex
         (_label(2, jpeg_declaring(16, 16)).to_bytes(), "unsigned"),                  # forged
         (good.replace(b'"operator":"op"', b'"operator":"mallory"'), "bad_signature"),  # altered
         (_label(3, jpeg_declaring(20000, 20000)).signed(LABEL_KEY.encode()).to_bytes(), "bad_image"),

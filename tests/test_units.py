@@ -243,6 +243,7 @@ def test_missing_fields_nan_and_size_are_wire_errors():
     d = _score_dict()
     del d["decision"]
     for bad in (json.dumps(d).encode(), b'{"schema": 1, "kind": "score", "score": NaN}', b"[]",
+                b'{"schema": []}', b'{"schema": {"a": 1}}', b'{"schema": true}',
                 b"", None, b"{" * 100_000, b'"' + b"x" * (17 << 20) + b'"'):
         with pytest.raises(WireError):
             Score.from_bytes(bad)
@@ -256,8 +257,10 @@ def test_labels_are_signed_and_checked():
     lab = Label(item_id="Line 1:5", camera="Line 1", line="L", seq=5, verdict="normal", operator="ann")
     signed = lab.signed(key)
     assert Label.from_signed_bytes(signed.to_bytes(), key) == signed
+    non_ascii = signed.to_bytes().replace(signed.sig.encode(), ("é" * 64).encode())
     for data, with_key, reason in [
             (lab.to_bytes(), key, "unsigned"),
+            (non_ascii, key, "bad_signature"),
             (signed.to_bytes(), b"x" * 32, "bad_signature"),  # signed with another key
             (signed.to_bytes().replace(b'"normal"', b'"defect"'), key, "bad_signature")]:  # altered
         with pytest.raises(WireError) as e:
@@ -308,6 +311,10 @@ def test_dead_letters_round_trip_through_the_contract():
     assert v2 == b"" and parse_dead_letter(h2).original_bytes == 100
     with pytest.raises(WireError):
         parse_dead_letter([("lw-dl-reason", b"because")])
+    # a null header value is legal on the wire; the dead letter must still be sendable
+    _, _, h3 = dead_letter_record(b"k", b"v", [("lw-schema", None), ("x", b"1")],
+                                  WireError("missing_header", "x"), FrameRef("t", 0, 1), "w", 10)
+    assert all(isinstance(k, str) and isinstance(v, bytes) for k, v in h3) and ("lw-schema", b"") in h3
 
 
 def test_verdicts_arriving_one_by_one_are_learned_together():
