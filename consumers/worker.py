@@ -608,6 +608,7 @@ class Worker:
             log.warning("closing the producer: %s", exc)
         finally:
             self.consumer.close(autocommit=False)  # leave the group now: fast handover
+            self.cameras.clear()  # the next owner of these cameras reports them
 
 
 def _tp(rec: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -283,6 +284,11 @@ class CameraSeries:
         if gone and self.on_forget is not None:
             self.on_forget(gone)
         return gone
+
+    def clear(self) -> list[tuple[str, str]]:
+        """Forget every camera: a stopping worker withdraws its series, so a process that goes
+        on (an in-process worker, the demo) never serves a stale drift value to Prometheus."""
+        return self.expire(math.inf)
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> int:

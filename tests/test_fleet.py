@@ -326,3 +326,10 @@ def test_a_failure_explaining_or_watching_one_frame_affects_that_frame_only(brok
         worker.request_stop()
         thread.join(30)
     assert worker.stats.frames.scored == 12
+    # a stopped worker withdraws its cameras' series: in a process that goes on (the demo, a
+    # test run), a stale drift value must not keep an alert firing for a camera nobody scores
+    from monitoring.metrics import REGISTRY
+
+    stale = [s for fam in REGISTRY.collect() for s in fam.samples
+             if s.labels.get("camera") in ("cam-x", "cam-f")]
+    assert stale == [], stale[:5]
