@@ -18,6 +18,8 @@ Each output that Kafka did not acknowledge gets a named outcome:
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +53,32 @@ class Delivery:
     def __init__(self, producer: Any, worker_id: str, flush_timeout_s: float) -> None:
         self.producer, self.worker_id, self.flush_timeout_s = producer, worker_id, flush_timeout_s
         self._inflight: list[tuple[Outbound, Any]] = []  # sent, not yet known to be acknowledged
+        self._said = float("-inf")
+
+    def deliver_all(self, outputs: list[Outbound], topics: Sequence[str],
+                    pause: Callable[[float], None]) -> None:
+        """Deliver every output, retrying with backoff (``pause`` may raise to give up): the
+        batch stays uncommitted until all are acknowledged. ``topics``: the output topics, each
+        with a ``linewatch_output_blocked`` gauge."""
+        left, attempt = outputs, 0
+        while True:
+            result = self.deliver(left)
+            left = result.outputs
+            for topic in topics:
+                blocked = topic in result.errors and any(o.topic == topic for o in left)
+                metrics.OUTPUT_BLOCKED.labels(worker=self.worker_id, topic=topic).set(int(blocked))
+            if not left and self.settled:
+                return
+            attempt += 1
+            metrics.DELIVERY_RETRIES.labels(worker=self.worker_id).inc()
+            backoff = min(30.0, 0.5 * 2 ** attempt)
+            if attempt == 1 or time.monotonic() - self._said >= 60:  # once a minute, not per retry
+                self._said = time.monotonic()
+                why = "; ".join(f"{t}: {e}" for t, e in result.errors.items())
+                log.error("%d output(s) not delivered (%s); the batch stays uncommitted, retrying in "
+                          "%.0fs. If this persists: does the topic exist (linewatch topics), may "
+                          "this worker write to it, is the broker up?", len(left), why, backoff)
+            pause(backoff)
 
     def deliver(self, outputs: list[Outbound]) -> Undelivered:
         """Send ``outputs`` (and settle earlier in-flight ones); what still needs sending."""

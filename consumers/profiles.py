@@ -37,19 +37,11 @@ class LoadedProfile:
 
 def load_profile(path: str | Path, device: str = "cpu", drift_window: int = 100,
                  drift_thresholds: Mapping[str, float] | None = None) -> LoadedProfile:
-    """Build and fit the scorer a profile describes (references + learned normals)."""
-    from inference import create_scorer
-
+    """Build and fit the scorer a profile describes (references + learned normals), with
+    every setting the profile was calibrated with (:class:`~inference.settings.ScorerSettings`)."""
     fingerprint = LineProfile.fingerprint(path)
     p = LineProfile.load(path)
-    s = p.scorer
-    layers = tuple(s["layers"]) if s.get("layers") else None
-    scorer = create_scorer(s["method"], backbone=s.get("backbone"), image_size=s.get("image_size"),
-                           layers=layers, weights=s.get("weights"), class_name=s.get("class_name", "object"),
-                           device=device, reference_augment=s.get("reference_augment", "none"),
-                           zoom=bool(s.get("zoom", False)), zoom_top_k=int(s.get("zoom_top_k", 2)),
-                           zoom_crop=float(s.get("zoom_crop", 0.35)),
-                           precision=s.get("precision", "fp32"))
+    scorer = p.scorer.build(device)
     refs = list(p.references) + list(p.learned)
     scorer.fit(refs)
     drift = None

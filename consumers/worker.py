@@ -38,108 +38,33 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from consumers.beliefs import Beliefs
+from consumers.config import (
+    EveryMinute,
+    Rebalances,
+    WorkerConfig,
+    WorkerStats,
+    kafka_clients,
+    rebalance_listener,
+)
 from consumers.delivery import Delivery
-from consumers.labels import LabelFollower, LearnResult, ReferenceLearner
-from consumers.process import BatchAbandoned, BatchStats, FrameProcessor, ModelUnavailable, RetryPolicy
-from consumers.profiles import LoadedProfile, ProfileWatcher
+from consumers.labels import ReferenceLearner
+from consumers.process import BatchAbandoned, FrameProcessor, ModelUnavailable
+from consumers.profiles import ProfileWatcher
 from consumers.routing import Outbound
-from inference.calibration import Thresholds
 from inference.scoring import Scorer
-from linewatch.wire import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_FRAME_PIXELS, Topics
 from monitoring import metrics
 from monitoring.drift import DriftMonitor
 
 log = logging.getLogger(__name__)
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-@dataclass
-class WorkerConfig:
-    bootstrap: str
-    thresholds: Thresholds
-    topics: Topics = field(default_factory=Topics)
-    group_id: str = "linewatch-workers"
-    worker_id: str = field(default_factory=default_worker_id)
-    max_batch: int = 8
-    max_wait_ms: int = 20
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    max_pixels: int = DEFAULT_MAX_FRAME_PIXELS
-    # kafka-python's 45 s default session means 45 s of a dead worker's partitions
-    # going unscored; 10 s still tolerates a slow batch (heartbeats run in a thread).
-    session_timeout_ms: int = 10_000
-    heartbeat_interval_ms: int = 2_000
-    # also the rebalance timeout: how long the group waits for a member that does not
-    # rejoin (the default 300 s stalled the whole group when a member died mid-rebalance)
-    max_poll_interval_ms: int = 60_000
-    delivery_timeout_ms: int = 30_000
-    # how long the broker may hold a fetch that has no data yet; 50 ms keeps decisions fast,
-    # the embedded broker's durable storage needs ~500 (its fetches take longer than 50 ms)
-    fetch_max_wait_ms: int = 50
-    max_cameras: int = 256
-    camera_idle_s: float = 300.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    stop_grace_s: float = 10.0  # how long a stopping worker keeps retrying the batch in hand
-    exit_when_idle_s: float | None = None
-    ready_file: str | None = None
-
-
-@dataclass
-class WorkerStats:
-    frames: BatchStats = field(default_factory=BatchStats)  # what happened to the frames
-    batches: int = 0
-    abandoned_batches: int = 0
-    commits: int = 0
-    commit_failures: int = 0
-    skipped_redeliveries: int = 0
-
-
-class _Rebalances:
-    """What the rebalance listener saw, handed from the network thread to the loop."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._revoked: set[Any] = set()
-        self._lost: set[Any] = set()
-        self._assigned: set[Any] = set()
-
-    def record(self, revoked: Any = (), lost: Any = (), assigned: Any = ()) -> None:
-        with self._lock:
-            self._revoked |= set(revoked)
-            self._lost |= set(lost)
-            self._assigned |= set(assigned)
-
-    def take(self) -> tuple[set[Any], set[Any], set[Any]]:
-        with self._lock:
-            out = (self._revoked, self._lost, self._assigned)
-            self._revoked, self._lost, self._assigned = set(), set(), set()
-        return out
-
-
-class _EveryMinute:
-    """Log a repeating condition once a minute, not once per retry."""
-
-    def __init__(self, every_s: float = 60.0) -> None:
-        self.every_s, self._last = every_s, float("-inf")
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        if now - self._last >= self.every_s:
-            self._last = now
-            return True
-        return False
 
 
 class Worker:
@@ -154,18 +79,12 @@ class Worker:
         published as ``linewatch_worker_info`` and its ``profile`` follows profile reloads;
         ``probe`` is a reference image that tells a broken model from a poisonous frame;
         ``label_key`` verifies operators' labels (needed with a ``learner``)."""
-        from kafka import KafkaConsumer, KafkaProducer
-
-        if learner is not None and label_key is None:
-            raise ValueError("learning from labels needs the label-signing key")
-        self.cfg, self.learner, self.watcher, self.label_key = cfg, learner, watcher, label_key
-        self.labels: LabelFollower | None = None
-        self.info = dict(info or {})
-        if self.info:
-            metrics.WORKER_INFO.info(self.info)
+        if cfg.thresholds is None:
+            raise ValueError("WorkerConfig.thresholds is not set (consumers.assembly.build_worker sets it)")
+        self.cfg = cfg
         self.stats = WorkerStats()
         self._stop = threading.Event()
-        self._rebalances = _Rebalances()
+        self._rebalances = Rebalances()
         self._pending: list[Any] = []  # fetched, not yet in a batch
         self._batch_tps: set[Any] = set()  # partitions of the batch in hand
         self._batch_revoked = False
@@ -176,7 +95,7 @@ class Worker:
         self._delivered: dict[Any, int] = {}  # partition -> next offset delivered, not committed
         self._rewind: dict[Any, int] = {}  # partition -> earliest offset given up, to read again
         self._ready_written = False
-        self._say = {k: _EveryMinute() for k in ("model", "delivery", "commit", "poll")}
+        self._say = {k: EveryMinute() for k in ("model", "commit", "poll")}
         w = cfg.worker_id
         self.cameras = metrics.CameraSeries(w, cfg.max_cameras, cfg.camera_idle_s,
                                             on_forget=self._forget_cameras)
@@ -184,42 +103,13 @@ class Worker:
                                         cfg.max_pixels, self.cameras, describe, drift, probe,
                                         cfg.retry, pause=self._pause)
         self.stats.frames = self.processor.stats
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=cfg.bootstrap,
-            group_id=cfg.group_id,
-            client_id=f"linewatch-worker-{w}",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=cfg.max_batch,
-            session_timeout_ms=cfg.session_timeout_ms,
-            heartbeat_interval_ms=cfg.heartbeat_interval_ms,
-            max_poll_interval_ms=cfg.max_poll_interval_ms,
-            fetch_max_bytes=max(52_428_800, cfg.max_frame_bytes * 2),
-            max_partition_fetch_bytes=max(1_048_576, cfg.max_frame_bytes + 65_536),
-            fetch_max_wait_ms=cfg.fetch_max_wait_ms,
-        )
-        request_ms = min(10_000, cfg.delivery_timeout_ms - 10)
-        self.producer = KafkaProducer(
-            bootstrap_servers=cfg.bootstrap,
-            client_id=f"linewatch-worker-out-{w}",
-            acks="all",
-            # kafka-python's idempotent producer (its default) wedged for good after one batch
-            # expired against the embedded broker (measured: every later send timed out). A
-            # frame's outputs are keyed by (camera, seq) and readers deduplicate on that, so a
-            # record written twice by a producer retry costs nothing.
-            enable_idempotence=False,
-            linger_ms=2,
-            request_timeout_ms=request_ms,
-            delivery_timeout_ms=cfg.delivery_timeout_ms,
-            max_block_ms=min(10_000, cfg.delivery_timeout_ms),  # a missing topic's metadata
-            max_request_size=cfg.max_frame_bytes + 256 * 1024,
-        )
+        self.consumer, self.producer = kafka_clients(cfg)
         self.delivery = Delivery(self.producer, w, cfg.delivery_timeout_ms / 1000 + 5)
         for counter in (metrics.COMMIT_FAILURES, metrics.DELIVERY_RETRIES, metrics.FRAMES_RECEIVED):
             counter.labels(worker=w)
         for topic in (cfg.topics.scores, cfg.topics.alerts, cfg.topics.review, cfg.topics.deadletter):
             metrics.OUTPUT_BLOCKED.labels(worker=w, topic=topic).set(0)
-        self._publish_thresholds(cfg.thresholds)
+        self.beliefs = Beliefs(cfg, self.processor, learner, watcher, label_key, info)
 
     # -- what the loop uses elsewhere ------------------------------------------------------
     @property
@@ -240,27 +130,8 @@ class Worker:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> WorkerStats:
-        from kafka import ConsumerRebalanceListener
-
-        events = self._rebalances
-
-        class _Listener(ConsumerRebalanceListener):
-            # runs on kafka-python's network thread: record, never block
-            def on_partitions_revoked(self, revoked: Any) -> None:
-                events.record(revoked=revoked)
-
-            def on_partitions_lost(self, lost: Any) -> None:
-                events.record(lost=lost)
-
-            def on_partitions_assigned(self, assigned: Any) -> None:
-                events.record(assigned=assigned)
-
-        if self.learner is not None:
-            assert self.label_key is not None
-            self.labels = LabelFollower(self.cfg.bootstrap, self.cfg.topics.labels, self.label_key,
-                                        self.cfg.max_frame_bytes, self.cfg.max_pixels)
-            self._replay_labels()
-        self.consumer.subscribe([self.cfg.topics.frames], listener=_Listener())
+        self.beliefs.start(self._stop)
+        self.consumer.subscribe([self.cfg.topics.frames], listener=rebalance_listener(self._rebalances))
         idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -279,12 +150,7 @@ class Worker:
 
     def _between_batches(self) -> None:
         """Profile swaps, operators' verdicts and idle cameras: never inside a batch."""
-        if self.watcher is not None and (fresh := self.watcher.poll()) is not None:
-            self._swap_profile(fresh)
-        if self.labels is not None and self.learner is not None:
-            self.learner.apply(self.labels.poll(0))
-            if self.learner.due():
-                self._use(self.learner.learn())
+        self.beliefs.update()
         self.cameras.expire()
         if self._owned & self._delivered.keys():  # skipped re-deliveries: commit them now
             with contextlib.suppress(BatchAbandoned):
@@ -412,25 +278,8 @@ class Worker:
                 backoff = min(30.0, backoff * 2)
 
     def _deliver(self, outputs: list[Outbound]) -> None:
-        left, attempt = outputs, 0
-        while True:
-            result = self.delivery.deliver(left)
-            left = result.outputs
-            for topic in (self.cfg.topics.scores, self.cfg.topics.alerts, self.cfg.topics.review,
-                          self.cfg.topics.deadletter):
-                blocked = topic in result.errors and any(o.topic == topic for o in left)
-                metrics.OUTPUT_BLOCKED.labels(worker=self.cfg.worker_id, topic=topic).set(int(blocked))
-            if not left and self.delivery.settled:
-                return
-            attempt += 1
-            metrics.DELIVERY_RETRIES.labels(worker=self.cfg.worker_id).inc()
-            backoff = min(30.0, 0.5 * 2 ** attempt)
-            if self._say["delivery"].due() or attempt == 1:
-                why = "; ".join(f"{t}: {e}" for t, e in result.errors.items())
-                log.error("%d output(s) not delivered (%s); the batch stays uncommitted, retrying in "
-                          "%.0fs. If this persists: does the topic exist (linewatch topics), may "
-                          "this worker write to it, is the broker up?", len(left), why, backoff)
-            self._pause(backoff)
+        t = self.cfg.topics
+        self.delivery.deliver_all(outputs, (t.scores, t.alerts, t.review, t.deadletter), self._pause)
 
     def _commit(self, batch: list[Any]) -> None:
         nxt: dict[Any, int] = {}
@@ -537,57 +386,6 @@ class Worker:
             return False
         return True
 
-    # -- profile reloads and operators' verdicts ----------------------------------------
-    def _swap_profile(self, new: LoadedProfile) -> None:
-        if self.learner is not None:  # operator-confirmed normals stay learned across reloads
-            self.learner.scorer, self.learner.references = new.scorer, list(new.references)
-            if self.learner.learned:
-                new.scorer.add_normals([im for _, im in self.learner.learned])
-        self.processor.scorer = new.scorer
-        if new.references:
-            self.processor.probe = new.references[0]
-        if new.drift is not None:
-            self.processor.drift = new.drift
-        self._set_thresholds(new.thresholds)
-        metrics.REFERENCE_IMAGES.labels(worker=self.cfg.worker_id).set(len(new.references))
-        metrics.PROFILE_RELOADS.labels(worker=self.cfg.worker_id).inc()
-        if self.info:
-            self.info["profile"] = new.fingerprint[:12]
-            metrics.WORKER_INFO.info(self.info)
-        log.info("profile %s in use: alert %.4f, review %.4f", new.fingerprint[:12],
-                 new.thresholds.alert, new.thresholds.review)
-
-    def _publish_thresholds(self, th: Thresholds) -> None:
-        metrics.THRESHOLD.labels(worker=self.cfg.worker_id, kind="alert").set(th.alert)
-        metrics.THRESHOLD.labels(worker=self.cfg.worker_id, kind="review").set(th.review)
-
-    def _set_thresholds(self, th: Thresholds) -> None:
-        self.cfg.thresholds = self.processor.thresholds = th
-        self._publish_thresholds(th)
-        if getattr(self.scorer, "map_gate", None) is not None:
-            self.scorer.map_gate = th.review  # type: ignore[attr-defined]
-
-    def _replay_labels(self) -> None:
-        """Apply every verdict already on ``.labels`` before scoring (the memory survives restarts)."""
-        assert self.labels is not None
-        assert self.learner is not None
-        quiet = 0
-        while quiet < 2 and not self._stop.is_set():
-            got = self.labels.poll(500)
-            quiet = 0 if got else quiet + 1
-            self.learner.apply(got)
-        self._use(self.learner.learn())  # once, for everything replayed
-
-    def _use(self, res: LearnResult) -> None:
-        if res.thresholds is None:
-            return
-        th = res.thresholds
-        log.info("recalibrated after %d learned normal(s): alert %.4f -> %.4f, review %.4f -> %.4f",
-                 res.added, self.cfg.thresholds.alert, th.alert, self.cfg.thresholds.review, th.review)
-        self._set_thresholds(th)
-        if self.drift is not None and res.holdout_scores is not None:
-            self.drift.rebase_scores(res.holdout_scores)
-
     # -- the rest ------------------------------------------------------------------------
     def _forget_cameras(self, keys: list[tuple[str, str]]) -> None:
         if self.drift is not None:
@@ -599,8 +397,7 @@ class Worker:
             self._ready_written = True
 
     def _close(self) -> None:
-        if self.labels is not None:
-            self.labels.close()
+        self.beliefs.close()
         try:
             self.producer.flush(timeout=30)
             self.producer.close(timeout=10)

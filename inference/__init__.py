@@ -15,11 +15,30 @@ Methods: ``patch-knn`` (nearest patch on any visual backbone), ``winclip``
 and ``openclip:ARCH`` with a local ``weights`` file.
 """
 
-from inference import _torchvision_fix  # noqa: F401 - must run before anything imports torchvision
-from inference.calibration import Thresholds, thresholds_from_normals
-from inference.scoring import NoopScorer, PatchKNNScorer, Scorer, ScoreResult
+from __future__ import annotations
 
-METHODS = ("patch-knn", "winclip", "winclip+", "noop")
+from typing import TYPE_CHECKING, Any
+
+from inference.settings import METHODS, ScorerSettings, SettingsError
+
+if TYPE_CHECKING:
+    from inference.calibration import Thresholds, thresholds_from_normals
+    from inference.scoring import NoopScorer, PatchKNNScorer, Scorer, ScoreResult
+
+# torch loads on first use of these, so settings (and a command line's --help) stay instant;
+# inference.backbones and inference.clip apply the torchvision fix before anything else
+_LAZY = {"Thresholds": "inference.calibration", "thresholds_from_normals": "inference.calibration",
+         "NoopScorer": "inference.scoring", "PatchKNNScorer": "inference.scoring",
+         "Scorer": "inference.scoring", "ScoreResult": "inference.scoring"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'inference' has no attribute {name!r}")
+
 BACKBONES = ("dinov2-s", "efficientnet-lite0", "openclip:ARCH")
 
 
@@ -57,49 +76,44 @@ def create_backbone(backbone: str = "dinov2-s", *, weights: str | None = None,
     raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
 
 
-def create_scorer(name: str = "patch-knn", *, backbone: str | None = None, image_size: int | None = None,
-                  layers: tuple[int, ...] | None = None, weights: str | None = None,
-                  class_name: str = "object", device: str = "cpu", random_init: bool = False,
-                  reference_augment: str = "none", zoom: bool = False, zoom_top_k: int = 2,
-                  zoom_crop: float = 0.35, adapt_steps: int = 0, precision: str = "fp32") -> Scorer:
-    """Build a scorer by method name (see :data:`METHODS`) on the named backbone.
+def create_scorer(name: str = "patch-knn", *, device: str = "cpu", **settings) -> Scorer:
+    """Build a scorer by method name (see :data:`METHODS`); ``settings`` are the fields of
+    :class:`~inference.settings.ScorerSettings` (backbone, image_size, zoom, ...), validated
+    there: an option the method or backbone would ignore raises ``SettingsError``.
 
     ``zoom`` adds the ROI zoom pass (:mod:`inference.zoom`): a second patch-knn on the
     same backbone scores crops of the frame's hottest regions at full resolution.
     """
-    if name == "noop":
+    return ScorerSettings(method=name, **settings).build(device)
+
+
+def _build(s: ScorerSettings, device: str) -> Scorer:
+    from inference.scoring import NoopScorer, PatchKNNScorer
+
+    if s.method == "noop":
         return NoopScorer()
-    if precision == "int8":
+    if s.precision == "int8":
         from inference.int8 import check_int8_device
 
         check_int8_device(device)
-    if (zoom or adapt_steps) and name != "patch-knn":
-        raise ValueError("ROI zoom and adaptation are implemented for patch-knn; turn them off for "
-                         + name)
-    if name == "patch-knn":
-        bb = create_backbone(backbone or "dinov2-s", weights=weights, image_size=image_size,
-                             layers=layers, random_init=random_init, precision=precision)
-        scorer = PatchKNNScorer(bb, device=device, augment=reference_augment, adapt_steps=adapt_steps)
-        if zoom:
+    bb = create_backbone(s.resolved_backbone or "", weights=s.weights, image_size=s.image_size,
+                         layers=s.layers, random_init=s.random_init, precision=s.precision)
+    if s.method == "patch-knn":
+        scorer = PatchKNNScorer(bb, device=device, augment=s.reference_augment,
+                                adapt_steps=s.adapt_steps)
+        if s.zoom:
             from inference.zoom import ZoomScorer
 
-            crop = PatchKNNScorer(bb, device=device, augment=reference_augment)
-            return ZoomScorer(scorer, crop, top_k=zoom_top_k, crop_frac=zoom_crop)
-        return scorer
-    if name in ("winclip", "winclip+"):
+            crop = PatchKNNScorer(bb, device=device, augment=s.reference_augment)
+            scorer = ZoomScorer(scorer, crop, top_k=s.zoom_top_k, crop_frac=s.zoom_crop)
+    else:
         from inference.winclip import WinCLIPScorer
 
-        backbone = backbone or "openclip:ViT-B-16-plus-240"
-        if not backbone.startswith("openclip:"):
-            raise ValueError(f"{name} needs a CLIP backbone with a text encoder (openclip:ARCH), "
-                             f"not {backbone!r}; use patch-knn for visual-only backbones")
-        if reference_augment != "none":
-            raise ValueError("reference augmentation is implemented for patch-knn only")
-        bb = create_backbone(backbone, weights=weights, image_size=image_size, random_init=random_init,
-                             precision=precision)
-        return WinCLIPScorer(bb, class_name=class_name, few_shot=name == "winclip+", device=device)
-    raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(METHODS)}")
+        scorer = WinCLIPScorer(bb, class_name=s.class_name, few_shot=s.method == "winclip+",
+                               device=device)
+    scorer.settings = s  # what built it: a profile stores this, a worker checks it
+    return scorer
 
 
-__all__ = ["BACKBONES", "METHODS", "NoopScorer", "PatchKNNScorer", "ScoreResult", "Scorer", "Thresholds",
-           "create_backbone", "create_scorer", "thresholds_from_normals"]
+__all__ = ["BACKBONES", "METHODS", "NoopScorer", "PatchKNNScorer", "ScoreResult", "Scorer", "ScorerSettings",
+           "SettingsError", "Thresholds", "create_backbone", "create_scorer", "thresholds_from_normals"]

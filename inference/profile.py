@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from inference.calibration import Thresholds
+from inference.settings import ScorerSettings, SettingsError
 
 PROFILE_SCHEMA = 1
 SUPPORTED_PROFILE_SCHEMAS = frozenset({PROFILE_SCHEMA})
@@ -34,7 +35,7 @@ class ProfileError(RuntimeError):
 
 @dataclass
 class LineProfile:
-    scorer: dict[str, Any]                 # method, backbone, image_size, layers, class_name, augment
+    scorer: ScorerSettings                 # what built the scorer the thresholds were measured on
     references: list[np.ndarray]           # (H, W, 3) uint8 each
     thresholds: Thresholds
     false_alarm_rate: float
@@ -72,7 +73,7 @@ class LineProfile:
         blob = save(self.arrays())
         _atomic_write(apath, blob)
         meta = {
-            "schema": self.schema, "created": self.created, "scorer": self.scorer,
+            "schema": self.schema, "created": self.created, "scorer": self.scorer.to_dict(),
             "thresholds": {"alert": self.thresholds.alert, "review": self.thresholds.review,
                            "n_normals": self.thresholds.n_normals,
                            "guaranteed": self.thresholds.guaranteed},
@@ -109,8 +110,12 @@ class LineProfile:
                                "incomplete (being written?) or was altered; write it again")
         arrays = load(blob)
         t = meta["thresholds"]
+        try:
+            settings = ScorerSettings.from_dict(meta["scorer"])
+        except SettingsError as exc:
+            raise ProfileError(f"{jpath}: {exc}") from None
         return cls(
-            scorer=meta["scorer"],
+            scorer=settings,
             references=[arrays[k] for k in sorted(arrays) if k.startswith("reference.")],
             learned=[arrays[k] for k in sorted(arrays) if k.startswith("learned.")],
             thresholds=Thresholds(float(t["alert"]), float(t["review"]), int(t["n_normals"]),

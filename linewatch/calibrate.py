@@ -44,11 +44,14 @@ def split_normals(images: Sequence[np.ndarray], shots: int, seed: int = 0,
                  [images[i] for i in rest[:n_test]])
 
 
-def calibrate_profile(scorer: Any, scorer_settings: dict[str, Any], images: Sequence[np.ndarray],
+def calibrate_profile(scorer: Any, images: Sequence[np.ndarray],
                       shots: int, false_alarm_rate: float, review_rate: float, seed: int = 0,
                       pseudo: int = 100, batch: int = 8,
                       progress: Callable[[str, int], Any] | None = None) -> LineProfile:
-    """Fit, set thresholds, measure rates and pseudo-anomaly recall; return the profile."""
+    """Fit, set thresholds, measure rates and pseudo-anomaly recall; return the profile.
+
+    The profile records ``scorer.settings`` (set by whatever built the scorer from
+    :class:`~inference.settings.ScorerSettings`), so a worker rebuilds exactly this scorer."""
     from monitoring.drift import DriftReference
 
     split = split_normals(images, shots, seed)
@@ -83,7 +86,7 @@ def calibrate_profile(scorer: Any, scorer_settings: dict[str, Any], images: Sequ
                                             "recall_flagged": float(np.mean(s >= th.review))}
     drift = DriftReference.from_frames(split.calibration, [r.score for r in cal],
                                        [r.embedding for r in cal])
-    return LineProfile(scorer=scorer_settings, references=list(split.references), thresholds=th,
+    return LineProfile(scorer=scorer.settings, references=list(split.references), thresholds=th,
                        false_alarm_rate=false_alarm_rate, review_rate=review_rate,
                        calibration_scores=np.array([r.score for r in cal]), drift=drift.to_arrays(),
                        estimate=estimate)

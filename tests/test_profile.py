@@ -18,6 +18,7 @@ import pytest
 from inference.calibration import Thresholds
 from inference.profile import LineProfile, ProfileError
 from inference.pseudo import NoVisibleChange, generate, make_pseudo_anomaly
+from inference.settings import ScorerSettings
 from linewatch.broker import EmbeddedBroker
 from linewatch.wire import Topics
 from tests.conftest import collect, shared_data
@@ -64,8 +65,7 @@ def test_ssim_filter_discards_pastes_that_change_nothing_visible() -> None:
 def _profile(seed: int = 0) -> LineProfile:
     rng = np.random.default_rng(seed)
     return LineProfile(
-        scorer={"method": "patch-knn", "backbone": None, "image_size": 112, "layers": None,
-                "class_name": "object", "weights": None, "reference_augment": "none"},
+        scorer=ScorerSettings(image_size=112),
         references=[rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(3)],
         learned=[rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)],
         thresholds=Thresholds(0.31234567891, 0.2711, 90, True), false_alarm_rate=0.01, review_rate=0.1,
@@ -148,10 +148,8 @@ def test_worker_reloads_a_changed_profile_without_losing_frames(broker: Embedded
     from producers.sources import SyntheticConveyor
 
     conveyor = SyntheticConveyor(seed=2, defect_rate=0.1, size=(256, 256))
-    settings = {"method": "patch-knn", "backbone": None, "image_size": 112, "layers": None,
-                "class_name": "object", "weights": None, "reference_augment": "none"}
     normals = conveyor.normals(40)
-    profile = calibrate_profile(create_scorer("patch-knn", image_size=112), settings, normals, 4,
+    profile = calibrate_profile(create_scorer("patch-knn", image_size=112), normals, 4,
                                 0.05, 0.2, pseudo=0)
     path = tmp_path / "line"
     profile.save(path)

@@ -1,0 +1,296 @@
+"""Putting a worker together: scorer, thresholds, drift, learner, profile watcher.
+
+The command line only parses flags into a :class:`WorkerSetup` and a
+:class:`~consumers.config.WorkerConfig`; :func:`build_worker` does the rest, so a
+test or another program builds exactly the worker ``linewatch worker`` runs.
+Every problem a person can fix (a missing folder, a flag the profile contradicts,
+a missing key) is a :class:`SetupError` that says what to do, raised before the
+worker joins its consumer group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from consumers.config import WorkerConfig
+from inference.settings import ScorerSettings, SettingsError, flag_name
+
+if TYPE_CHECKING:  # kept light: the command line reads WorkerSetup's defaults for its --help
+    import numpy as np
+
+    from inference.calibration import Thresholds
+
+log = logging.getLogger("linewatch")
+
+
+class SetupError(RuntimeError):
+    """A worker cannot be built as asked; the message says which input and what to do."""
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """How a worker's beliefs are set up (its Kafka settings are :class:`WorkerConfig`).
+
+    ``scorer`` holds only the scorer options that were given: without a profile they
+    complete :class:`ScorerSettings`' defaults; with one they must agree with it.
+    """
+
+    scorer: Mapping[str, Any] = field(default_factory=dict)
+    profile: str | None = None  # a line profile from `linewatch calibrate`
+    device: str = "cpu"
+    references: str | None = None  # folder of normal images (without a profile)
+    shots: int = 4
+    holdout: str | None = None  # other normals: thresholds and the drift reference
+    alert_threshold: float | None = None
+    review_threshold: float | None = None
+    false_alarm_rate: float = 0.01
+    review_rate: float = 0.1
+    drift_window: int = 100
+    drift_thresholds: tuple[str, ...] = ()  # "statistic=value" overrides
+    learn_from_labels: bool | None = None  # None: on when the label key is set
+    max_learned_normals: int = 200
+    torch_threads: int | None = None
+    inject_faults: str | None = None  # tests and benchmarks only (inference/faults.py)
+
+
+def build_worker(setup: WorkerSetup, config: WorkerConfig):
+    """The worker ``setup`` describes; ``config.thresholds`` is filled in here."""
+    from consumers.worker import Worker
+    from inference.backbones import BackboneUnavailable
+    from inference.clip import ClipUnavailable
+    from inference.profile import ProfileError
+    from linewatch.images import ImageReadError
+    from monitoring import metrics
+    from monitoring.drift import DriftConfigError
+
+    key = label_key(setup)  # settings errors before the model loads
+    if setup.torch_threads:
+        import torch
+
+        torch.set_num_threads(setup.torch_threads)
+    try:
+        b = StartingBeliefs.build(setup, config.worker_id)
+    except (SettingsError, ProfileError, DriftConfigError, ImageReadError, BackboneUnavailable,
+            ClipUnavailable, ValueError) as exc:
+        raise SetupError(str(exc)) from None
+    th, scorer = b.thresholds, b.scorer
+    if th.review > th.alert:
+        raise SetupError(f"review threshold {th.review} is above the alert threshold {th.alert}")
+    metrics.REFERENCE_IMAGES.labels(worker=config.worker_id).set(len(b.refs))
+    s = b.settings
+    info = {"scorer": scorer.name, "version": _version(),
+            "backbone": s.resolved_backbone or "none", "image_size": str(s.image_size or "default"),
+            "layers": ",".join(map(str, s.layers)) if s.layers else "default",
+            "profile": b.fingerprint[:12] if b.fingerprint else _profile_id(scorer.name, b.refs, th)}
+    if hasattr(scorer, "map_gate"):
+        # lazy cascade: full window maps only for frames that can reach review or alert
+        scorer.map_gate = th.review
+        log.info("full anomaly maps only for frames scoring >= %.4f (the review threshold)", th.review)
+    describe = describer(s, scorer)
+    if setup.inject_faults:
+        from inference.faults import FaultyScorer
+
+        try:
+            scorer = FaultyScorer(scorer, setup.inject_faults)
+        except ValueError as exc:
+            raise SetupError(str(exc)) from None
+        log.warning("--inject-faults %s: this worker's model fails on purpose (tests only)",
+                    setup.inject_faults)
+    learner = None
+    if key is not None:
+        from consumers.labels import ReferenceLearner
+
+        # thresholds given by hand stay as given; calibrated ones are recalibrated
+        learner = ReferenceLearner(scorer, b.refs, b.holdout or None, config.worker_id,
+                                   setup.max_learned_normals, setup.false_alarm_rate, setup.review_rate)
+        if not b.holdout:
+            log.info("operator verdicts grow the reference memory; thresholds stay fixed (they "
+                     "are recalibrated only when calibrated from --holdout)")
+    if b.drift is None:
+        log.warning("drift monitoring is off: it needs --holdout (the calibration frames are its "
+                    "reference)%s", "" if setup.drift_window else " and a --drift-window above 0")
+    watcher = None
+    if setup.profile:
+        from consumers.profiles import ProfileWatcher, load_profile
+
+        path = setup.profile
+        watcher = ProfileWatcher(path, lambda: load_profile(path, setup.device, setup.drift_window,
+                                                            b.drift_overrides), b.fingerprint or "")
+    return Worker(dataclasses.replace(config, thresholds=th), scorer, b.drift, learner, watcher,
+                  describe=describe, info=info, probe=b.refs[0] if b.refs else None, label_key=key)
+
+
+@dataclass
+class StartingBeliefs:
+    """What the worker starts out believing: the fitted scorer and its thresholds, from a
+    profile or from folders (``StartingBeliefs.build``)."""
+
+    settings: ScorerSettings
+    scorer: Any
+    thresholds: Thresholds
+    refs: list[np.ndarray]
+    holdout: list[np.ndarray]
+    drift: Any
+    drift_overrides: dict[str, float]
+    fingerprint: str | None = None
+
+    @classmethod
+    def build(cls, setup: WorkerSetup, worker_id: str) -> StartingBeliefs:
+        from inference.calibration import Thresholds
+        from monitoring.drift import parse_thresholds
+
+        overrides = parse_thresholds(setup.drift_thresholds)
+        if setup.profile:
+            return cls._from_profile(setup, overrides)
+        settings = ScorerSettings(**setup.scorer)
+        if settings.method == "noop":
+            log.warning("scorer 'noop' scores nothing: every frame is 'normal'. Use it only to "
+                        "measure the pipeline's own overhead.")
+            th = Thresholds(alert=setup.alert_threshold or 1.0, review=setup.review_threshold or 0.5,
+                            n_normals=0, guaranteed=False)
+            return cls(settings, settings.build(setup.device), th, [], [], None, overrides)
+        return cls._from_folders(setup, settings, overrides)
+
+    @classmethod
+    def _from_profile(cls, setup: WorkerSetup, overrides: dict[str, float]) -> StartingBeliefs:
+        from consumers.profiles import load_profile
+        from inference.profile import LineProfile
+
+        given = [n for n in ("references", "holdout", "alert_threshold", "review_threshold")
+                 if getattr(setup, n) is not None]
+        if given:
+            raise SetupError(f"--{given[0].replace('_', '-')} conflicts with --profile: the profile "
+                             "holds the references and thresholds it was calibrated with; remove it")
+        settings = LineProfile.load(setup.profile).scorer  # type: ignore[arg-type]
+        conflicts = [k for k, v in setup.scorer.items() if getattr(settings, k) != v]
+        if conflicts:
+            k = conflicts[0]
+            raise SetupError(f"{flag_name(k)} {setup.scorer[k]!r} conflicts with the profile "
+                             f"{setup.profile}, calibrated with {k}={getattr(settings, k)!r}: a worker "
+                             "scores with the profile's settings; remove the flag or calibrate again")
+        loaded = load_profile(setup.profile, setup.device, setup.drift_window, overrides)  # type: ignore[arg-type]
+        th = loaded.thresholds
+        log.info("profile %s: %d reference images; thresholds alert=%.4f review=%.4f", setup.profile,
+                 len(loaded.references), th.alert, th.review)
+        return cls(loaded.profile.scorer, loaded.scorer, th, loaded.references, [], loaded.drift,
+                   overrides, loaded.fingerprint)
+
+    @classmethod
+    def _from_folders(cls, setup: WorkerSetup, settings: ScorerSettings,
+                      overrides: dict[str, float]) -> StartingBeliefs:
+        from inference.calibration import Thresholds, score_frames, thresholds_from_normals
+        from linewatch.images import load_folder
+
+        if not setup.references:
+            raise SetupError("--references DIR is required: a folder of normal images of this line "
+                             "(or --profile PROFILE from `linewatch calibrate`)")
+        refs = load_folder(setup.references, limit=setup.shots, what="--references")
+        hand = setup.alert_threshold is not None and setup.review_threshold is not None
+        if not hand and not setup.holdout:
+            raise SetupError("thresholds: give --holdout DIR (normal images, not the references) "
+                             "to calibrate from, or both --alert-threshold and --review-threshold")
+        scorer = settings.build(setup.device)
+        scorer.fit(refs)
+        holdout: list[np.ndarray] = []
+        drift = None
+        if hand:
+            th = Thresholds(setup.alert_threshold, setup.review_threshold, 0, False)  # type: ignore[arg-type]
+        else:
+            # held-out normals (never the references) set the thresholds and are the
+            # reference that drift is measured against
+            holdout = load_folder(setup.holdout, what="--holdout")  # type: ignore[arg-type]
+            results = score_frames(scorer, holdout)
+            th = thresholds_from_normals([r.score for r in results], setup.false_alarm_rate,
+                                         setup.review_rate)
+            drift = drift_monitor(setup.drift_window, overrides, holdout, results)
+        log.info("%d reference images; thresholds alert=%.4f review=%.4f (%d held-out normals)",
+                 len(refs), th.alert, th.review, th.n_normals)
+        return cls(settings, scorer, th, refs, holdout, drift, overrides)
+
+
+def label_key(setup: WorkerSetup) -> bytes | None:
+    """The label-signing key when this worker learns from operators' verdicts, else None."""
+    from linewatch.wire import LABEL_KEY_ENV
+    from linewatch.wire import label_key as key_from_env
+
+    try:
+        key = key_from_env()
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+    if setup.scorer.get("method") == "noop":
+        if setup.learn_from_labels:
+            raise SetupError("--learn-from-labels: the noop scorer has no reference memory to grow")
+        return None
+    if setup.learn_from_labels is False:
+        log.info("learning from operators' verdicts: off (--no-learn-from-labels)")
+        return None
+    if key is None:
+        if setup.learn_from_labels:
+            raise SetupError(f"--learn-from-labels needs {LABEL_KEY_ENV}: the key the review service "
+                             "signs labels with (workers apply only signed labels)")
+        log.warning("learning from operators' verdicts: off, because %s is not set (set it to the "
+                    "review service's key to learn from verdicts)", LABEL_KEY_ENV)
+        return None
+    log.info("learning from operators' verdicts signed with %s", LABEL_KEY_ENV)
+    return key
+
+
+def describer(settings: ScorerSettings, scorer: Any) -> Callable[[np.ndarray], str] | None:
+    """Defect words on flagged regions when the scorer carries a CLIP text model, else None
+    (the settings refuse a vocabulary without one)."""
+    backbone = getattr(scorer, "backbone", None)
+    if backbone is None or not hasattr(backbone, "text_direction"):
+        log.info("no CLIP text model: explanations locate defects but do not name them")
+        return None
+    from inference.explain import DEFAULT_VOCABULARY, DefectVocabulary, words_sentence
+
+    words = [w for w in (settings.vocabulary or ()) if w.strip()] or DEFAULT_VOCABULARY
+    try:
+        vocab = DefectVocabulary(backbone, words, class_name=settings.class_name)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+    return _Describe(vocab, words_sentence)
+
+
+class _Describe:
+    """A flagged crop -> a sentence of defect words (keeps its vocabulary inspectable)."""
+
+    def __init__(self, vocabulary: Any, sentence: Callable[[Any], str]) -> None:
+        self.vocabulary, self._sentence = vocabulary, sentence
+
+    def __call__(self, crop: np.ndarray) -> str:
+        return self._sentence(self.vocabulary.describe([crop])[0])
+
+
+def drift_monitor(window: int, overrides: dict[str, float], holdout: list, results: list):
+    """Drift against the calibration frames, or None when ``window`` is 0."""
+    from monitoring import metrics
+    from monitoring.drift import DriftMonitor, DriftReference
+
+    if not window:
+        return None
+    ref = DriftReference.from_frames(holdout, [r.score for r in results], [r.embedding for r in results])
+    monitor = DriftMonitor(ref, window=window, thresholds=overrides)
+    metrics.publish_reference(ref)
+    log.info("drift: %d-frame windows per camera against %d calibration frames%s", window, ref.n,
+             "" if ref.embeddings is not None else " (this scorer has no embedding drift)")
+    return monitor
+
+
+def _profile_id(scorer: str, refs: list, th: object) -> str:
+    """A short fingerprint of what decides: scorer, reference pixels, thresholds (for dashboards)."""
+    h = hashlib.sha256(f"{scorer}|{th!r}".encode())
+    for im in refs:
+        h.update(im.tobytes())
+    return h.hexdigest()[:12]
+
+
+def _version() -> str:
+    from linewatch import __version__
+
+    return __version__

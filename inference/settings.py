@@ -1,0 +1,188 @@
+"""How a scorer is configured, written down once.
+
+Every place that builds a scorer (the command line, ``calibrate``, ``evaluate``,
+a worker loading a line profile, the benchmarks) goes through
+:class:`ScorerSettings`: one typed object, one validation, one way to store it
+in a profile and read it back. A profile records the settings its thresholds
+were measured with, so a worker that loads the profile builds exactly that
+scorer; an option that the chosen method or backbone would ignore is refused,
+naming the option, instead of being accepted and silently doing nothing.
+
+Device (``cpu``, ``cuda:0``) is not a setting: it is where a scorer runs, not
+what it computes, and the same profile runs on either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+METHODS = ("patch-knn", "winclip", "winclip+", "noop")
+VISUAL_BACKBONES = ("dinov2-s", "efficientnet-lite0")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+AUGMENTS = ("none", "rotate", "rotate+flip")
+DEFAULT_BACKBONE = {"patch-knn": "dinov2-s", "winclip": "openclip:ViT-B-16-plus-240",
+                    "winclip+": "openclip:ViT-B-16-plus-240"}
+
+
+class SettingsError(ValueError):
+    """Settings that cannot build a scorer, or that contain an option nothing would use."""
+
+
+def flag_name(setting: str) -> str:
+    """The command-line flag of a setting, for messages: ``zoom_top_k`` -> ``--zoom-top-k``."""
+    return "--defect-vocabulary" if setting == "vocabulary" else "--" + setting.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """What decides a scorer's numbers. Defaults here are the only defaults."""
+
+    method: str = "patch-knn"
+    backbone: str | None = None  # None: the method's default (DEFAULT_BACKBONE)
+    weights: str | None = None  # local weights file; dinov2-s and efficientnet-lite0 have packaged ones
+    image_size: int | None = None  # visual backbones only; None: the backbone's default
+    layers: tuple[int, ...] | None = None  # visual backbones only; None: the backbone's default
+    random_init: bool = False  # openclip: only; random weights, for tests and benchmarks
+    precision: str = "fp32"
+    reference_augment: str = "none"  # patch-knn only
+    zoom: bool = False  # patch-knn only
+    zoom_top_k: int = 2
+    zoom_crop: float = 0.35
+    adapt_steps: int = 0  # patch-knn only
+    class_name: str = "object"  # CLIP text prompts and defect words
+    vocabulary: tuple[str, ...] | None = field(default=None)  # defect words; None: the default list
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if self.vocabulary is not None:
+            object.__setattr__(self, "vocabulary", tuple(str(w) for w in self.vocabulary))
+        self.validate()
+
+    # -- validation: one place, every combination ----------------------------------------
+    @property
+    def resolved_backbone(self) -> str | None:
+        return self.backbone or DEFAULT_BACKBONE.get(self.method)
+
+    @property
+    def clip(self) -> bool:
+        """Whether the backbone has a CLIP text tower (prompts, defect words)."""
+        return (self.resolved_backbone or "").startswith("openclip:")
+
+    def _changed(self) -> list[str]:
+        return [f.name for f in fields(self) if f.name != "method"
+                and getattr(self, f.name) != f.default]
+
+    def validate(self) -> None:
+        """Refuse what cannot work and what would be ignored, naming the option."""
+        m = self.method
+        if m not in METHODS:
+            raise SettingsError(f"unknown scorer {m!r}; choose one of {', '.join(METHODS)}")
+        if m == "noop":
+            if self._changed():
+                raise SettingsError(f"the noop scorer scores nothing, so {flag_name(self._changed()[0])} "
+                                    "would do nothing; remove it")
+            return
+        bb = self.resolved_backbone or ""
+        if not (bb in VISUAL_BACKBONES or (bb.startswith("openclip:") and len(bb) > 9)):
+            raise SettingsError(f"unknown backbone {bb!r}; choose dinov2-s, efficientnet-lite0 or "
+                                "openclip:ARCH")
+        if m != "patch-knn" and not self.clip:
+            raise SettingsError(f"{m} needs a CLIP backbone with a text encoder (openclip:ARCH), "
+                                f"not {bb!r}; use patch-knn for visual-only backbones")
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.reference_augment not in AUGMENTS:
+            raise SettingsError(f"--reference-augment {self.reference_augment!r}: choose one of "
+                                f"{', '.join(AUGMENTS)}")
+        ignored = {  # option -> why the chosen scorer would ignore it
+            "image_size": "a CLIP backbone works at its own resolution" if self.clip else None,
+            "layers": "a CLIP backbone's layers are fixed by the method" if self.clip else None,
+            "random_init": None if self.clip else f"{bb} loads its packaged weights; random "
+                                                  "initialisation is implemented for openclip: backbones",
+            "reference_augment": None if m == "patch-knn" else "reference augmentation is "
+                                                               "implemented for patch-knn",
+            "zoom": None if m == "patch-knn" else "ROI zoom is implemented for patch-knn",
+            "adapt_steps": None if m == "patch-knn" else "adaptation is implemented for patch-knn",
+            "zoom_top_k": None if self.zoom else "it sets how ROI zoom works; add --zoom",
+            "zoom_crop": None if self.zoom else "it sets how ROI zoom works; add --zoom",
+            "class_name": None if self.clip else f"{bb} has no text model to put it in a prompt",
+            "vocabulary": None if self.clip else f"{bb} has no text model to score defect words",
+        }
+        for name in self._changed():
+            if ignored.get(name):
+                raise SettingsError(f"{flag_name(name)} would be ignored: {ignored[name]}; remove it")
+        if self.precision in ("bf16", "fp16") and not self.clip:
+            raise SettingsError(f"--precision {self.precision} is implemented for openclip: "
+                                f"backbones; {bb} runs in fp32 (or int8 on CPU for dinov2-s)")
+        if self.precision == "int8" and bb == "efficientnet-lite0":
+            raise SettingsError("--precision int8 is implemented for the ViT backbones (dinov2-s, "
+                                "openclip:); efficientnet-lite0 runs in fp32")
+        if self.image_size is not None and self.image_size < 14:
+            raise SettingsError(f"--image-size {self.image_size} is too small (at least 14)")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise SettingsError(f"--layers {self.layers}: give block indices >= 0, e.g. 5,8")
+        if self.zoom and not (self.zoom_top_k >= 1 and 0 < self.zoom_crop < 1):
+            raise SettingsError("--zoom-top-k must be >= 1 and --zoom-crop between 0 and 1")
+        if self.adapt_steps < 0:
+            raise SettingsError(f"--adapt-steps {self.adapt_steps}: must be >= 0")
+        if self.vocabulary is not None and not [w for w in self.vocabulary if w.strip()]:
+            raise SettingsError("--defect-vocabulary is empty; give comma-separated words")
+        if not self.class_name.strip():
+            raise SettingsError("--class-name is empty")
+
+    # -- building ------------------------------------------------------------------------
+    def build(self, device: str = "cpu"):
+        """The scorer these settings describe, on ``device`` (not yet fitted)."""
+        from inference import _build
+
+        return _build(self, device)
+
+    # -- storing in a profile ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("layers", "vocabulary"):
+            d[k] = list(d[k]) if d[k] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ScorerSettings:
+        """Read settings back from a profile; an unknown key is an error (a newer linewatch
+        wrote it, and ignoring it would score differently from what was calibrated)."""
+        if not isinstance(d, Mapping):
+            raise SettingsError("scorer settings must be a mapping")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SettingsError(f"unknown scorer setting(s) {', '.join(unknown)}: written by a "
+                                "newer linewatch? Upgrade, or calibrate again with this one")
+        try:
+            return cls(**dict(d))
+        except TypeError as exc:
+            raise SettingsError(f"scorer settings: {exc}") from None
+
+    def differences(self, other: ScorerSettings) -> list[str]:
+        """Option names whose values differ (for a flag that conflicts with a profile)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+    def flags(self) -> list[str]:
+        """Command-line flags that rebuild these settings (non-defaults only)."""
+        out = ["--scorer", self.method]
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "method" or v == f.default:
+                continue
+            flag = flag_name(f.name)
+            if isinstance(v, bool):
+                out.append(flag if v else f"--no-{flag[2:]}")
+            elif isinstance(v, tuple):
+                out += [flag, ",".join(map(str, v))]
+            else:
+                out += [flag, str(v)]
+        return out
+
+
+DEFAULTS = ScorerSettings()

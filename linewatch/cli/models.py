@@ -1,0 +1,252 @@
+"""Model flags (one per :class:`~inference.settings.ScorerSettings` field), ``evaluate`` and
+``calibrate``.
+
+Every model flag defaults to "not given": the defaults live in ``ScorerSettings``
+alone, so a flag that was typed can be told from one that was not (a ``--profile``
+worker refuses a typed flag that contradicts its profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from inference.settings import DEFAULTS, METHODS, ScorerSettings, SettingsError
+from linewatch.cli._common import FMT, CliError, torch_threads
+
+_NOT_GIVEN = argparse.SUPPRESS
+
+
+def _default(name: str) -> str:
+    return f"default: {getattr(DEFAULTS, name)}"
+
+
+def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
+    """The scorer's flags; ``vocabulary`` for the commands that explain frames (worker,
+    calibrate, whose profile a worker explains with)."""
+    g = p.add_argument_group("model (inference.settings.ScorerSettings)")
+    g.add_argument("--scorer", "--method", dest="method", default=_NOT_GIVEN, choices=METHODS,
+                   help="patch-knn: nearest-patch few-shot on a visual backbone; winclip: zero-shot "
+                        "from text prompts; winclip+: zero- plus few-shot (both need an openclip: "
+                        "backbone); noop: scores nothing, only for measuring pipeline overhead "
+                        f"({_default('method')})")
+    g.add_argument("--backbone", default=_NOT_GIVEN, metavar="NAME",
+                   help="dinov2-s | efficientnet-lite0 | openclip:ARCH (e.g. "
+                        "openclip:ViT-B-16-plus-240, needs --weights) (default: dinov2-s for "
+                        "patch-knn, openclip:ViT-B-16-plus-240 for winclip)")
+    g.add_argument("--weights", "--dinov2-weights", dest="weights", metavar="PATH", default=_NOT_GIVEN,
+                   help="local weights file for the backbone (default: dinov2-s and "
+                        "efficientnet-lite0 come from their installed packages; CLIP has no default)")
+    g.add_argument("--image-size", type=int, default=_NOT_GIVEN,
+                   help="model resolution for visual backbones (default: 224 for dinov2-s, a "
+                        "multiple of 14; 256 for efficientnet-lite0)")
+    g.add_argument("--layers", type=_layers, default=_NOT_GIVEN,
+                   help="visual backbones: blocks/stages whose patch features are compared "
+                        "(default: 5,8 for dinov2-s, 2,3 for efficientnet-lite0)")
+    g.add_argument("--random-init", action="store_true", default=_NOT_GIVEN,
+                   help="openclip: backbones only: random weights (for speed and correctness runs, "
+                        "never for quality)")
+    g.add_argument("--class-name", default=_NOT_GIVEN,
+                   help="what the camera sees, for CLIP's text prompts and defect words, e.g. "
+                        f"'bottle' ({_default('class_name')})")
+    g.add_argument("--reference-augment", default=_NOT_GIVEN, choices=["none", "rotate", "rotate+flip"],
+                   help="patch-knn: also remember each reference rotated by 90/180/270 degrees "
+                        "(and mirrored); for parts that may arrive in any orientation "
+                        f"({_default('reference_augment')})")
+    g.add_argument("--precision", default=_NOT_GIVEN, choices=["fp32", "bf16", "fp16", "int8"],
+                   help="fp32 is exact. bf16/fp16 (openclip: backbones) are for GPUs and slower than "
+                        "fp32 on most CPUs; int8 (openclip: and dinov2-s) runs the image tower's "
+                        "matrix products in int8 on CPU, about 1.5x faster, scores slightly "
+                        "different: calibrate at the precision you score at "
+                        f"({_default('precision')})")
+    g.add_argument("--zoom", action=argparse.BooleanOptionalAction, default=_NOT_GIVEN,
+                   help="ROI zoom (patch-knn): re-score crops of the hottest regions, cut from the "
+                        "full-resolution frame, against crop-level references (default: off)")
+    g.add_argument("--zoom-top-k", type=int, default=_NOT_GIVEN,
+                   help=f"with --zoom: regions per frame ({_default('zoom_top_k')})")
+    g.add_argument("--zoom-crop", type=float, default=_NOT_GIVEN,
+                   help=f"with --zoom: crop size as a fraction of the frame side ({_default('zoom_crop')})")
+    g.add_argument("--adapt-steps", type=int, default=_NOT_GIVEN, metavar="N",
+                   help="patch-knn: train a small contrastive head on pseudo-anomalies of the "
+                        "references for N steps before fitting (0 = off, the default: it did not "
+                        "help in the measurements in the README)")
+    if vocabulary:
+        g.add_argument("--defect-vocabulary", dest="vocabulary", type=_words, default=_NOT_GIVEN,
+                       metavar="WORDS",
+                       help="comma-separated defect words scored on each flagged region with the "
+                            "CLIP text model (openclip: backbones; default: scratch, crack, dent, "
+                            "contamination, missing part, discolouration, hole, stain, deformation, "
+                            "foreign object)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: %(default)s)")
+
+
+_FIELDS = tuple(f for f in ScorerSettings.__dataclass_fields__)
+
+
+def scorer_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The model flags that were given, by ScorerSettings field name."""
+    return {k: getattr(a, k) for k in _FIELDS if hasattr(a, k)}
+
+
+def scorer_settings(a: argparse.Namespace) -> ScorerSettings:
+    try:
+        return ScorerSettings(**scorer_options(a))
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+
+
+def build_scorer(settings: ScorerSettings, device: str):
+    from inference.backbones import BackboneUnavailable
+    from inference.clip import ClipUnavailable
+
+    try:
+        return settings.build(device)
+    except (BackboneUnavailable, ClipUnavailable, ValueError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated block numbers, "
+                                         "e.g. 5,8") from None
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+def add_commands(sub: Any) -> None:
+    e = sub.add_parser("evaluate", formatter_class=FMT,
+                       help="measure a method's quality on a labelled dataset folder",
+                       description="Fit on SHOTS normal images drawn at random (once per seed), score "
+                                   "the test set, and report image AUROC / AP / F1-max and pixel "
+                                   "AUROC / PRO (to FPR 0.3) / F1-max as mean +- std over seeds, "
+                                   "with a ROC plot and a heatmap-overlay grid.\n\n"
+                                   "--data takes an MVTec AD category folder (train/good, test, "
+                                   "ground_truth) or the magnetic-tile dataset (MT_Free/Imgs, "
+                                   "MT_<Defect>/Imgs; test = all defects + 150 fixed unseen MT_Free).",
+                       epilog="example:\n  linewatch evaluate --data ../shared/data/mvtec_ad/bottle "
+                              "--method patch-knn --backbone dinov2-s --shots 1 --seeds 3 "
+                              "--json out/bottle.json")
+    e.add_argument("--data", required=True, metavar="DIR", help="dataset folder (see above)")
+    model_args(e)
+    e.add_argument("--shots", type=int, default=1, help="normal reference images (default: %(default)s)")
+    e.add_argument("--seeds", type=int, default=3,
+                   help="how many random reference draws (seeds 0..S-1) (default: %(default)s)")
+    e.add_argument("--defect-types", default=None,
+                   help="comma-separated defect folders to keep, e.g. broken_small (default: all)")
+    e.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
+    e.add_argument("--plots", metavar="DIR", default=None,
+                   help="write the ROC plot and overlay grid here (default: beside --json)")
+    e.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
+    e.add_argument("--eval-size", type=int, default=256,
+                   help="pixel metrics at this longer side (default: %(default)s)")
+    e.add_argument("--torch-threads", type=int, default=None)
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(run=cmd_evaluate)
+
+    c = sub.add_parser("calibrate", formatter_class=FMT,
+                       help="build a line profile from normal images (references + thresholds)",
+                       description="Split normal images (seeded) into --shots references, a "
+                                   "calibration set that sets the thresholds and a test set on which "
+                                   "the false-alarm and review rates are measured; estimate recall on "
+                                   "pseudo-anomalies (local augmentation, CutPaste baseline); save the "
+                                   "profile as PROFILE.safetensors + PROFILE.json (no pickle). The "
+                                   "profile records every model option, and workers load it with "
+                                   "--profile (and reload it when it changes) with those options.")
+    c.add_argument("--normals", required=True, metavar="DIR", help="folder of normal images of this line")
+    c.add_argument("--shots", type=int, default=4, help="reference images (default: %(default)s)")
+    c.add_argument("--out", required=True, metavar="PROFILE",
+                   help="profile path without suffix (writes PROFILE.json and PROFILE.safetensors)")
+    model_args(c, vocabulary=True)
+    c.add_argument("--false-alarm-rate", type=float, default=0.01,
+                   help="target alert rate on normal frames (default: %(default)s)")
+    c.add_argument("--review-rate", type=float, default=0.1,
+                   help="target rate of normal frames flagged for review or alert (default: %(default)s)")
+    c.add_argument("--pseudo", type=int, default=100,
+                   help="pseudo-anomalies per method for the recall estimate (0 = none; "
+                        "default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="split and pseudo-anomaly seed (default: %(default)s)")
+    c.add_argument("--torch-threads", type=int, default=None)
+    c.add_argument("--json", metavar="PATH", default=None, help="also write the measured rates as JSON")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(run=cmd_calibrate)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from linewatch.evaluate import DatasetError, load_split, run_evaluation, table
+    from linewatch.images import ImageReadError
+
+    settings = scorer_settings(a)
+    if settings.method == "noop":
+        raise CliError("evaluating 'noop' measures nothing; pick patch-knn, winclip or winclip+")
+    if a.shots < 1 and settings.method != "winclip":
+        raise CliError(f"--shots must be >= 1 for {settings.method}")
+    torch_threads(a.torch_threads)
+    try:
+        split = load_split(a.data, a.defect_types.split(",") if a.defect_types else None)
+    except DatasetError as exc:
+        raise CliError(str(exc)) from None
+    scorer = build_scorer(settings, a.device)
+    json_path = Path(a.json) if a.json else None
+    plots = Path(a.plots) if a.plots else (json_path.parent if json_path else None)
+    config = {**settings.to_dict(), "backbone": settings.resolved_backbone, "shots": a.shots,
+              "device": a.device}
+    print(f"{split.name} ({split.layout}): {len(split.test)} test images, "
+          f"{sum(s.defect for s in split.test)} defective; {settings.method} on "
+          f"{settings.resolved_backbone}, {a.shots}-shot, seeds 0..{a.seeds - 1}", file=sys.stderr)
+    try:
+        summary = run_evaluation(scorer, split, shots=a.shots, seeds=range(a.seeds), config=config,
+                                 json_path=json_path, plots_dir=plots, batch_size=a.batch_size,
+                                 eval_size=a.eval_size, progress=not a.no_progress)
+    except (DatasetError, ImageReadError) as exc:
+        raise CliError(str(exc)) from None
+    print(table(summary))
+    for k, v in summary.get("plots", {}).items():
+        print(f"{k}: {v}")
+    if json_path:
+        print(f"json: {json_path}")
+    return 0
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from inference.profile import LineProfile
+    from linewatch.calibrate import calibrate_profile, report
+    from linewatch.images import ImageReadError, load_folder
+
+    settings = scorer_settings(a)
+    if settings.method == "noop":
+        raise CliError("'noop' scores nothing; calibrate patch-knn, winclip or winclip+")
+    if not 0 < a.false_alarm_rate < a.review_rate < 1:
+        raise CliError("need 0 < --false-alarm-rate < --review-rate < 1")
+    torch_threads(a.torch_threads)
+    try:
+        images = load_folder(a.normals, what="--normals")
+    except ImageReadError as exc:
+        raise CliError(str(exc)) from None
+    scorer = build_scorer(settings, a.device)
+
+    def bar(what: str, total: int):
+        return tqdm(total=total, desc=what, unit="img", disable=a.no_progress, dynamic_ncols=True)
+
+    try:
+        profile = calibrate_profile(scorer, images, a.shots, a.false_alarm_rate, a.review_rate,
+                                    seed=a.seed, pseudo=a.pseudo, progress=bar)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    path = profile.save(a.out)
+    print(report(profile))
+    print(f"profile written: {path} (+ {LineProfile.paths(a.out)[1].name})")
+    if a.json:
+        Path(a.json).write_text(json.dumps(profile.estimate, indent=2) + "\n")
+    return 0

@@ -1,0 +1,180 @@
+"""Scorer settings are defined once: what `calibrate` is given is what a `--profile` worker
+scores with, and an option the chosen scorer would ignore is refused by name.
+
+e170531: `calibrate --adapt-steps N` was written nowhere a worker read it (the profile's
+scorer settings were a hand-written dict without it), so `--profile` workers scored without
+the adapted head against thresholds measured with it; the defect vocabulary of a profile
+worker came from the command line, not from the profile.
+
+The CLIP cases use the bundled tiny architecture with random weights (no CLIP weights
+here): they check that every option reaches the scorer, not what real CLIP scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from inference.settings import ScorerSettings, SettingsError
+
+TINY = "openclip:lw-tiny-vit-64"
+EFF = dict(backbone="efficientnet-lite0", image_size=64)
+CLIP = dict(method="winclip", backbone=TINY, random_init=True)
+
+
+def _param_sum(scorer: Any) -> float:
+    bb = getattr(scorer, "backbone", None) or scorer.coarse.backbone
+    return round(float(sum(p.detach().double().sum() for p in bb.parameters())), 3)
+
+
+def _backbone(scorer: Any) -> Any:
+    return getattr(scorer, "backbone", None) or scorer.coarse.backbone
+
+
+# option -> (settings that change it from its default, what the built scorer shows of it)
+CASES: dict[str, tuple[dict[str, Any], Any]] = {
+    "method": ({**CLIP, "method": "winclip+"}, lambda s, d: s.name),
+    "backbone": (EFF, lambda s, d: type(_backbone(s)).__name__),
+    "weights": ({**EFF, "weights": "WEIGHTS"}, lambda s, d: _param_sum(s)),
+    "image_size": ({**EFF, "image_size": 96}, lambda s, d: _backbone(s).image_size),
+    "layers": ({**EFF, "layers": (1, 2)}, lambda s, d: _backbone(s).stages),
+    "random_init": (CLIP, lambda s, d: _param_sum(s)),
+    "precision": ({**CLIP, "precision": "int8"}, lambda s, d: _backbone(s).precision),
+    "reference_augment": ({**EFF, "reference_augment": "rotate"}, lambda s, d: s.augment),
+    "zoom": ({**EFF, "zoom": True}, lambda s, d: type(s).__name__),
+    "zoom_top_k": ({**EFF, "zoom": True, "zoom_top_k": 3}, lambda s, d: s.top_k),
+    "zoom_crop": ({**EFF, "zoom": True, "zoom_crop": 0.5}, lambda s, d: s.crop_frac),
+    "adapt_steps": ({**EFF, "adapt_steps": 3}, lambda s, d: (s.adapt_steps, s.head is not None)),
+    "class_name": ({**CLIP, "class_name": "bottle"}, lambda s, d: s.class_name),
+    "vocabulary": ({**CLIP, "vocabulary": ("dent", "burr", "hole")},
+                   lambda s, d: tuple(d.vocabulary.words)),
+}
+
+
+def test_every_setting_has_a_case() -> None:
+    assert set(CASES) == {f.name for f in dataclasses.fields(ScorerSettings)}
+
+
+@pytest.fixture(scope="module")
+def normals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from producers.sources import SyntheticConveyor
+
+    out = tmp_path_factory.mktemp("normals")
+    for i, im in enumerate(SyntheticConveyor(seed=4, size=(96, 96), defect_rate=0.0).normals(8)):
+        cv2.imwrite(str(out / f"{i:02d}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """EfficientNet-Lite0 weights that differ from the packaged ones (first tensor halved)."""
+    import torch
+
+    from inference.backbones import efficientnet_lite0_weights_path
+
+    sd = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    first = next(k for k, v in sd.items() if v.is_floating_point() and v.ndim == 4)
+    sd[first] = sd[first] * 0.5
+    path = tmp_path_factory.mktemp("w") / "lite0-halved.pth"
+    torch.save(sd, path)
+    return str(path)
+
+
+def _profile_worker_scorer(profile: Path) -> tuple[Any, Any]:
+    """What `linewatch worker --profile` builds: the same assembly code, without Kafka."""
+    from consumers.assembly import StartingBeliefs, WorkerSetup, describer
+
+    b = StartingBeliefs.build(WorkerSetup(profile=str(profile), drift_window=0), "w-settings")
+    return b.scorer, describer(b.settings, b.scorer)
+
+
+def _direct(settings: ScorerSettings, refs: list[np.ndarray]) -> tuple[Any, Any]:
+    from consumers.assembly import describer
+
+    scorer = settings.build("cpu")
+    scorer.fit(refs)
+    return scorer, describer(settings, scorer)
+
+
+@pytest.mark.parametrize("option", list(CASES))
+def test_a_setting_given_to_calibrate_reaches_the_profile_workers_scorer(
+        option: str, normals: Path, other_weights: str, tmp_path: Path) -> None:
+    from linewatch.cli import main
+    from linewatch.images import load_folder
+
+    given, observe = CASES[option]
+    given = {k: (other_weights if v == "WEIGHTS" else v) for k, v in given.items()}
+    settings = ScorerSettings(**given)
+    # the same settings with only this option at its default: the option must show
+    baseline = dataclasses.replace(
+        settings, **{option: ScorerSettings.__dataclass_fields__[option].default})
+    if option in ("backbone",):
+        baseline = ScorerSettings()  # dinov2-s at its default size
+    if option == "random_init":
+        baseline = None  # a CLIP backbone without weights or random_init does not build here
+    if option == "method":
+        baseline = dataclasses.replace(settings, method="winclip")
+
+    out = tmp_path / "line"
+    rc = main(["calibrate", "--normals", str(normals), "--out", str(out), "--shots", "2",
+               "--pseudo", "0", "--no-progress", "--torch-threads", "2", *settings.flags()])
+    assert rc == 0
+    refs = load_folder(normals)
+    got = observe(*_profile_worker_scorer(out))
+    want = observe(*_direct(settings, refs[:2]))
+    assert got == want, (option, got, want)
+    if baseline is not None:
+        assert observe(*_direct(baseline, refs[:2])) != want, f"{option} has no visible effect"
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--backbone", TINY, "--random-init", "--scorer", "winclip", "--layers", "5,8"], "--layers"),
+    (["--backbone", TINY, "--random-init", "--scorer", "winclip", "--image-size", "224"],
+     "--image-size"),
+    (["--backbone", "efficientnet-lite0", "--random-init"], "--random-init"),
+    (["--class-name", "bottle"], "--class-name"),
+    (["--defect-vocabulary", "dent,hole"], "--defect-vocabulary"),
+    (["--zoom-top-k", "3"], "--zoom-top-k"),
+    (["--backbone", TINY, "--random-init", "--scorer", "winclip", "--adapt-steps", "5"],
+     "--adapt-steps"),
+    (["--backbone", TINY, "--random-init", "--scorer", "winclip", "--reference-augment", "rotate"],
+     "--reference-augment"),
+    (["--scorer", "noop", "--image-size", "64"], "--image-size"),
+])
+def test_an_option_the_scorer_would_ignore_is_refused_by_name(flags: list[str], named: str,
+                                                               tmp_path: Path, capsys) -> None:
+    from linewatch.cli import main
+
+    rc = main(["calibrate", "--normals", str(tmp_path), "--out", str(tmp_path / "p"), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and named in err and ("ignored" in err or "nothing" in err), err
+
+
+def test_a_profile_worker_refuses_a_flag_that_contradicts_its_profile(normals: Path,
+                                                                      tmp_path: Path, capsys) -> None:
+    from linewatch.cli import main
+
+    out = tmp_path / "line"
+    assert main(["calibrate", "--normals", str(normals), "--out", str(out), "--shots", "2",
+                 "--pseudo", "0", "--no-progress", "--backbone", "efficientnet-lite0",
+                 "--image-size", "64"]) == 0
+    capsys.readouterr()
+    base = ["worker", "--bootstrap-servers", "127.0.0.1:1", "--profile", str(out),
+            "--no-learn-from-labels"]
+    assert main([*base, "--image-size", "96"]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size 96 conflicts with the profile" in err and "image_size=64" in err, err
+    assert main([*base, "--references", str(normals)]) == 2
+    assert "--references conflicts with --profile" in capsys.readouterr().err
+
+
+def test_settings_round_trip_and_refuse_unknown_keys() -> None:
+    s = ScorerSettings(**CLIP, class_name="bottle", vocabulary=("dent", "hole"))
+    assert ScorerSettings.from_dict(s.to_dict()) == s
+    with pytest.raises(SettingsError, match="unknown scorer setting"):
+        ScorerSettings.from_dict({**s.to_dict(), "temperature": 0.1})
