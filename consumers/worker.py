@@ -1,36 +1,26 @@
 """The scoring worker's Kafka loop: one member of a consumer group.
 
 Each micro-batch (up to ``max_batch`` frames, or ``max_wait_ms`` after the first)
-goes through three ordered steps, and the next only starts when the last one
-succeeded:
-
+goes through three ordered steps; the next starts only when the last succeeded:
 1. **decide** every frame (:mod:`consumers.process`): scored and routed, or
-   dead-lettered with a reason;
-2. **deliver** every output and check that Kafka acknowledged each one
-   (:mod:`consumers.delivery`); failed ones are sent again after a pause;
-3. **commit** the batch's offsets, per (topic, partition).
+   dead-lettered with a reason; 2. **deliver** every output and check that Kafka
+acknowledged each (:mod:`consumers.delivery`); 3. **commit** the batch's offsets,
+per (topic, partition). A crash before step 3 means the batch is read again by
+the partitions' next owner: at-least-once, never lost. A failure that is not the
+frame's fault (the model, the broker) never turns into a dead letter.
 
-A crash anywhere before step 3 means the batch is read again by whoever owns
-the partitions next: at-least-once, never lost. Nothing is committed for a
-frame that has no delivered outcome, and a failure that is not the frame's
-fault (the model, the broker) never turns into a dead letter.
+**Rebalances.** kafka-python runs rebalance listeners on its network thread, where
+nothing may block, so the listener only records revoked/assigned partitions and the
+loop applies that after each ``poll``. Fetched, unprocessed records of a revoked
+partition are dropped (uncommitted: the new owner reads them). The loop polls only
+between batches, or while a batch waits for a retry (with its partitions paused, so
+the worker stays in the group); a batch whose partitions are revoked meanwhile is
+abandoned uncommitted. Outputs delivered by a batch whose commit was then refused are
+remembered per partition and skipped (and committed) if the partition comes back.
 
-**Rebalances.** kafka-python runs rebalance listeners on its network thread,
-where nothing may block, so the listener only records which partitions were
-revoked or assigned; the loop applies that after each ``poll`` on its own
-thread. Records fetched but not yet processed from a revoked partition are
-dropped (they are uncommitted, so the new owner reads them). A rebalance can
-only start inside ``poll``, and the loop only polls between batches, or while a
-batch waits for a retry (then with its partitions paused, so the worker stays in
-the group); a batch whose partitions are revoked while it waits is abandoned
-uncommitted. Outputs delivered by a batch whose commit was then refused are
-remembered per partition: if the partition comes back, those records are
-skipped and committed instead of scored twice.
-
-**Duplicates are marked.** The first ``max_batch`` records read from a
-partition that was not this worker's before are scored with
-``maybe_duplicate=true``: the previous owner may have delivered their outputs
-and died before committing. Every re-scored frame lies in that window.
+**Duplicates are marked.** The first ``max_batch`` records read from a partition that
+was not this worker's before are scored with ``maybe_duplicate=true``: the previous
+owner may have delivered their outputs and died before committing.
 """
 
 from __future__ import annotations

@@ -24,10 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
-import hashlib
-import hmac
-import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -59,6 +55,15 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
 from linewatch.images import open_limited
+from linewatch.review.passwords import (
+    MIN_PASSWORD_CHARS,
+    OPERATOR,
+    OPERATOR_RULE,
+    hash_password,
+    password_matches,
+    sha256_hex,
+    unknown_operator_hash,
+)
 from linewatch.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_FRAME_PIXELS,
@@ -67,11 +72,6 @@ from linewatch.wire import (
     Label,
     ReviewItem,
 )
-
-OPERATOR = re.compile(r"[A-Za-z0-9 ._@-]{1,64}")
-OPERATOR_RULE = "1-64 letters, digits, spaces and . _ @ -"
-MIN_PASSWORD_CHARS = 10
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 DEFECT_TYPES = ("scratch", "crack", "dent", "contamination", "missing part", "discolouration",
                 "other")
@@ -140,26 +140,6 @@ def check_item_id(item_id: str) -> str:
     if not m or int(m.group(2)) > INT64_MAX:
         raise ReviewError(404, "no such item")
     return item_id
-
-
-def hash_password(password: str) -> str:
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
-    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${salt.hex()}${digest.hex()}"
-
-
-def _password_matches(password: str, stored: str) -> bool:
-    try:
-        _, n, r, p, salt, digest = stored.split("$")
-        got = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r),
-                             p=int(p), dklen=32)
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(got.hex(), digest)
-
-
-def _sha256(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class ReviewStore:
@@ -373,15 +353,15 @@ class ReviewStore:
         """Whether ``name`` signs in with ``password`` (as slow for unknown names as for known)."""
         with self.engine.connect() as c:
             row = c.execute(select(operators.c.password_hash).where(operators.c.name == name)).first()
-        stored = row.password_hash if row is not None else _unknown_operator_hash()
-        return _password_matches(password, stored) and row is not None
+        stored = row.password_hash if row is not None else unknown_operator_hash()
+        return password_matches(password, stored) and row is not None
 
     def create_session(self, name: str, ttl_s: float) -> str:
         """A new random session token for ``name``; only its hash is stored."""
         token = secrets.token_urlsafe(32)
         now = time.time_ns()
         with self._tx() as c:
-            c.execute(insert(sessions).values(token_sha256=_sha256(token), operator=name,
+            c.execute(insert(sessions).values(token_sha256=sha256_hex(token), operator=name,
                                               created_ns=now, expires_ns=now + int(ttl_s * 1e9)))
         return token
 
@@ -391,13 +371,13 @@ class ReviewStore:
             return None
         with self.engine.connect() as c:
             row = c.execute(select(sessions.c.operator).where(
-                (sessions.c.token_sha256 == _sha256(token))
+                (sessions.c.token_sha256 == sha256_hex(token))
                 & (sessions.c.expires_ns > time.time_ns()))).first()
         return None if row is None else row.operator
 
     def end_session(self, token: str) -> None:
         with self._tx() as c:
-            c.execute(delete(sessions).where(sessions.c.token_sha256 == _sha256(token)))
+            c.execute(delete(sessions).where(sessions.c.token_sha256 == sha256_hex(token)))
 
     # -- retention ---------------------------------------------------------------------------
     def prune(self, retention_s: float) -> dict[str, int]:
@@ -416,9 +396,3 @@ class ReviewStore:
             out["unlabelled"] = done.rowcount
             c.execute(delete(sessions).where(sessions.c.expires_ns <= now))
         return out
-
-
-@functools.cache
-def _unknown_operator_hash() -> str:
-    """Compared against for unknown names, so they take as long as known ones."""
-    return hash_password(secrets.token_hex(16))
