@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import inference  # noqa: F401 - torchvision fix first
+from inference import _torchvision_fix  # noqa: F401 - before anything imports torchvision
 from inference.clip import OpenCLIPBackbone
 from inference.winclip import WinCLIPScorer
 from producers.sources import SyntheticConveyor

@@ -82,16 +82,13 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
     if th.review > th.alert:
         raise SetupError(f"review threshold {th.review} is above the alert threshold {th.alert}")
     metrics.REFERENCE_IMAGES.labels(worker=config.worker_id).set(len(b.refs))
-    s = b.settings
-    info = {"scorer": scorer.name, "version": _version(),
-            "backbone": s.resolved_backbone or "none", "image_size": str(s.image_size or "default"),
-            "layers": ",".join(map(str, s.layers)) if s.layers else "default",
+    info = {"scorer": scorer.name, "version": _version(), **model_info(b.settings),
             "profile": b.fingerprint[:12] if b.fingerprint else _profile_id(scorer.name, b.refs, th)}
     if hasattr(scorer, "map_gate"):
         # lazy cascade: full window maps only for frames that can reach review or alert
         scorer.map_gate = th.review
         log.info("full anomaly maps only for frames scoring >= %.4f (the review threshold)", th.review)
-    describe = describer(s, scorer)
+    describe = describer(b.settings, scorer)
     if setup.inject_faults:
         from inference.faults import FaultyScorer
 
@@ -119,8 +116,14 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
         from consumers.profiles import ProfileWatcher, load_profile
 
         path = setup.profile
-        watcher = ProfileWatcher(path, lambda: load_profile(path, setup.device, setup.drift_window,
-                                                            b.drift_overrides), b.fingerprint or "")
+
+        def reload() -> Any:  # in the watcher's thread: the words model is built there too
+            loaded = load_profile(path, setup.device, setup.drift_window, b.drift_overrides)
+            loaded.describe = describer(loaded.profile.scorer, loaded.scorer)
+            loaded.info = model_info(loaded.profile.scorer)
+            return loaded
+
+        watcher = ProfileWatcher(path, reload, b.fingerprint or "")
     return Worker(dataclasses.replace(config, thresholds=th), scorer, b.drift, learner, watcher,
                   describe=describe, info=info, probe=b.refs[0] if b.refs else None, label_key=key)
 
@@ -167,7 +170,11 @@ class StartingBeliefs:
             raise SetupError(f"--{given[0].replace('_', '-')} conflicts with --profile: the profile "
                              "holds the references and thresholds it was calibrated with; remove it")
         settings = LineProfile.load(setup.profile).scorer  # type: ignore[arg-type]
-        conflicts = [k for k, v in setup.scorer.items() if getattr(settings, k) != v]
+        # a flag equal to the profile's setting (dinov2-s where the profile says "default",
+        # which is dinov2-s) is no conflict: compare what each would build
+        asked = dataclasses.replace(settings, **setup.scorer)
+        conflicts = [k for k in asked.differences(settings)
+                     if not (k == "backbone" and asked.resolved_backbone == settings.resolved_backbone)]
         if conflicts:
             k = conflicts[0]
             raise SetupError(f"{flag_name(k)} {setup.scorer[k]!r} conflicts with the profile "
@@ -243,7 +250,8 @@ def label_key(setup: WorkerSetup) -> bytes | None:
 def describer(settings: ScorerSettings, scorer: Any) -> Callable[[np.ndarray], str] | None:
     """Defect words on flagged regions when the scorer carries a CLIP text model, else None
     (the settings refuse a vocabulary without one)."""
-    backbone = getattr(scorer, "backbone", None)
+    backbone = getattr(scorer, "backbone", None) or getattr(getattr(scorer, "coarse", None),
+                                                            "backbone", None)  # ROI zoom
     if backbone is None or not hasattr(backbone, "text_direction"):
         log.info("no CLIP text model: explanations locate defects but do not name them")
         return None
@@ -280,6 +288,12 @@ def drift_monitor(window: int, overrides: dict[str, float], holdout: list, resul
     log.info("drift: %d-frame windows per camera against %d calibration frames%s", window, ref.n,
              "" if ref.embeddings is not None else " (this scorer has no embedding drift)")
     return monitor
+
+
+def model_info(s: ScorerSettings) -> dict[str, str]:
+    """The model labels of ``linewatch_worker_info`` (they follow profile reloads)."""
+    return {"backbone": s.resolved_backbone or "none", "image_size": str(s.image_size or "default"),
+            "layers": ",".join(map(str, s.layers)) if s.layers else "default"}
 
 
 def _profile_id(scorer: str, refs: list, th: object) -> str:

@@ -30,8 +30,6 @@ class Beliefs:
     def __init__(self, cfg: WorkerConfig, processor: FrameProcessor, learner: ReferenceLearner | None,
                  watcher: ProfileWatcher | None, label_key: bytes | None,
                  info: dict[str, str] | None) -> None:
-        if learner is not None and label_key is None:
-            raise ValueError("learning from labels needs the label-signing key")
         self.cfg, self.processor, self.learner, self.watcher = cfg, processor, learner, watcher
         self.label_key = label_key
         self.labels: LabelFollower | None = None
@@ -74,6 +72,7 @@ class Beliefs:
             if self.learner.learned:
                 new.scorer.add_normals([im for _, im in self.learner.learned])
         self.processor.scorer = new.scorer
+        self.processor.describe = new.describe  # the profile's class name and vocabulary
         if new.references:
             self.processor.probe = new.references[0]
         if new.drift is not None:
@@ -82,7 +81,7 @@ class Beliefs:
         metrics.REFERENCE_IMAGES.labels(worker=self.cfg.worker_id).set(len(new.references))
         metrics.PROFILE_RELOADS.labels(worker=self.cfg.worker_id).inc()
         if self.info:
-            self.info["profile"] = new.fingerprint[:12]
+            self.info.update(new.info or {}, profile=new.fingerprint[:12])
             metrics.WORKER_INFO.info(self.info)
         log.info("profile %s in use: alert %.4f, review %.4f", new.fingerprint[:12],
                  new.thresholds.alert, new.thresholds.review)

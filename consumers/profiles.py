@@ -33,6 +33,8 @@ class LoadedProfile:
     drift: DriftMonitor | None
     fingerprint: str
     profile: LineProfile
+    describe: Callable[[np.ndarray], str] | None = None  # defect words, set by the worker's builder
+    info: dict[str, str] | None = None  # model labels of linewatch_worker_info, likewise
 
 
 def load_profile(path: str | Path, device: str = "cpu", drift_window: int = 100,

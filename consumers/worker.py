@@ -69,6 +69,8 @@ class Worker:
         published as ``linewatch_worker_info`` and its ``profile`` follows profile reloads;
         ``probe`` is a reference image that tells a broken model from a poisonous frame;
         ``label_key`` verifies operators' labels (needed with a ``learner``)."""
+        if learner is not None and label_key is None:
+            raise ValueError("learning from labels needs the label-signing key")
         if cfg.thresholds is None:
             raise ValueError("WorkerConfig.thresholds is not set (consumers.assembly.build_worker sets it)")
         self.cfg = cfg

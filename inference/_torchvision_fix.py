@@ -10,8 +10,10 @@ Python side register its fake kernels. torchvision's own image decoding and
 ``ops.nms`` stay unusable; linewatch decodes with Pillow/OpenCV and never calls
 them. On a machine whose torchvision loads its ops normally this does nothing.
 
-This module is imported first by ``inference/__init__.py``; every entry point
-that touches torch goes through ``inference``, so this is the one place it lives.
+``inference.backbones`` and ``inference.clip`` (everything that reaches timm or
+open_clip) import this module first; code that imports timm or open_clip itself
+must too. ``import inference`` alone loads no torch, so a command line's
+``--help`` stays instant.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ import numpy as np
 from inference.calibration import Thresholds
 from inference.settings import ScorerSettings, SettingsError
 
-PROFILE_SCHEMA = 1
-SUPPORTED_PROFILE_SCHEMAS = frozenset({PROFILE_SCHEMA})
+log = logging.getLogger(__name__)
+
+PROFILE_SCHEMA = 2  # 2: the scorer settings are a validated ScorerSettings (1: a free-form dict)
+SUPPORTED_PROFILE_SCHEMAS = frozenset({1, PROFILE_SCHEMA})
 
 
 class ProfileError(RuntimeError):
@@ -111,7 +114,14 @@ class LineProfile:
         arrays = load(blob)
         t = meta["thresholds"]
         try:
-            settings = ScorerSettings.from_dict(meta["scorer"])
+            if meta["schema"] == 1:
+                settings, dropped = ScorerSettings.from_legacy_dict(meta["scorer"])
+                if dropped:
+                    log.warning("%s (profile schema 1) records %s, which its scorer ignores; "
+                                "left out (calibrate again to write schema %d)", jpath,
+                                ", ".join(dropped), PROFILE_SCHEMA)
+            else:
+                settings = ScorerSettings.from_dict(meta["scorer"])
         except SettingsError as exc:
             raise ProfileError(f"{jpath}: {exc}") from None
         return cls(

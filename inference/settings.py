@@ -125,12 +125,14 @@ class ScorerSettings:
             raise SettingsError(f"--image-size {self.image_size} is too small (at least 14)")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise SettingsError(f"--layers {self.layers}: give block indices >= 0, e.g. 5,8")
-        if self.zoom and not (self.zoom_top_k >= 1 and 0 < self.zoom_crop < 1):
-            raise SettingsError("--zoom-top-k must be >= 1 and --zoom-crop between 0 and 1")
+        if self.zoom and not (self.zoom_top_k >= 1 and 0.05 <= self.zoom_crop <= 0.9):
+            raise SettingsError(f"--zoom-top-k {self.zoom_top_k} / --zoom-crop {self.zoom_crop}: "
+                                "need at least 1 region, and a crop of 0.05 to 0.9 of the frame side")
         if self.adapt_steps < 0:
             raise SettingsError(f"--adapt-steps {self.adapt_steps}: must be >= 0")
-        if self.vocabulary is not None and not [w for w in self.vocabulary if w.strip()]:
-            raise SettingsError("--defect-vocabulary is empty; give comma-separated words")
+        if self.vocabulary is not None and len([w for w in self.vocabulary if w.strip()]) < 2:
+            raise SettingsError(f"--defect-vocabulary {','.join(self.vocabulary)!r}: give at least two "
+                                "comma-separated words (each region gets the best-matching ones)")
         if not self.class_name.strip():
             raise SettingsError("--class-name is empty")
 
@@ -163,6 +165,24 @@ class ScorerSettings:
             return cls(**dict(d))
         except TypeError as exc:
             raise SettingsError(f"scorer settings: {exc}") from None
+
+    @classmethod
+    def from_legacy_dict(cls, d: Mapping[str, Any]) -> tuple[ScorerSettings, list[str]]:
+        """Settings from a profile written before settings were validated (schema 1): options
+        the scorer ignored were recorded anyway (``class_name`` for every method, ``layers``
+        for CLIP backbones); they are dropped, as the worker then ignored them. Returns the
+        settings and the names dropped."""
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        core = ("method", "backbone", "weights", "precision", "random_init", "zoom", "adapt_steps")
+        kept = {k: d[k] for k in core if k in d}
+        base = cls.from_dict(kept)
+        dropped: list[str] = []
+        for k in d.keys() - kept.keys():
+            try:
+                base = dataclasses.replace(base, **{k: d[k]})
+            except SettingsError:
+                dropped.append(k)
+        return base, sorted(dropped)
 
     def differences(self, other: ScorerSettings) -> list[str]:
         """Option names whose values differ (for a flag that conflicts with a profile)."""

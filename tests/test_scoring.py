@@ -82,8 +82,9 @@ def test_bottle_one_shot_quality(scorer):
 
 def test_efficientnet_lite0_weights_are_converted_correctly():
     """The renamed state dict must still be an ImageNet classifier: a tabby photo is a cat."""
+    import importlib
+
     import skimage.data
-    import timm
     import torch
 
     from inference.backbones import (
@@ -92,6 +93,7 @@ def test_efficientnet_lite0_weights_are_converted_correctly():
         efficientnet_lite0_weights_path,
     )
 
+    timm = importlib.import_module("timm")  # after inference.backbones: it fixes torchvision first
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     src = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
     net.load_state_dict(convert_efficientnet_lite0(src, net.state_dict()), strict=True)
