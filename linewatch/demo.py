@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from linewatch.broker import EmbeddedBroker, create_topics, free_port, stop_process
@@ -54,11 +55,47 @@ def print_table(summary: dict) -> None:
     rows = [(k, v) for k, v in summary.items() if not isinstance(v, dict)]
     rows += [(f"latency_ms.{k}", v) for k, v in summary["latency_ms"].items()]
     rows += [(f"dead_letter.{k}", v) for k, v in summary["dead_letter_reasons"].items()]
+    rows += [(f"operator_verdicts.{k}", v) for k, v in summary.get("operator_verdicts", {}).items()]
     width = max(len(k) for k, _ in rows)
     print("\n" + "-" * (width + 14))
     for k, v in rows:
         print(f"{k:<{width}}  {'-' if v is None else v}")
     print("-" * (width + 14))
+
+
+def by_kind(scores: list, marked: Callable[[int], bool]) -> dict[str, dict[str, dict]]:
+    """Alert and review rates per kind of frame, in the first and the last third of the run:
+    the operator's verdicts on lot-coded parts should lower their rates in the last third."""
+    seqs = sorted(s.seq for s in scores)
+    if len(seqs) < 3:
+        return {}
+    lo, hi = seqs[len(seqs) // 3], seqs[2 * len(seqs) // 3]
+    out: dict[str, dict[str, dict]] = {}
+    for phase, keep in (("first_third", lambda q: q < lo), ("last_third", lambda q: q >= hi)):
+        for s in scores:
+            if not keep(s.seq) or s.truth is None:
+                continue
+            kind = "defect" if s.truth == "defect" else "normal, lot code" if marked(s.seq) else "normal"
+            row = out.setdefault(kind, {}).setdefault(phase, {"frames": 0, "alert": 0, "review": 0})
+            row["frames"] += 1
+            row[s.decision] = row.get(s.decision, 0) + 1
+    for phases in out.values():
+        for row in phases.values():
+            row["alert_rate"] = round(row["alert"] / row["frames"], 3)
+            row["flagged_rate"] = round((row["alert"] + row["review"]) / row["frames"], 3)
+    return out
+
+
+def print_by_kind(table: dict[str, dict[str, dict]]) -> None:
+    print(f"{'kind of frame':<18} {'first third: alert / flagged':>30} {'last third: alert / flagged':>30}")
+    for kind in ("normal", "normal, lot code", "defect"):
+        if kind not in table:
+            continue
+        cells = []
+        for phase in ("first_third", "last_third"):
+            r = table[kind].get(phase)
+            cells.append(f"{r['alert_rate']:.0%} / {r['flagged_rate']:.0%} of {r['frames']}" if r else "-")
+        print(f"{kind:<18} {cells[0]:>30} {cells[1]:>30}")
 
 
 def run_demo(a: argparse.Namespace) -> int:
@@ -111,6 +148,18 @@ def run_demo(a: argparse.Namespace) -> int:
               f"workdir  {workdir} (references, holdout, worker.log, review.log, broker.log)\n"
               "loading the model and calibrating thresholds...", flush=True)
         _wait_ready(review, review_ready, review_log, timeout_s=60, what="review service")
+        operator = None
+        if a.operator:
+            from linewatch.demo_operator import SimulatedOperator
+
+            def truth(seq: int) -> tuple[str, str | None]:
+                f = conveyor.frame(seq)
+                return (f.truth or "normal", f.name.rpartition(":")[2] if f.truth == "defect" else None)
+
+            operator = SimulatedOperator(f"http://127.0.0.1:{review_port}", "demo", password, truth,
+                                         stop, a.operator_delay)
+            print(f"a simulated operator answers the review page from the feed's ground truth, "
+                  f"{a.operator_delay:g} s after claiming each item (--no-operator: you do)", flush=True)
         _wait_ready(worker, ready, worker_log, timeout_s=300, what="worker")
         reader = TallyReader(broker.bootstrap, topics)
 
@@ -128,14 +177,21 @@ def run_demo(a: argparse.Namespace) -> int:
                     log.info("frame %d: the demo lamp dims to 55%%", i)
                 yield frame
 
+        camera_failed: list[BaseException] = []
+
         def produce() -> None:
             try:
                 run_producer(cfg, frames(), stop, on_acked)
+            except BaseException as exc:  # reported below: a demo must not end as if all went well
+                camera_failed.append(exc)
+                raise
             finally:
                 done.set()
 
         t0 = time.monotonic()
         threading.Thread(target=produce, name="camera", daemon=True).start()
+        if operator is not None:
+            operator.start()
         previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
         bar = tqdm(total=a.frames, unit="frame", desc="scored", dynamic_ncols=True)
         drain_deadline: float | None = None
@@ -163,10 +219,20 @@ def run_demo(a: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, previous)
         elapsed = time.monotonic() - t0
         summary = reader.tally.summary(produced, elapsed)
+        if operator is not None:
+            summary["operator_verdicts"] = {"normal": operator.answered.normal,
+                                            "defect": operator.answered.defect}
         print_table(summary)
+        summary["by_kind"] = by_kind(list(reader.tally.scores.values()), conveyor.marked)
+        if summary["by_kind"]:
+            print_by_kind(summary["by_kind"])
         if a.json:
             Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
             print(f"summary written to {a.json}")
+        if camera_failed:
+            log.error("the demo camera failed (%s: %s): the run ended early",
+                      type(camera_failed[0]).__name__, camera_failed[0])
+            return 1
         return 0 if summary["frames_lost"] == 0 else 1
     finally:
         stop.set()

@@ -141,6 +141,11 @@ class SyntheticConveyor:
         self.step = step
         self.brightness = brightness  # a lamp dimming on the line is brightness < 1
 
+    def marked(self, index: int) -> bool:
+        """Whether frame ``index`` carries a printed lot code (cheap: no image is made)."""
+        return bool(self.marking_rate
+                    and np.random.default_rng((self.seed, index, 1)).random() < self.marking_rate)
+
     def frame(self, index: int, allow_defect: bool = True) -> SourceFrame:
         """The ``index``-th frame of the belt (pure function of seed and index)."""
         rng = np.random.default_rng((self.seed, index))
@@ -151,8 +156,7 @@ class SyntheticConveyor:
         gain = self.brightness * float(rng.uniform(0.97, 1.03))
         rgb = np.clip(np.repeat(patch[..., None] * gain, 3, axis=2), 0, 255).astype(np.uint8)
         truth, mask, name = "normal", None, f"synthetic#{index}"
-        if (allow_defect and self.marking_rate
-                and np.random.default_rng((self.seed, index, 1)).random() < self.marking_rate):
+        if allow_defect and self.marked(index):
             rgb, name = _lot_code(rgb, index), f"synthetic#{index}:lot-code"
         if allow_defect and rng.random() < self.defect_rate:
             kind = DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]

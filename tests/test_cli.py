@@ -108,3 +108,6 @@ def test_demo_60_frames_loses_nothing(tmp_path):
     assert s["latency_ms"]["p50"] > 0 and s["latency_ms"]["p99"] >= s["latency_ms"]["p50"]
     assert s["defects_in_feed"] > 0 and s["recall"] is not None
     assert "frames_lost" in r.stdout  # the summary table
+    # the simulated operator (on by default) answered the review page through its API
+    assert s["review_items"] > 0 and sum(s["operator_verdicts"].values()) >= 1, s
+    assert "normal" in s["by_kind"] and "first third: alert / flagged" in r.stdout

@@ -76,6 +76,12 @@ def add_commands(sub: Any) -> None:
                    help="share of parts with a printed lot code the references lack: the recurring "
                         "false alarm to teach away on the review page (default: %(default)s)")
     d.add_argument("--review-port", type=int, default=0, help="review page port (default: a free one)")
+    d.add_argument("--operator", action=argparse.BooleanOptionalAction, default=True,
+                   help="a simulated operator answers review items from the feed's ground truth, "
+                        "so the summary shows the line learning; --no-operator leaves the review "
+                        "page to you (default: on)")
+    d.add_argument("--operator-delay", type=float, default=2.0, metavar="SECONDS",
+                   help="how long the simulated operator looks at an item (default: %(default)s)")
     d.add_argument("--holdout", type=int, default=100,
                    help="held-out normal frames for thresholds (default: %(default)s)")
     d.add_argument("--false-alarm-rate", type=float, default=0.025, help="default: %(default)s")

@@ -1,0 +1,90 @@
+"""The demo's simulated operator: answers the review page as a truthful person would.
+
+Nobody watches a first demo's review page, so without this the demo shows only
+false alarms and never the loop closing. The operator is an ordinary client of
+the review API (signs in, claims the next item, labels it): it holds no
+privileges the page does not give a person, and its verdicts go through the
+same signed ``.labels`` path. It answers from the synthetic feed's ground truth,
+after ``delay_s`` (people take a moment), and stops with the demo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# what the synthetic feed calls a defect -> the review page's defect type (None: unnamed)
+PAGE_TYPES = {"scratch": "scratch", "crack": "crack", "stain": "stain"}
+
+
+@dataclass
+class Answered:
+    normal: int = 0
+    defect: int = 0
+    errors: int = 0
+
+
+class SimulatedOperator(threading.Thread):
+    """Claims and labels review items until ``stop`` is set.
+
+    ``truth(seq) -> (verdict, defect kind or None)`` is the feed's ground truth for a
+    frame's sequence number.
+    """
+
+    def __init__(self, url: str, name: str, password: str, truth: Callable[[int], tuple[str, str | None]],
+                 stop: threading.Event, delay_s: float = 2.0) -> None:
+        super().__init__(name="simulated-operator", daemon=True)
+        self.url, self.name_, self.password, self.truth = url.rstrip("/"), name, password, truth
+        self.stop, self.delay_s = stop, delay_s
+        self.answered = Answered()
+        self._token: str | None = None
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        req = urllib.request.Request(self.url + path, method=method, headers=headers,
+                                     data=None if body is None else json.dumps(body).encode())
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read() or b"{}")
+
+    def run(self) -> None:
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                if self._token is None:
+                    self._token = self._call("POST", "/api/session", {
+                        "operator": self.name_, "password": self.password})["token"]
+                item = self._call("POST", "/api/claim")["item"]
+                if item is None:
+                    self.stop.wait(0.5)
+                    continue
+                if self.stop.wait(self.delay_s):
+                    return
+                verdict, kind = self.truth(int(item["seq"]))
+                body = {"verdict": verdict}
+                if verdict == "defect" and kind in PAGE_TYPES:
+                    body["defect_type"] = PAGE_TYPES[kind]
+                self._call("POST", f"/api/items/{urllib.request.quote(item['item_id'], safe='')}/label",
+                           body)
+                if verdict == "defect":
+                    self.answered.defect += 1
+                else:
+                    self.answered.normal += 1
+                failures = 0
+            except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+                # the page restarting, a lease lost to a race: say so, wait, go on
+                self.answered.errors += 1
+                failures += 1
+                if isinstance(exc, urllib.error.HTTPError) and exc.code == 401:
+                    self._token = None
+                if failures in (1, 10, 100):
+                    log.warning("simulated operator: %s: %s (retrying)", type(exc).__name__, exc)
+                self.stop.wait(min(5.0, 0.5 * failures))
