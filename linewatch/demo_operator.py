@@ -20,8 +20,16 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# what the synthetic feed calls a defect -> the review page's defect type (None: unnamed)
-PAGE_TYPES = {"scratch": "scratch", "crack": "crack", "stain": "stain"}
+
+
+def verdict_body(verdict: str, kind: str | None) -> dict[str, str]:
+    """The label request for a frame of the synthetic feed: a defect kind the review page
+    does not list (the feed's "stain", "pit", "burn") is sent as the page's "other"."""
+    from linewatch.review.store import DEFECT_TYPES
+
+    if verdict != "defect":
+        return {"verdict": "normal"}
+    return {"verdict": "defect", "defect_type": kind if kind in DEFECT_TYPES else "other"}
 
 
 @dataclass
@@ -69,11 +77,19 @@ class SimulatedOperator(threading.Thread):
                 if self.stop.wait(self.delay_s):
                     return
                 verdict, kind = self.truth(int(item["seq"]))
-                body = {"verdict": verdict}
-                if verdict == "defect" and kind in PAGE_TYPES:
-                    body["defect_type"] = PAGE_TYPES[kind]
-                self._call("POST", f"/api/items/{urllib.request.quote(item['item_id'], safe='')}/label",
-                           body)
+                path = f"/api/items/{urllib.request.quote(item['item_id'], safe='')}"
+                try:
+                    self._call("POST", path + "/label", verdict_body(verdict, kind))
+                except urllib.error.HTTPError as exc:
+                    if exc.code == 401 or exc.code >= 500:
+                        raise
+                    # refused (a verdict the page does not take): skip it, or the next claim
+                    # hands the same held item back and the operator is stuck on it
+                    log.warning("simulated operator: item %s refused (%s); skipped",
+                                item["item_id"], exc.code)
+                    self.answered.errors += 1
+                    self._call("POST", path + "/skip")
+                    continue
                 if verdict == "defect":
                     self.answered.defect += 1
                 else:

@@ -471,3 +471,21 @@ def test_page_labels_an_item_with_the_keyboard_and_the_label_reaches_kafka(
         assert chromium.find_element(By.ID, "n-labelled").text == "2"
     finally:
         svc.stop()
+
+
+def test_the_demo_operators_verdicts_are_ones_the_store_takes(tmp_path: Path) -> None:
+    """e.g. the synthetic feed's "stain" is not a page defect type: labelled as such, the store
+    refused it and the demo's operator retried that held item forever."""
+    from linewatch.demo_operator import verdict_body
+    from producers.sources import DEFECT_KINDS
+
+    store = ReviewStore(f"sqlite:///{tmp_path / 'r.db'}")
+    answers = [("normal", None)] + [("defect", k) for k in DEFECT_KINDS]
+    for seq, (verdict, kind) in enumerate(answers):
+        store.add(make_item(seq))
+        claim = store.claim_next("demo")
+        assert claim is not None
+        body = verdict_body(verdict, kind)
+        store.label(claim.item_id, "demo", body["verdict"], body.get("defect_type"))
+    assert store.counts().get("labelled") == len(answers)
+
