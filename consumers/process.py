@@ -212,7 +212,8 @@ class FrameProcessor:
             return list(first)
         if not self._model_works(images[0]):
             raise self._unavailable(first)
-        out = self._split(images) if len(images) > 1 else [self._alone(images[0], first)]
+        out = (self._split(images) if len(images) > 1
+               else [self._alone(images[0], first, model_checked=True)])
         metrics.MODEL_UP.labels(worker=self.worker_id).set(1)
         return out
 
@@ -230,12 +231,14 @@ class FrameProcessor:
                 out.extend(self._split(part))
         return out
 
-    def _alone(self, image: np.ndarray, err: BaseException) -> ScoreResult | BaseException:
+    def _alone(self, image: np.ndarray, err: BaseException,
+               model_checked: bool = False) -> ScoreResult | BaseException:
         """A frame that failed alone is the culprit only if it keeps failing while the model,
         checked each time, scores a known-good image: ``JUDGE_ROUNDS`` rounds, with backoff,
-        so a burst of device errors never becomes a verdict on healthy frames."""
+        so a burst of device errors never becomes a verdict on healthy frames.
+        ``model_checked``: the caller checked the model just now (round 0 need not again)."""
         for round_ in range(JUDGE_ROUNDS):
-            if not self._model_works(image):
+            if not (round_ == 0 and model_checked) and not self._model_works(image):
                 raise self._unavailable(err)  # the model broke, not this frame
             if round_ == JUDGE_ROUNDS - 1:
                 return err

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -270,11 +269,19 @@ class CameraSeries:
     def expire(self, now: float | None = None) -> list[tuple[str, str]]:
         """Forget cameras silent for ``idle_s``: their series, and (``on_forget``) their state."""
         now = time.monotonic() if now is None else now
+        return self._forget(lambda seen: now - seen > self.idle_s)
+
+    def clear(self) -> list[tuple[str, str]]:
+        """Forget every camera: a stopping worker withdraws its series, so a process that goes
+        on (an in-process worker, the demo) never serves a stale drift value to Prometheus."""
+        return self._forget(lambda seen: True)
+
+    def _forget(self, stale: Callable[[float], bool]) -> list[tuple[str, str]]:
         gone: list[tuple[str, str]] = []
         with self._lock:
-            while self._last:
+            while self._last:  # oldest first: stop at the first camera still fresh
                 key, seen = next(iter(self._last.items()))
-                if now - seen <= self.idle_s:
+                if not stale(seen):
                     break
                 del self._last[key]
                 gone.append(key)
@@ -285,10 +292,6 @@ class CameraSeries:
             self.on_forget(gone)
         return gone
 
-    def clear(self) -> list[tuple[str, str]]:
-        """Forget every camera: a stopping worker withdraws its series, so a process that goes
-        on (an in-process worker, the demo) never serves a stale drift value to Prometheus."""
-        return self.expire(math.inf)
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> int:

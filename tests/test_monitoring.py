@@ -408,3 +408,21 @@ def test_camera_series_are_capped_and_forgotten_when_idle() -> None:
     assert cams.expire(later) == [("L", "a"), ("L", "b")] and forgotten == [("L", "a"), ("L", "b")]
     assert series("a") is None and len(cams) == 0  # the series went with the camera
     assert cams.admit("L", "c") == ("L", "c")
+
+
+def test_clearing_camera_series_forgets_cameras_that_never_go_idle() -> None:
+    """A stopping worker withdraws its series even with --camera-idle-s inf (clear() was
+    expire(inf), which kept every camera: inf - seen <= inf)."""
+    import math
+
+    from prometheus_client import REGISTRY
+
+    from monitoring.metrics import CameraSeries
+
+    series = CameraSeries("w-clear", idle_s=math.inf)
+    assert series.admit("L", "cam-clear") == ("L", "cam-clear")
+    labels = {"line": "L", "camera": "cam-clear", "decision": "normal"}
+    assert REGISTRY.get_sample_value("linewatch_frames_scored_total", labels) == 0
+    assert series.clear() == [("L", "cam-clear")]
+    assert REGISTRY.get_sample_value("linewatch_frames_scored_total", labels) is None
+    assert len(series) == 0
