@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from consumers.config import WorkerConfig
+from inference import set_torch_threads
 from inference.settings import ScorerSettings, SettingsError, flag_name
 
 if TYPE_CHECKING:  # kept light: the command line reads WorkerSetup's defaults for its --help
@@ -44,18 +45,28 @@ class WorkerSetup:
     profile: str | None = None  # a line profile from `linewatch calibrate`
     device: str = "cpu"
     references: str | None = None  # folder of normal images (without a profile)
-    shots: int = 4
+    shots: int | None = None  # None here and below: FOLDER_DEFAULTS (they are not for profiles)
     holdout: str | None = None  # other normals: thresholds and the drift reference
     alert_threshold: float | None = None
     review_threshold: float | None = None
-    false_alarm_rate: float = 0.01
-    review_rate: float = 0.1
+    false_alarm_rate: float | None = None
+    review_rate: float | None = None
     drift_window: int = 100
     drift_thresholds: tuple[str, ...] = ()  # "statistic=value" overrides
     learn_from_labels: bool | None = None  # None: on when the label key is set
     max_learned_normals: int = 200
     torch_threads: int | None = None
     inject_faults: str | None = None  # tests and benchmarks only (inference/faults.py)
+
+
+# settings a worker set up from folders uses; a profile holds its own
+FOLDER_DEFAULTS: dict[str, Any] = {"shots": 4, "false_alarm_rate": 0.01, "review_rate": 0.1}
+_FOLDERS_ONLY = ("references", "holdout", "alert_threshold", "review_threshold", *FOLDER_DEFAULTS)
+
+
+def _folder(setup: WorkerSetup, name: str) -> Any:
+    v = getattr(setup, name)
+    return FOLDER_DEFAULTS[name] if v is None else v
 
 
 def build_worker(setup: WorkerSetup, config: WorkerConfig):
@@ -69,10 +80,7 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
     from monitoring.drift import DriftConfigError
 
     key = label_key(setup)  # settings errors before the model loads
-    if setup.torch_threads:
-        import torch
-
-        torch.set_num_threads(setup.torch_threads)
+    set_torch_threads(setup.torch_threads)
     try:
         b = StartingBeliefs.build(setup, config.worker_id)
     except (SettingsError, ProfileError, DriftConfigError, ImageReadError, BackboneUnavailable,
@@ -104,7 +112,8 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
 
         # thresholds given by hand stay as given; calibrated ones are recalibrated
         learner = ReferenceLearner(scorer, b.refs, b.holdout or None, config.worker_id,
-                                   setup.max_learned_normals, setup.false_alarm_rate, setup.review_rate)
+                                   setup.max_learned_normals, _folder(setup, "false_alarm_rate"),
+                                   _folder(setup, "review_rate"))
         if not b.holdout:
             log.info("operator verdicts grow the reference memory; thresholds stay fixed (they "
                      "are recalibrated only when calibrated from --holdout)")
@@ -164,23 +173,25 @@ class StartingBeliefs:
         from consumers.profiles import load_profile
         from inference.profile import LineProfile
 
-        given = [n for n in ("references", "holdout", "alert_threshold", "review_threshold")
-                 if getattr(setup, n) is not None]
+        given = [n for n in _FOLDERS_ONLY if getattr(setup, n) is not None]
         if given:
-            raise SetupError(f"--{given[0].replace('_', '-')} conflicts with --profile: the profile "
-                             "holds the references and thresholds it was calibrated with; remove it")
-        settings = LineProfile.load(setup.profile).scorer  # type: ignore[arg-type]
-        # a flag equal to the profile's setting (dinov2-s where the profile says "default",
-        # which is dinov2-s) is no conflict: compare what each would build
-        asked = dataclasses.replace(settings, **setup.scorer)
-        conflicts = [k for k in asked.differences(settings)
-                     if not (k == "backbone" and asked.resolved_backbone == settings.resolved_backbone)]
+            raise SetupError(f"{flag_name(given[0])} conflicts with --profile: the profile holds the "
+                             "references, thresholds and rates it was calibrated with; remove it")
+        path = str(setup.profile)
+        fingerprint = LineProfile.fingerprint(path)
+        profile = LineProfile.load(path)
+        settings = profile.scorer
+        # a flag that builds the same scorer as the profile's setting (dinov2-s, or 224 px,
+        # where the profile says "default") is no conflict: compare with defaults spelled out
+        asked = dataclasses.replace(settings, **setup.scorer).resolved()
+        conflicts = asked.differences(settings.resolved())
         if conflicts:
             k = conflicts[0]
-            raise SetupError(f"{flag_name(k)} {setup.scorer[k]!r} conflicts with the profile "
-                             f"{setup.profile}, calibrated with {k}={getattr(settings, k)!r}: a worker "
+            raise SetupError(f"{flag_name(k)} {setup.scorer.get(k)!r} conflicts with the profile "
+                             f"{path}, calibrated with {k}={getattr(settings, k)!r}: a worker "
                              "scores with the profile's settings; remove the flag or calibrate again")
-        loaded = load_profile(setup.profile, setup.device, setup.drift_window, overrides)  # type: ignore[arg-type]
+        loaded = load_profile(path, setup.device, setup.drift_window, overrides,
+                              preloaded=(profile, fingerprint))
         th = loaded.thresholds
         log.info("profile %s: %d reference images; thresholds alert=%.4f review=%.4f", setup.profile,
                  len(loaded.references), th.alert, th.review)
@@ -196,7 +207,7 @@ class StartingBeliefs:
         if not setup.references:
             raise SetupError("--references DIR is required: a folder of normal images of this line "
                              "(or --profile PROFILE from `linewatch calibrate`)")
-        refs = load_folder(setup.references, limit=setup.shots, what="--references")
+        refs = load_folder(setup.references, limit=_folder(setup, "shots"), what="--references")
         hand = setup.alert_threshold is not None and setup.review_threshold is not None
         if not hand and not setup.holdout:
             raise SetupError("thresholds: give --holdout DIR (normal images, not the references) "
@@ -212,8 +223,8 @@ class StartingBeliefs:
             # reference that drift is measured against
             holdout = load_folder(setup.holdout, what="--holdout")  # type: ignore[arg-type]
             results = score_frames(scorer, holdout)
-            th = thresholds_from_normals([r.score for r in results], setup.false_alarm_rate,
-                                         setup.review_rate)
+            th = thresholds_from_normals([r.score for r in results], _folder(setup, "false_alarm_rate"),
+                                         _folder(setup, "review_rate"))
             drift = drift_monitor(setup.drift_window, overrides, holdout, results)
         log.info("%d reference images; thresholds alert=%.4f review=%.4f (%d held-out normals)",
                  len(refs), th.alert, th.review, th.n_normals)

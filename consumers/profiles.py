@@ -38,11 +38,16 @@ class LoadedProfile:
 
 
 def load_profile(path: str | Path, device: str = "cpu", drift_window: int = 100,
-                 drift_thresholds: Mapping[str, float] | None = None) -> LoadedProfile:
+                 drift_thresholds: Mapping[str, float] | None = None,
+                 preloaded: tuple[LineProfile, str | None] | None = None) -> LoadedProfile:
     """Build and fit the scorer a profile describes (references + learned normals), with
-    every setting the profile was calibrated with (:class:`~inference.settings.ScorerSettings`)."""
-    fingerprint = LineProfile.fingerprint(path)
-    p = LineProfile.load(path)
+    every setting the profile was calibrated with (:class:`~inference.settings.ScorerSettings`).
+    ``preloaded``: the profile and its fingerprint, when the caller has already read them."""
+    if preloaded is None:
+        fingerprint = LineProfile.fingerprint(path)
+        p = LineProfile.load(path)
+    else:
+        p, fingerprint = preloaded
     scorer = p.scorer.build(device)
     refs = list(p.references) + list(p.learned)
     scorer.fit(refs)

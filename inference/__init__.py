@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from inference.settings import METHODS, ScorerSettings, SettingsError
+from inference.settings import METHODS, VISUAL_BACKBONES, ScorerSettings, SettingsError
 
 if TYPE_CHECKING:
     from inference.calibration import Thresholds, thresholds_from_normals
@@ -39,41 +39,49 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'inference' has no attribute {name!r}")
 
-BACKBONES = ("dinov2-s", "efficientnet-lite0", "openclip:ARCH")
+BACKBONES = (*VISUAL_BACKBONES, "openclip:ARCH")
+
+
+def set_torch_threads(n: int | None) -> None:
+    """CPU threads for the model; None or 0 leaves torch's choice (set 1-2 per worker when
+    several share a machine)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def create_backbone(backbone: str = "dinov2-s", *, weights: str | None = None,
                     image_size: int | None = None, layers: tuple[int, ...] | None = None,
                     random_init: bool = False, precision: str = "fp32"):
-    """Build a backbone by name from local files (see :data:`BACKBONES`).
+    """Build a backbone by name from local files (see :data:`BACKBONES`), its options checked
+    by :class:`ScorerSettings` (the one validation: e.g. ``layers`` on a CLIP backbone, which
+    would be ignored, raises ``SettingsError``).
 
     ``precision``: bf16 | fp16 (CLIP backbones, for GPUs) and int8 (CLIP and DINOv2
     image towers, for CPUs) trade exactness for speed; fp32 is exact.
     """
-    if precision in ("bf16", "fp16") and not backbone.startswith("openclip:"):
-        raise ValueError(f"--precision {precision} is implemented for openclip: backbones; "
-                         f"{backbone} runs in fp32 (or int8 on CPU for dinov2-s)")
-    if precision == "int8" and backbone == "efficientnet-lite0":
-        raise ValueError("--precision int8 is implemented for the ViT backbones (dinov2-s, "
-                         "openclip:); efficientnet-lite0 runs in fp32")
-    if backbone == "dinov2-s":
+    method = "winclip" if backbone.startswith("openclip:") else "patch-knn"
+    return _backbone(ScorerSettings(method=method, backbone=backbone, weights=weights,
+                                    image_size=image_size, layers=layers, random_init=random_init,
+                                    precision=precision))
+
+
+def _backbone(s: ScorerSettings):
+    s = s.resolved()
+    bb = s.resolved_backbone or ""
+    if bb == "dinov2-s":
         from inference.backbones import DinoV2Backbone
 
-        return DinoV2Backbone(weights, image_size=image_size or 224, layers=layers or (5, 8),
-                              precision=precision)
-    if backbone == "efficientnet-lite0":
+        return DinoV2Backbone(s.weights, image_size=s.image_size, layers=s.layers, precision=s.precision)
+    if bb == "efficientnet-lite0":
         from inference.backbones import EfficientNetLite0Backbone
 
-        return EfficientNetLite0Backbone(weights, image_size=image_size or 256,
-                                         stages=layers or (2, 3))
-    if backbone.startswith("openclip:"):
-        from inference.clip import OpenCLIPBackbone
+        return EfficientNetLite0Backbone(s.weights, image_size=s.image_size, stages=s.layers)
+    from inference.clip import OpenCLIPBackbone  # validate() admits nothing else
 
-        if image_size is not None:
-            raise ValueError("a CLIP backbone works at its own resolution; do not pass an image size")
-        return OpenCLIPBackbone(backbone.removeprefix("openclip:"), weights, random_init=random_init,
-                                precision=precision)
-    raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    return OpenCLIPBackbone(bb.removeprefix("openclip:"), s.weights, random_init=s.random_init,
+                            precision=s.precision)
 
 
 def create_scorer(name: str = "patch-knn", *, device: str = "cpu", **settings) -> Scorer:
@@ -96,8 +104,7 @@ def _build(s: ScorerSettings, device: str) -> Scorer:
         from inference.int8 import check_int8_device
 
         check_int8_device(device)
-    bb = create_backbone(s.resolved_backbone or "", weights=s.weights, image_size=s.image_size,
-                         layers=s.layers, random_init=s.random_init, precision=s.precision)
+    bb = _backbone(s)
     if s.method == "patch-knn":
         scorer = PatchKNNScorer(bb, device=device, augment=s.reference_augment,
                                 adapt_steps=s.adapt_steps)
@@ -116,4 +123,5 @@ def _build(s: ScorerSettings, device: str) -> Scorer:
 
 
 __all__ = ["BACKBONES", "METHODS", "NoopScorer", "PatchKNNScorer", "ScoreResult", "Scorer", "ScorerSettings",
-           "SettingsError", "Thresholds", "create_backbone", "create_scorer", "thresholds_from_normals"]
+           "SettingsError", "Thresholds", "create_backbone", "create_scorer", "set_torch_threads",
+           "thresholds_from_normals"]

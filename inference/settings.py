@@ -23,6 +23,9 @@ METHODS = ("patch-knn", "winclip", "winclip+", "noop")
 VISUAL_BACKBONES = ("dinov2-s", "efficientnet-lite0")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 AUGMENTS = ("none", "rotate", "rotate+flip")
+# a visual backbone's resolution and compared layers when not given (DINOv2 blocks, timm stages)
+BACKBONE_DEFAULTS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "dinov2-s": (224, (5, 8)), "efficientnet-lite0": (256, (2, 3))}
 DEFAULT_BACKBONE = {"patch-knn": "dinov2-s", "winclip": "openclip:ViT-B-16-plus-240",
                     "winclip+": "openclip:ViT-B-16-plus-240"}
 
@@ -56,16 +59,34 @@ class ScorerSettings:
     vocabulary: tuple[str, ...] | None = field(default=None)  # defect words; None: the default list
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        if self.vocabulary is not None:
-            object.__setattr__(self, "vocabulary", tuple(str(w) for w in self.vocabulary))
+        for name, kind in _TYPES.items():  # settings also come from profile files: check types
+            v = getattr(self, name)
+            if name in ("layers", "vocabulary") and v is not None:
+                if not isinstance(v, list | tuple) or not all(
+                        isinstance(x, kind) and not isinstance(x, bool) for x in v):
+                    raise SettingsError(f"{flag_name(name)}: expected a list of {kind.__name__}, "
+                                        f"got {v!r}")
+                object.__setattr__(self, name, tuple(v))
+            elif v is not None or name not in _OPTIONAL:
+                ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
+                if not ok:
+                    raise SettingsError(f"{flag_name(name)}: expected {kind.__name__}, got {v!r}")
         self.validate()
 
     # -- validation: one place, every combination ----------------------------------------
     @property
     def resolved_backbone(self) -> str | None:
         return self.backbone or DEFAULT_BACKBONE.get(self.method)
+
+    def resolved(self) -> ScorerSettings:
+        """The same scorer with every default spelled out (backbone, image size, layers), so
+        two settings that build the same scorer compare equal."""
+        bb = self.resolved_backbone
+        if self.method == "noop" or bb is None:
+            return self
+        size, layers = BACKBONE_DEFAULTS.get(bb, (None, None))
+        return dataclasses.replace(self, backbone=bb, image_size=self.image_size or size,
+                                   layers=self.layers or layers)
 
     @property
     def clip(self) -> bool:
@@ -163,7 +184,9 @@ class ScorerSettings:
                                 "newer linewatch? Upgrade, or calibrate again with this one")
         try:
             return cls(**dict(d))
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # SettingsError is a ValueError: kept as it is
+            if isinstance(exc, SettingsError):
+                raise
             raise SettingsError(f"scorer settings: {exc}") from None
 
     @classmethod
@@ -172,6 +195,8 @@ class ScorerSettings:
         the scorer ignored were recorded anyway (``class_name`` for every method, ``layers``
         for CLIP backbones); they are dropped, as the worker then ignored them. Returns the
         settings and the names dropped."""
+        if not isinstance(d, Mapping):
+            raise SettingsError("scorer settings must be a mapping")
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         core = ("method", "backbone", "weights", "precision", "random_init", "zoom", "adapt_steps")
         kept = {k: d[k] for k in core if k in d}
@@ -188,21 +213,12 @@ class ScorerSettings:
         """Option names whose values differ (for a flag that conflicts with a profile)."""
         return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
-    def flags(self) -> list[str]:
-        """Command-line flags that rebuild these settings (non-defaults only)."""
-        out = ["--scorer", self.method]
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name == "method" or v == f.default:
-                continue
-            flag = flag_name(f.name)
-            if isinstance(v, bool):
-                out.append(flag if v else f"--no-{flag[2:]}")
-            elif isinstance(v, tuple):
-                out += [flag, ",".join(map(str, v))]
-            else:
-                out += [flag, str(v)]
-        return out
 
 
+_TYPES: dict[str, Any] = {
+    "method": str, "backbone": str, "weights": str, "image_size": int, "layers": int,
+    "random_init": bool, "precision": str, "reference_augment": str, "zoom": bool,
+    "zoom_top_k": int, "zoom_crop": int | float, "adapt_steps": int, "class_name": str,
+    "vocabulary": str}
+_OPTIONAL = ("backbone", "weights", "image_size", "layers", "vocabulary")
 DEFAULTS = ScorerSettings()

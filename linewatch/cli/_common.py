@@ -35,13 +35,6 @@ def metrics_arg(p: argparse.ArgumentParser, default: int | None) -> None:
                         "container scrape it (default: %(default)s)")
 
 
-def torch_threads(n: int | None) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 def install_stop_signals(stop: Callable[[], None]) -> None:
     def handler(signum: int, _frame: object) -> None:
         log.info("%s received: finishing the work in hand, then exiting",

@@ -12,8 +12,9 @@ import argparse
 import sys
 from typing import Any
 
-from inference.settings import DEFAULTS, METHODS, ScorerSettings, SettingsError
-from linewatch.cli._common import FMT, CliError, torch_threads
+from inference import set_torch_threads
+from inference.settings import AUGMENTS, DEFAULTS, METHODS, PRECISIONS, ScorerSettings, SettingsError
+from linewatch.cli._common import FMT, CliError
 
 _NOT_GIVEN = argparse.SUPPRESS
 
@@ -50,11 +51,11 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
     g.add_argument("--class-name", default=_NOT_GIVEN,
                    help="what the camera sees, for CLIP's text prompts and defect words, e.g. "
                         f"'bottle' ({_default('class_name')})")
-    g.add_argument("--reference-augment", default=_NOT_GIVEN, choices=["none", "rotate", "rotate+flip"],
+    g.add_argument("--reference-augment", default=_NOT_GIVEN, choices=AUGMENTS,
                    help="patch-knn: also remember each reference rotated by 90/180/270 degrees "
                         "(and mirrored); for parts that may arrive in any orientation "
                         f"({_default('reference_augment')})")
-    g.add_argument("--precision", default=_NOT_GIVEN, choices=["fp32", "bf16", "fp16", "int8"],
+    g.add_argument("--precision", default=_NOT_GIVEN, choices=PRECISIONS,
                    help="fp32 is exact. bf16/fp16 (openclip: backbones) are for GPUs and slower than "
                         "fp32 on most CPUs; int8 (openclip: and dinov2-s) runs the image tower's "
                         "matrix products in int8 on CPU, about 1.5x faster, scores slightly "
@@ -187,7 +188,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         raise CliError("evaluating 'noop' measures nothing; pick patch-knn, winclip or winclip+")
     if a.shots < 1 and settings.method != "winclip":
         raise CliError(f"--shots must be >= 1 for {settings.method}")
-    torch_threads(a.torch_threads)
+    set_torch_threads(a.torch_threads)
     try:
         split = load_split(a.data, a.defect_types.split(",") if a.defect_types else None)
     except DatasetError as exc:
@@ -229,7 +230,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         raise CliError("'noop' scores nothing; calibrate patch-knn, winclip or winclip+")
     if not 0 < a.false_alarm_rate < a.review_rate < 1:
         raise CliError("need 0 < --false-alarm-rate < --review-rate < 1")
-    torch_threads(a.torch_threads)
+    set_torch_threads(a.torch_threads)
     try:
         images = load_folder(a.normals, what="--normals")
     except ImageReadError as exc:

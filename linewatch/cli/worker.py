@@ -21,6 +21,7 @@ def _defaults(cls: type) -> dict[str, Any]:
 
 def add_commands(sub: Any) -> None:
     # consumers.config and consumers.assembly import no Kafka or torch at module level
+    from consumers.assembly import FOLDER_DEFAULTS as f
     from consumers.assembly import WorkerSetup
     from consumers.config import WorkerConfig
 
@@ -43,7 +44,7 @@ def add_commands(sub: Any) -> None:
     w.add_argument("--references", metavar="DIR",
                    help="folder of normal images of this line (the few shots)")
     w.add_argument("--shots", type=int, default=None,
-                   help=f"how many reference images to use (default: {s['shots']}; not with --profile)")
+                   help=f"how many reference images to use (default: {f['shots']}; not with --profile)")
     w.add_argument("--holdout", metavar="DIR",
                    help="other normal images, to set thresholds from (needed unless both "
                         "thresholds are given)")
@@ -51,10 +52,10 @@ def add_commands(sub: Any) -> None:
     w.add_argument("--review-threshold", type=float, default=None)
     w.add_argument("--false-alarm-rate", type=float, default=None,
                    help="target alert rate on normal frames when calibrating "
-                        f"(default: {s['false_alarm_rate']}; not with --profile)")
+                        f"(default: {f['false_alarm_rate']}; not with --profile)")
     w.add_argument("--review-rate", type=float, default=None,
                    help="target rate of normal frames sent to review "
-                        f"(default: {s['review_rate']}; not with --profile)")
+                        f"(default: {f['review_rate']}; not with --profile)")
     w.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for the model (default: torch's choice; set 1-2 per worker "
                         "when several workers share a machine)")
@@ -116,16 +117,10 @@ def setup_from_args(a: argparse.Namespace):
     from consumers.config import WorkerConfig, default_worker_id
     from linewatch.wire import Topics
 
-    # set up from folders only: with --profile they would be ignored, so they are refused
-    folders = {k: getattr(a, k) for k in ("shots", "false_alarm_rate", "review_rate")
-               if getattr(a, k) is not None}
-    if a.profile and folders:
-        k = next(iter(folders))
-        raise CliError(f"--{k.replace('_', '-')} conflicts with --profile: the profile was "
-                       "calibrated with its own; remove it (or calibrate again)")
     setup = WorkerSetup(
         scorer=scorer_options(a), profile=a.profile, device=a.device, references=a.references,
-        holdout=a.holdout, alert_threshold=a.alert_threshold, **folders,
+        holdout=a.holdout, alert_threshold=a.alert_threshold, shots=a.shots,
+        false_alarm_rate=a.false_alarm_rate, review_rate=a.review_rate,
         review_threshold=a.review_threshold, drift_window=a.drift_window,
         drift_thresholds=tuple(a.drift_threshold), learn_from_labels=a.learn_from_labels,
         max_learned_normals=a.max_learned_normals, torch_threads=a.torch_threads,
