@@ -31,6 +31,7 @@ import numpy as np
 from linewatch.broker import EmbeddedBroker, create_topics, free_port
 from linewatch.tally import TallyReader
 from linewatch.wire import Topics
+from monitoring.metrics import read_step_seconds
 from producers.producer import ProducerConfig, run_producer
 from producers.sources import SyntheticConveyor
 
@@ -47,13 +48,14 @@ def _produce(broker: EmbeddedBroker, topics: Topics, n: int, fps: float, seed: i
 
 
 def _start_worker(broker, topics, refs: Path, scorer: str, workdir: Path, name: str,
-                  extra: tuple[str, ...] = ()):
+                  extra: tuple[str, ...] = (), metrics_port: int = 0):
     ready = workdir / f"{name}.ready"
     cmd = [sys.executable, "-m", "linewatch", "--log-level", "WARNING", "worker",
            "--bootstrap-servers", broker.bootstrap, "--topic-prefix", topics.prefix,
            "--group-id", f"bench-{name}", "--scorer", scorer, "--references", str(refs),
            "--shots", "4", "--alert-threshold", "0.5", "--review-threshold", "0.3",
-           "--metrics-port", "0", "--ready-file", str(ready), "--max-batch", "8", *extra]
+           "--holdout", str(refs.parent / "holdout"),  # the drift reference: drift runs per frame
+           "--metrics-port", str(metrics_port), "--ready-file", str(ready), "--max-batch", "8", *extra]
     log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     while not ready.exists():
@@ -83,12 +85,16 @@ def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fp
     t_topics = Topics(f"bench-{label}-tp")
     create_topics(broker.bootstrap, t_topics, partitions=4)
     sent = _produce(broker, t_topics, frames, 0, seed=1)
-    proc = _start_worker(broker, t_topics, refs, scorer, workdir, f"{label}-tp", extra)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    proc = _start_worker(broker, t_topics, refs, scorer, workdir, f"{label}-tp", extra, port)
+    before = read_step_seconds(url)  # start-up (calibration) is not the pipeline
     t0 = time.monotonic()
     reader = TallyReader(broker.bootstrap, t_topics)
     while not sent <= reader.tally.accounted:
         reader.poll(100)
     throughput_s = time.monotonic() - t0
+    steps = {k: v - before.get(k, 0.0) for k, v in read_step_seconds(url).items()}
     dup = reader.tally.duplicates
     reader.close()
     proc.terminate()
@@ -107,7 +113,20 @@ def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fp
             "paced_fps": paced_fps, "paced_frames": paced,
             "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
             "latency_ms_p99": round(float(np.percentile(lat, 99)), 1),
-            "duplicates": dup}
+            "duplicates": dup,
+            "step_ms_per_frame": {k: round(1000 * v / frames, 2) for k, v in steps.items()}}
+
+
+def overhead(row: dict) -> dict[str, float]:
+    """Each non-model step's time as a share of the model's ('score'), and their total.
+    'poll' is fetching from the broker (a backlog is waiting, so no idle time is in it)."""
+    ms = row["step_ms_per_frame"]
+    model = ms.get("score", 0.0)
+    if model <= 0:
+        return {}
+    shares = {k: round(v / model, 4) for k, v in ms.items() if k != "score"}
+    shares["total"] = round(sum(shares.values()), 4)
+    return shares
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     refs.mkdir()
     for i, im in enumerate(SyntheticConveyor(seed=0).normals(4)):
         cv2.imwrite(str(refs / f"{i}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+    (workdir / "holdout").mkdir()
+    for i, im in enumerate(SyntheticConveyor(seed=0).normals(20, offset=20_000_000)):
+        cv2.imwrite(str(workdir / "holdout" / f"{i}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
     rows = []
     with EmbeddedBroker(port=free_port(), log_path=workdir / "broker.log") as broker:
         runs = [("patch-knn", "fp32"), ("noop", "fp32")] + ([("patch-knn", "int8")] if a.int8 else [])
@@ -139,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_noop_over_real_fps": round(noop["frames_per_second"] / real["frames_per_second"], 2),
         "pipeline_share_of_real_latency_p50": round(noop["latency_ms_p50"] / real["latency_ms_p50"], 3),
     }
+    result["overhead_share_of_model_time"] = overhead(real)
     if a.int8:
         int8_fps = rows[2]["frames_per_second"]
         result["ratio_int8_over_fp32_fps"] = round(int8_fps / real["frames_per_second"], 2)
@@ -149,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['latency_ms_p99']:>8} {r['duplicates']:>5}")
     print(f"\nno-op / real throughput: {result['ratio_noop_over_real_fps']}x; the pipeline alone "
           f"is {100 * result['pipeline_share_of_real_latency_p50']:.0f}% of the real p50 latency")
+    shares = result["overhead_share_of_model_time"]
+    if shares:
+        print(f"\nwhere a frame's time goes ({real['scorer']}, ms per frame over the backlog; "
+              f"share of the model's time)")
+        for step, ms in sorted(real["step_ms_per_frame"].items(), key=lambda kv: -kv[1]):
+            share = "model" if step == "score" else f"{100 * shares[step]:.1f}%"
+            print(f"  {step:<8} {ms:>8.2f} ms  {share:>7}")
+        print(f"  pipeline overhead, all steps but the model: {100 * shares['total']:.1f}% of model time")
     if a.int8:
         print(f"int8 / fp32 throughput: {result['ratio_int8_over_fp32_fps']}x")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 
 JUDGE_ROUNDS = 3  # "fails alone, while the model works" must hold this many times in a row
+# drift windows are summarised for /metrics at most this often: a scrape comes every 15 s or
+# so, and summarising after every batch cost a 1-frame batch more than decoding it
+DRIFT_PUBLISH_S = 1.0
 
 
 class ModelUnavailable(RuntimeError):
@@ -112,6 +115,8 @@ class FrameProcessor:
         self.pause = pause
         self._last_good: np.ndarray | None = None  # the probe of scorers without references
         self.stats = BatchStats()
+        self.clock = metrics.StepClock(worker_id)
+        self._drift_published = float("-inf")
         w = worker_id
         for reason in DL_REASONS:  # rare events start at 0: "none", not "no data"
             metrics.DEAD_LETTERS.labels(worker=w, reason=reason, cause=dead_letter_cause(reason))
@@ -128,18 +133,10 @@ class FrameProcessor:
         BatchAbandoned (then nothing was decided and nothing may be committed)."""
         valid: list[tuple[int, Record, FrameMeta, np.ndarray]] = []
         invalid: list[tuple[int, Record, WireError]] = []
-        for i, rec in enumerate(records):
-            try:
-                meta, rgb = decode_frame(rec.headers, rec.value, self.max_frame_bytes, self.max_pixels)
-                valid.append((i, rec, meta, rgb))
-            except WireError as err:
-                invalid.append((i, rec, err))
-            except MemoryError:
-                raise
-            except Exception as exc:  # a gap in the checks must still end as a dead letter
-                invalid.append((i, rec, WireError("not_an_image", f"unreadable record: "
-                                                                  f"{type(exc).__name__}: {exc}")))
-        results = self._score_all([rgb for *_, rgb in valid])  # may raise: nothing counted yet
+        with self.clock("decode"):
+            self._decode(records, valid, invalid)
+        with self.clock("score"):
+            results = self._score_all([rgb for *_, rgb in valid])  # may raise: nothing counted yet
         self.stats.received += len(records)
         metrics.FRAMES_RECEIVED.labels(worker=self.worker_id).inc(len(records))
         by_record = {i: [self._dead(rec, err)] for i, rec, err in invalid}
@@ -151,9 +148,24 @@ class FrameProcessor:
                     f"while it scored a known-good image: {type(res).__name__}: {res}"))]
             else:
                 by_record[i] = self._route(rec, meta, rgb, res, decided_ns, maybe_duplicate(rec))
-        if self.drift is not None:
-            metrics.publish_drift(self.drift)
+        if self.drift is not None and time.monotonic() - self._drift_published >= DRIFT_PUBLISH_S:
+            with self.clock("drift"):
+                metrics.publish_drift(self.drift)
+            self._drift_published = time.monotonic()
         return [o for i in sorted(by_record) for o in by_record[i]]
+
+    def _decode(self, records: Sequence[Record], valid: list, invalid: list) -> None:
+        for i, rec in enumerate(records):
+            try:
+                meta, rgb = decode_frame(rec.headers, rec.value, self.max_frame_bytes, self.max_pixels)
+                valid.append((i, rec, meta, rgb))
+            except WireError as err:
+                invalid.append((i, rec, err))
+            except MemoryError:
+                raise
+            except Exception as exc:  # a gap in the checks must still end as a dead letter
+                invalid.append((i, rec, WireError("not_an_image", f"unreadable record: "
+                                                                  f"{type(exc).__name__}: {exc}")))
 
     # -- scoring, with retries -----------------------------------------------------------
     def _call(self, images: list[np.ndarray]) -> list[ScoreResult]:
@@ -262,6 +274,15 @@ class FrameProcessor:
 
     def _route(self, rec: Record, meta: FrameMeta, rgb: np.ndarray, res: ScoreResult,
                decided_ns: int, maybe_dup: bool) -> list[Outbound]:
+        with self.clock("route"):
+            outs, tracked = self._route_one(rec, meta, rgb, res, decided_ns, maybe_dup)
+        if self.drift is not None and tracked:  # cameras over the limit have no drift window
+            with self.clock("drift"):
+                self._observe_drift(meta, res, rgb)
+        return outs
+
+    def _route_one(self, rec: Record, meta: FrameMeta, rgb: np.ndarray, res: ScoreResult,
+                   decided_ns: int, maybe_dup: bool) -> tuple[list[Outbound], bool]:
         ref = FrameRef(rec.topic, rec.partition, rec.offset)
         args = (meta, ref, rgb, res, self.thresholds, self.topics, self.scorer.name,
                 self.worker_id, decided_ns)
@@ -276,11 +297,8 @@ class FrameProcessor:
                 score, outs = route(*args, explain=False, maybe_duplicate=maybe_dup)
             except Exception as again:
                 return [self._dead(rec, WireError("processing_failed",
-                                                  f"{type(again).__name__}: {again}"))]
-        tracked = self._count(meta, score.decision, score.latency_s, res.score, maybe_dup)
-        if self.drift is not None and tracked:  # cameras over the limit have no drift window
-            self._observe_drift(meta, res, rgb)
-        return outs
+                                                  f"{type(again).__name__}: {again}"))], False
+        return outs, self._count(meta, score.decision, score.latency_s, res.score, maybe_dup)
 
     def _observe_drift(self, meta: FrameMeta, res: ScoreResult, rgb: np.ndarray) -> None:
         try:

@@ -142,7 +142,8 @@ class Worker:
 
     def _between_batches(self) -> None:
         """Profile swaps, operators' verdicts and idle cameras: never inside a batch."""
-        self.beliefs.update()
+        with self.processor.clock("learn"):
+            self.beliefs.update()
         self.cameras.expire()
         if self._owned & self._delivered.keys():  # skipped re-deliveries: commit them now
             with contextlib.suppress(BatchAbandoned):
@@ -172,7 +173,8 @@ class Worker:
         from kafka.errors import KafkaError
 
         try:
-            got = self.consumer.poll(timeout_ms=max(0, timeout_ms), max_records=max(1, max_records))
+            with self.processor.clock("poll"):
+                got = self.consumer.poll(timeout_ms=max(0, timeout_ms), max_records=max(1, max_records))
         except (KafkaError, ValueError) as exc:
             # the client retries connections itself. A ValueError is a record kafka-python
             # cannot parse (a header key that is not UTF-8, which no standard client writes):
@@ -240,8 +242,10 @@ class Worker:
         self._batch_tps, self._batch_revoked = {_tp(r) for r in batch}, False
         try:
             outputs = self._decide(batch)   # step 1: every frame has an outcome
-            self._deliver(outputs)          # step 2: every outcome is in Kafka
-            self._commit(batch)             # step 3: only now are the input offsets released
+            with self.processor.clock("deliver"):
+                self._deliver(outputs)      # step 2: every outcome is in Kafka
+            with self.processor.clock("commit"):
+                self._commit(batch)         # step 3: only now are the input offsets released
         except BatchAbandoned as exc:
             self.stats.abandoned_batches += 1
             for rec in batch:

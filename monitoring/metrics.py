@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
@@ -106,6 +106,12 @@ BATCH_SIZE = Histogram(
 ANOMALY_SCORE = Histogram(
     "linewatch_anomaly_score", "Anomaly scores of scored frames.", ["line", "camera"],
     buckets=_SCORE_BUCKETS)
+WORKER_STEPS = ("poll", "decode", "score", "route", "drift", "deliver", "commit", "learn")
+STEP_SECONDS = Counter(
+    "linewatch_worker_step_seconds_total",
+    "Wall time the worker's loop spent in each step: where a frame's time goes. 'score' is the "
+    "model; 'poll' includes waiting for frames; 'learn' is operator verdicts and recalibration.",
+    ["worker", "step"])
 COMMITS = Counter("linewatch_offset_commits_total", "Offset commits after a flushed batch.",
                   ["worker"])
 COMMIT_FAILURES = Counter(
@@ -172,6 +178,39 @@ IMAGE_QUALITY = Gauge(
 IMAGE_QUALITY_REFERENCE = Gauge(
     "linewatch_image_quality_reference", "The same image statistic on the calibration frames.",
     ["statistic"])
+
+
+class StepClock:
+    """Times the worker's steps into :data:`STEP_SECONDS` (``with clock("decode"): ...``)."""
+
+    def __init__(self, worker: str) -> None:
+        self._children = {step: STEP_SECONDS.labels(worker=worker, step=step) for step in WORKER_STEPS}
+
+    @contextlib.contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._children[step].inc(time.perf_counter() - t0)
+
+
+def read_step_seconds(metrics_url: str, timeout_s: float = 10) -> dict[str, float]:
+    """A worker's :data:`STEP_SECONDS` by step, read from its /metrics URL (the demo and the
+    pipeline benchmark print where the time went)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=timeout_s) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "linewatch_worker_step_seconds":
+            for sample in fam.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["step"]] = out.get(sample.labels["step"], 0.0) + sample.value
+    return out
 
 
 def publish_drift(monitor: DriftMonitor) -> None:
