@@ -24,7 +24,7 @@ from inference.settings import ScorerSettings, SettingsError, flag_name
 if TYPE_CHECKING:  # kept light: the command line reads WorkerSetup's defaults for its --help
     import numpy as np
 
-    from inference.calibration import Thresholds
+    from inference.calibration import CalibrationFrames, Thresholds
 
 log = logging.getLogger("linewatch")
 
@@ -111,7 +111,7 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
         from consumers.labels import ReferenceLearner
 
         # thresholds given by hand stay as given; calibrated ones are recalibrated
-        learner = ReferenceLearner(scorer, b.refs, b.holdout or None, config.worker_id,
+        learner = ReferenceLearner(scorer, b.refs, b.holdout, config.worker_id,
                                    setup.max_learned_normals, _folder(setup, "false_alarm_rate"),
                                    _folder(setup, "review_rate"))
         if not b.holdout:
@@ -146,7 +146,7 @@ class StartingBeliefs:
     scorer: Any
     thresholds: Thresholds
     refs: list[np.ndarray]
-    holdout: list[np.ndarray]
+    holdout: CalibrationFrames | None  # calibrated from --holdout: recalibrated after verdicts
     drift: Any
     drift_overrides: dict[str, float]
     fingerprint: str | None = None
@@ -195,13 +195,13 @@ class StartingBeliefs:
         th = loaded.thresholds
         log.info("profile %s: %d reference images; thresholds alert=%.4f review=%.4f", setup.profile,
                  len(loaded.references), th.alert, th.review)
-        return cls(loaded.profile.scorer, loaded.scorer, th, loaded.references, [], loaded.drift,
+        return cls(loaded.profile.scorer, loaded.scorer, th, loaded.references, None, loaded.drift,
                    overrides, loaded.fingerprint)
 
     @classmethod
     def _from_folders(cls, setup: WorkerSetup, settings: ScorerSettings,
                       overrides: dict[str, float]) -> StartingBeliefs:
-        from inference.calibration import Thresholds, score_frames, thresholds_from_normals
+        from inference.calibration import CalibrationFrames, Thresholds, thresholds_from_normals
         from linewatch.images import load_folder
 
         if not setup.references:
@@ -209,23 +209,29 @@ class StartingBeliefs:
                              "(or --profile PROFILE from `linewatch calibrate`)")
         refs = load_folder(setup.references, limit=_folder(setup, "shots"), what="--references")
         hand = setup.alert_threshold is not None and setup.review_threshold is not None
+        if not hand and (setup.alert_threshold is not None or setup.review_threshold is not None):
+            raise SetupError("give both --alert-threshold and --review-threshold, or neither (then "
+                             "both are calibrated from --holdout)")
         if not hand and not setup.holdout:
             raise SetupError("thresholds: give --holdout DIR (normal images, not the references) "
                              "to calibrate from, or both --alert-threshold and --review-threshold")
         scorer = settings.build(setup.device)
         scorer.fit(refs)
-        holdout: list[np.ndarray] = []
+        holdout = None
         drift = None
+        if setup.holdout:
+            # held-out normals (never the references) set the thresholds (unless given by hand)
+            # and are the reference that drift is measured against
+            holdout = CalibrationFrames(load_folder(setup.holdout, what="--holdout"))
+            results = holdout.results(scorer)  # kept: verdicts recalibrate without the backbone
+            drift = drift_monitor(setup.drift_window, overrides, holdout.frames, results)
         if hand:
             th = Thresholds(setup.alert_threshold, setup.review_threshold, 0, False)  # type: ignore[arg-type]
+            holdout = None  # thresholds given by hand stay as given: nothing to recalibrate
         else:
-            # held-out normals (never the references) set the thresholds and are the
-            # reference that drift is measured against
-            holdout = load_folder(setup.holdout, what="--holdout")  # type: ignore[arg-type]
-            results = score_frames(scorer, holdout)
+            assert holdout is not None
             th = thresholds_from_normals([r.score for r in results], _folder(setup, "false_alarm_rate"),
                                          _folder(setup, "review_rate"))
-            drift = drift_monitor(setup.drift_window, overrides, holdout, results)
         log.info("%d reference images; thresholds alert=%.4f review=%.4f (%d held-out normals)",
                  len(refs), th.alert, th.review, th.n_normals)
         return cls(settings, scorer, th, refs, holdout, drift, overrides)

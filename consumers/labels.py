@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.calibration import Thresholds, score_frames, thresholds_from_normals
+from inference.calibration import CalibrationFrames, Thresholds, thresholds_from_normals
 from linewatch.images import decode_limited
 from linewatch.wire import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -146,14 +146,14 @@ class LearnResult:
 class ReferenceLearner:
     """Applies verdicts to a fitted scorer: bounded learned normals plus recalibration."""
 
-    def __init__(self, scorer: Any, references: Sequence[np.ndarray], holdout: Sequence[np.ndarray] | None,
+    def __init__(self, scorer: Any, references: Sequence[np.ndarray], holdout: CalibrationFrames | None,
                  worker_id: str, max_learned: int = 200, false_alarm_rate: float = 0.01,
                  review_rate: float = 0.1) -> None:
         if max_learned < 1:
             raise ValueError("max_learned must be >= 1")
         self.scorer = scorer
         self.references = list(references)
-        self.holdout = list(holdout) if holdout else None
+        self.holdout = holdout  # None: thresholds were given by hand (or by a profile) and stay
         self.worker_id = worker_id
         self.max_learned = max_learned
         self.false_alarm_rate, self.review_rate = false_alarm_rate, review_rate
@@ -221,7 +221,8 @@ class ReferenceLearner:
                 self._stale = bool(self.holdout)
             result = LearnResult(len(fresh))
             if self._stale:
-                scores = [r.score for r in score_frames(self.scorer, self.holdout)]
+                assert self.holdout is not None
+                scores = self.holdout.scores(self.scorer)
                 th = thresholds_from_normals(scores, self.false_alarm_rate, self.review_rate)
                 metrics.RECALIBRATIONS.labels(worker=self.worker_id).inc()
                 self._stale = False

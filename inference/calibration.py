@@ -76,3 +76,45 @@ def score_frames(scorer: object, frames: Sequence[np.ndarray], batch_size: int =
         if on_batch is not None:
             on_batch(len(chunk))
     return out
+
+
+class CalibrationFrames:
+    """Held-out normal frames whose scores set the thresholds, scored again cheaply each
+    time the reference memory grows.
+
+    Recalibrating after operators' verdicts needs these frames' scores under the grown
+    memory. Re-running the backbone on all of them took seconds on a CPU worker each time
+    (17% of the demo worker's time, and the stall behind its worst latencies). A scorer
+    that can keep their features (``prepare``/``rescore``, as
+    :class:`~inference.scoring.PatchKNNScorer` does) matches them only against the memory
+    rows added since; other scorers, or a different scorer (a new profile), score them in
+    full.
+    """
+
+    def __init__(self, frames: Sequence[np.ndarray], batch_size: int = 8) -> None:
+        if len(frames) == 0:
+            raise ValueError("no calibration frames")
+        self.frames = list(frames)
+        self.batch_size = batch_size
+        self._prepared = None
+        self._owner: object | None = None
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def results(self, scorer: object, on_batch: Callable[[int], object] | None = None) -> list:
+        """Full results (maps, embeddings) under ``scorer``, kept ready for :meth:`scores`."""
+        self._prepared, self._owner = None, None
+        if hasattr(scorer, "prepare"):
+            self._prepared = scorer.prepare(self.frames, self.batch_size, on_batch)
+            self._owner = scorer
+            return list(self._prepared.results)
+        return score_frames(scorer, self.frames, self.batch_size, on_batch)
+
+    def scores(self, scorer: object) -> list[float]:
+        """The frames' scores under ``scorer``'s memory as it is now."""
+        if self._prepared is not None and self._owner is scorer:
+            got = scorer.rescore(self._prepared)  # type: ignore[attr-defined]
+            if got is not None:
+                return got
+        return [r.score for r in self.results(scorer)]

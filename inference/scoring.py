@@ -12,7 +12,7 @@ The CLIP-based methods (WinCLIP, WinCLIP+) plug in by implementing the same
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -77,6 +77,24 @@ def augmented_views(image: np.ndarray, augment: str) -> list[np.ndarray]:
     return views
 
 
+@dataclass
+class PreparedFrames:
+    """Frames kept ready to be scored again as the reference memory grows, with no
+    backbone pass: their patch features (float16, half the memory of float32; the
+    distances they give differ from a full pass by ~1e-4) and each patch's distance to
+    the nearest memory patch. Only :class:`PatchKNNScorer` makes them.
+
+    ``results`` are the frames' full results when they were prepared (float32 features).
+    """
+
+    features: torch.Tensor  # (N, P, D) float16, unit-norm rows
+    nearest: torch.Tensor  # (N, P) float32 cosine distance to the nearest memory patch
+    memory_rows: int  # memory rows [0, memory_rows) are already in ``nearest``
+    memory_epoch: int  # the memory they were matched against (fit() starts a new one)
+    feature_epoch: int  # the feature map (an adapted head changes it)
+    results: list[ScoreResult]
+
+
 class NotFittedError(RuntimeError):
     """score() was called before fit() gave the scorer any normal references."""
 
@@ -113,6 +131,8 @@ class PatchKNNScorer:
         self.top_fraction = top_fraction
         self.augment = augment
         self._memory: torch.Tensor | None = None  # (M, D), unit norm
+        self._memory_epoch = 0  # +1 each time fit() replaces the memory (rows only append between)
+        self._feature_epoch = 0  # +1 each time fit() trains a new head
 
     @property
     def memory_size(self) -> int:
@@ -136,10 +156,12 @@ class PatchKNNScorer:
         if len(normals) == 0:
             raise ValueError("fit() needs at least one normal reference image")
         self._memory = None
+        self._memory_epoch += 1
         if self.adapt_steps > 0:
             from inference.adapt import train_head
 
             self.head = None
+            self._feature_epoch += 1
             with torch.enable_grad():
                 self.head, self.adapt_report = train_head(self, normals, steps=self.adapt_steps)
         self.add_normals(normals)
@@ -156,18 +178,70 @@ class PatchKNNScorer:
             raise NotFittedError("PatchKNNScorer.score() called before fit()")
         if len(images) == 0:
             return []
-        f = self._patch_features(images)
+        return self._results(self._patch_features(images))[0]
+
+    def _results(self, f: torch.Tensor) -> tuple[list[ScoreResult], torch.Tensor]:
+        """Results of (B, H, W, D) features against the whole memory, and their (B, H*W)
+        nearest-patch distances."""
+        assert self._memory is not None
         b, h, w, d = f.shape
-        sims = f.reshape(b * h * w, d) @ self._memory.T
-        dist = (1.0 - sims.max(dim=1).values).clamp_min_(0.0).reshape(b, h * w)
-        k = max(1, round(self.top_fraction * h * w))
-        img_scores = dist.topk(k, dim=1).values.mean(dim=1)
+        dist = _nearest(f.reshape(b, h * w, d), self._memory)
+        img_scores = self._image_scores(dist)
         maps = dist.reshape(b, h, w).cpu().numpy().astype(np.float32)
         emb = torch.nn.functional.normalize(f.reshape(b, h * w, d).mean(dim=1), dim=-1)
         return [
             ScoreResult(score=float(s), anomaly_map=m, embedding=e)
             for s, m, e in zip(img_scores.tolist(), maps, emb.float().cpu().numpy(), strict=True)
-        ]
+        ], dist
+
+    def _image_scores(self, dist: torch.Tensor) -> torch.Tensor:
+        k = max(1, round(self.top_fraction * dist.shape[1]))
+        return dist.topk(k, dim=1).values.mean(dim=1)
+
+    # -- frames scored again and again (calibration frames) ------------------------------
+    def prepare(self, images: Sequence[np.ndarray], batch_size: int = 8,
+                on_batch: Callable[[int], object] | None = None) -> PreparedFrames:
+        """Score ``images`` (batches of ``batch_size``) and keep what :meth:`rescore` needs."""
+        if self._memory is None:
+            raise NotFittedError("PatchKNNScorer.prepare() called before fit()")
+        feats, nearest, results = [], [], []
+        for i in range(0, len(images), batch_size):
+            f = self._patch_features(images[i:i + batch_size])
+            res, dist = self._results(f)
+            feats.append(f.reshape(f.shape[0], -1, f.shape[-1]).to(torch.float16))
+            nearest.append(dist)
+            results.extend(res)
+            if on_batch is not None:
+                on_batch(f.shape[0])
+        return PreparedFrames(torch.cat(feats), torch.cat(nearest), self.memory_size,
+                              self._memory_epoch, self._feature_epoch, results)
+
+    def rescore(self, prepared: PreparedFrames) -> list[float] | None:
+        """Image scores of prepared frames under the memory as it is now, matching them only
+        against rows added since (adding normals can only bring nearest patches closer).
+        A memory rebuilt by fit() is matched in full, still without the backbone. None when
+        the features themselves are stale (a newly trained head): prepare the frames again."""
+        if prepared.feature_epoch != self._feature_epoch or self._memory is None:
+            return None
+        if prepared.memory_epoch != self._memory_epoch:
+            prepared.nearest = _nearest(prepared.features, self._memory)
+        elif prepared.memory_rows < self.memory_size:
+            fresh = _nearest(prepared.features, self._memory[prepared.memory_rows:])
+            prepared.nearest = torch.minimum(prepared.nearest, fresh)
+        prepared.memory_rows, prepared.memory_epoch = self.memory_size, self._memory_epoch
+        return self._image_scores(prepared.nearest).tolist()
+
+
+def _nearest(features: torch.Tensor, memory: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """(N, P) cosine distance of each of (N, P, D) unit-norm features to its nearest row of
+    the (M, D) memory, in chunks of ``chunk`` patches so the similarity matrix stays small."""
+    n, p, d = features.shape
+    flat = features.reshape(n * p, d)
+    out = torch.empty(n * p, dtype=torch.float32, device=flat.device)
+    for i in range(0, n * p, chunk):
+        sims = flat[i:i + chunk].to(memory.dtype) @ memory.T
+        out[i:i + chunk] = (1.0 - sims.max(dim=1).values).clamp_min_(0.0)
+    return out.reshape(n, p)
 
 
 class NoopScorer:

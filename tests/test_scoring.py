@@ -53,6 +53,33 @@ def test_add_normals_grows_memory_and_makes_that_frame_normal(scorer):
     assert scorer.score([frame])[0].score < 1e-4 < before  # it is now its own nearest neighbour
 
 
+def test_calibration_frames_rescored_without_the_backbone_match_a_full_pass(scorer, monkeypatch):
+    """Recalibration after verdicts: the held-out frames' scores under the grown memory, from
+    kept features (no backbone pass), equal scoring them again from their pixels; after
+    fit() replaces the memory too."""
+    from inference.calibration import CalibrationFrames
+
+    conv = SyntheticConveyor(seed=6, defect_rate=1.0)
+    scorer.fit(conv.normals(2))
+    held = CalibrationFrames(conv.normals(12, offset=5000), batch_size=5)
+    first = held.results(scorer)
+    np.testing.assert_allclose([r.score for r in first], [r.score for r in scorer.score(held.frames)],
+                               atol=1e-6)  # prepared in float32: the very scores a full pass gives
+    defects = [f.image for f in (conv.frame(i) for i in range(30)) if f.truth == "defect"][:3]
+    passes = []
+    real_forward = scorer.backbone.forward
+    monkeypatch.setattr(scorer.backbone, "forward", lambda x: passes.append(len(x)) or real_forward(x))
+    for grow in (lambda: scorer.add_normals(defects[:1]), lambda: scorer.add_normals(defects[1:]),
+                 lambda: scorer.fit(conv.normals(1) + defects)):
+        grow()
+        passes.clear()
+        kept = held.scores(scorer)
+        assert passes == []  # no backbone pass for the calibration frames
+        full = [r.score for r in scorer.score(held.frames)]
+        np.testing.assert_allclose(kept, full, atol=1e-3)  # float16 features: ~1e-4 apart
+    assert max(kept) < max(r.score for r in first)  # the memory grew: scores really moved
+
+
 @pytest.mark.slow
 def test_bottle_one_shot_quality(scorer):
     """1-shot on MVTec bottle: the few-shot scorer the worker ships with must be good."""

@@ -205,6 +205,22 @@ def test_a_flag_equal_to_the_profiles_setting_is_no_conflict(normals: Path, tmp_
     assert b.settings.resolved_backbone == "dinov2-s" and b.settings.image_size == 56
 
 
+def test_holdout_beside_thresholds_by_hand_is_the_drift_reference(normals: Path) -> None:
+    """--holdout with both thresholds given was read by nothing: drift was off and the folder
+    silently ignored. Now it is drift's reference, and the thresholds stay as given (no
+    recalibration after verdicts). One threshold alone is refused, not silently calibrated."""
+    from consumers.assembly import SetupError, StartingBeliefs, WorkerSetup
+
+    small = {"backbone": "efficientnet-lite0", "image_size": 64}
+    b = StartingBeliefs.build(WorkerSetup(scorer=small, references=str(normals), holdout=str(normals),
+                                          alert_threshold=0.5, review_threshold=0.3), "w")
+    assert b.drift is not None and b.holdout is None
+    assert (b.thresholds.alert, b.thresholds.review) == (0.5, 0.3)
+    with pytest.raises(SetupError, match="both --alert-threshold and --review-threshold"):
+        StartingBeliefs.build(WorkerSetup(scorer=small, references=str(normals), holdout=str(normals),
+                                          alert_threshold=0.5), "w")
+
+
 def test_defect_words_reach_a_zoomed_clip_scorer() -> None:
     """patch-knn with ROI zoom on a CLIP backbone: the words model sits under the zoom."""
     from consumers.assembly import describer

@@ -46,8 +46,8 @@ def add_commands(sub: Any) -> None:
     w.add_argument("--shots", type=int, default=None,
                    help=f"how many reference images to use (default: {f['shots']}; not with --profile)")
     w.add_argument("--holdout", metavar="DIR",
-                   help="other normal images, to set thresholds from (needed unless both "
-                        "thresholds are given)")
+                   help="other normal images (not the references): the thresholds are calibrated "
+                        "from them unless both are given, and drift is measured against them")
     w.add_argument("--alert-threshold", type=float, default=None)
     w.add_argument("--review-threshold", type=float, default=None)
     w.add_argument("--false-alarm-rate", type=float, default=None,
