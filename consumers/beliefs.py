@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from consumers.config import WorkerConfig
@@ -23,6 +24,10 @@ from monitoring import metrics
 
 log = logging.getLogger("consumers.worker")
 
+# verdicts are read at most this often between batches: polling the labels consumer after
+# every batch cost a paced (one-frame) batch about 2 ms, for verdicts that wait 2 s to settle
+LABEL_POLL_S = 0.5
+
 
 class Beliefs:
     """The processor's scorer, thresholds and drift, kept current from profiles and verdicts."""
@@ -33,6 +38,7 @@ class Beliefs:
         self.cfg, self.processor, self.learner, self.watcher = cfg, processor, learner, watcher
         self.label_key = label_key
         self.labels: LabelFollower | None = None
+        self._labels_polled = float("-inf")
         self.info = dict(info or {})
         if self.info:
             metrics.WORKER_INFO.info(self.info)
@@ -58,7 +64,10 @@ class Beliefs:
         if self.watcher is not None and (fresh := self.watcher.poll()) is not None:
             self._swap_profile(fresh)
         if self.labels is not None and self.learner is not None:
-            self.learner.apply(self.labels.poll(0))
+            now = time.monotonic()
+            if now - self._labels_polled >= LABEL_POLL_S:
+                self._labels_polled = now
+                self.learner.apply(self.labels.poll(0))
             if self.learner.due():
                 self._use(self.learner.learn())
 

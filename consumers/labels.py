@@ -51,6 +51,7 @@ from monitoring import metrics
 log = logging.getLogger(__name__)
 
 MAX_SEEN_LABELS = 100_000
+LABEL_FETCH_WAIT_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,11 @@ class LabelFollower:
         self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                       enable_auto_commit=False, client_id="linewatch-labels",
-                                      fetch_max_wait_ms=100, max_partition_fetch_bytes=16 << 20)
+                                      # verdicts are rare and wait to settle anyway: a long
+                                      # poll, not ten fetches a second decoded on a thread that
+                                      # takes the interpreter lock from the scoring loop
+                                      fetch_max_wait_ms=LABEL_FETCH_WAIT_MS,
+                                      max_partition_fetch_bytes=16 << 20)
         parts = self.consumer.partitions_for_topic(topic) or set()
         deadline = time.monotonic() + 10
         while not parts and time.monotonic() < deadline:  # metadata may lag a fresh topic
