@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from linewatch.broker import EmbeddedBroker, create_topics, free_port, stop_process
@@ -49,6 +50,121 @@ def _wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, timeout_s: 
         if time.monotonic() > deadline:
             raise RuntimeError(f"the {what} was not ready after {timeout_s:.0f}s; see {log_path}")
         time.sleep(0.1)
+
+
+PARTITIONS = 4  # of the demo's frames topic: up to four workers share the camera's frames
+LAG_WARNING_FRAMES = 50  # the lag of LinewatchConsumerLagGrowing (monitoring/prometheus/rules)
+
+
+@dataclass
+class Worker:
+    """One demo worker process: a member of the group ``linewatch-demo``."""
+
+    name: str
+    proc: subprocess.Popen
+    ready: Path
+    log: Path
+    metrics_url: str
+
+    @classmethod
+    def start(cls, n: int, a: argparse.Namespace, bootstrap: str, workdir: Path, metrics_port: int,
+              env: dict[str, str]) -> Worker:
+        name = "worker" if n == 0 else f"worker-{n + 1}"
+        ready, log_path = workdir / f"{name}.ready", workdir / f"{name}.log"
+        cmd = [sys.executable, "-m", "linewatch", "worker", "--bootstrap-servers", bootstrap,
+               "--references", str(workdir / "references"), "--shots", str(a.shots),
+               "--holdout", str(workdir / "holdout"), "--false-alarm-rate", str(a.false_alarm_rate),
+               "--metrics-port", str(metrics_port), "--ready-file", str(ready),
+               "--group-id", "linewatch-demo", "--worker-id", f"demo-{name}"]
+        if a.workers > 1:  # the cores are shared: one torch thread each, not two fighting
+            cmd += ["--torch-threads", str(max(1, (os.cpu_count() or 1) // a.workers))]
+        with open(log_path, "ab") as wl:
+            proc = subprocess.Popen(cmd, stdout=wl, stderr=subprocess.STDOUT, env=env)
+        return cls(name, proc, ready, log_path, f"http://127.0.0.1:{metrics_port}/metrics")
+
+
+class Backpressure:
+    """The demo camera waits while more than ``max_lag`` of its frames are undecided, so it
+    runs at the rate the workers sustain (at most ``--fps``) and a frame waits behind at most
+    ``max_lag`` others. A real camera cannot wait: with ``max_lag`` 0 the demo's does not
+    either, and frames queue in Kafka (``linewatch:consumer_lag_frames``)."""
+
+    def __init__(self, max_lag: int, stop: threading.Event, stall_s: float = 120.0) -> None:
+        self.max_lag, self.stop, self.stall_s = max_lag, stop, stall_s
+        self._decided = 0
+        self._cv = threading.Condition()
+
+    def decided(self, n: int) -> None:
+        """The main loop saw ``n`` of the camera's frames decided (scored or dead-lettered)."""
+        with self._cv:
+            self._decided = n
+            self._cv.notify_all()
+
+    def wait_to_send(self, index: int) -> bool:
+        """Before the camera takes frame ``index`` (0-based): False when the demo is stopping."""
+        if self.max_lag <= 0:
+            return not self.stop.is_set()
+        with self._cv:
+            seen, since = self._decided, time.monotonic()
+            while index - self._decided > self.max_lag and not self.stop.is_set():
+                self._cv.wait(0.5)  # woken by decided(); the timeout only notices a stop
+                if self._decided != seen:
+                    seen, since = self._decided, time.monotonic()
+                elif time.monotonic() - since > self.stall_s:
+                    # nothing decided for minutes: stop the camera, so the summary reports
+                    # the undecided frames instead of the demo waiting forever
+                    log.error("no frame decided for %.0f s: the camera stops", self.stall_s)
+                    return False
+        return not self.stop.is_set()
+
+
+def worker_steps(workers: list[Worker]) -> dict[str, float]:
+    """Where the workers' time went: ms per scored frame by step (all workers together), and
+    ``frames_per_second``: each worker's frames over its busy time (every step but waiting
+    for frames), summed over workers; comparable with ``python -m benchmarks.pipeline``.
+    Empty if a worker's metrics cannot be read."""
+    from monitoring.metrics import read_step_seconds
+
+    total: dict[str, float] = {}
+    frames, rate = 0, 0.0
+    try:
+        for w in workers:
+            steps = read_step_seconds(w.metrics_url, timeout_s=5)
+            n = _scored(w)
+            busy = sum(v for k, v in steps.items() if k != "poll")
+            frames += n
+            rate += n / busy if busy else 0.0
+            for step, sec in steps.items():
+                total[step] = total.get(step, 0.0) + sec
+    except OSError as exc:
+        log.warning("could not read the workers' step times: %s", exc)
+        return {}
+    if not frames:
+        return {}
+    out = {k: round(1000 * v / frames, 2) for k, v in total.items()}
+    out["frames_per_second"] = round(rate, 2)
+    return out
+
+
+def _scored(w: Worker) -> int:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(w.metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    return int(sum(s.value for fam in text_string_to_metric_families(text)
+                   if fam.name == "linewatch_frames_received" for s in fam.samples
+                   if s.name.endswith("_total")))
+
+
+def print_steps(ms: dict[str, float], fps: float, n_workers: int) -> None:
+    who, whose = (("the worker", "the worker's") if n_workers == 1
+                  else (f"the {n_workers} workers", f"the {n_workers} workers'"))
+    print(f"where {whose} time went, ms per frame ('poll' is mostly waiting for frames):")
+    print("  " + "  ".join(f"{k} {v:g}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])))
+    print(f"{who} can score {fps:g} frames/s (frames over busy time; `python -m benchmarks.pipeline` "
+          f"measures the same for a backlog)")
 
 
 def print_table(summary: dict) -> None:
@@ -113,26 +229,21 @@ def run_demo(a: argparse.Namespace) -> int:
     topics = Topics("linewatch")
     metrics_port = a.metrics_port or free_port()
     broker = EmbeddedBroker(port=a.broker_port or None, log_path=workdir / "broker.log").start()
-    worker_log = workdir / "worker.log"
-    ready = workdir / "worker.ready"
-    worker: subprocess.Popen | None = None
+    workers: list[Worker] = []
     review: subprocess.Popen | None = None
     stop = threading.Event()
     produced: set[tuple[str, str]] = set()
     reader: TallyReader | None = None
     try:
-        create_topics(broker.bootstrap, topics, partitions=4)
-        cmd = [sys.executable, "-m", "linewatch", "worker", "--bootstrap-servers", broker.bootstrap,
-               "--references", str(workdir / "references"), "--shots", str(a.shots),
-               "--holdout", str(workdir / "holdout"), "--false-alarm-rate", str(a.false_alarm_rate),
-               "--metrics-port", str(metrics_port), "--ready-file", str(ready),
-               "--group-id", "linewatch-demo"]
-        # the review service signs operators' verdicts with this key; the worker learns only
+        create_topics(broker.bootstrap, topics, partitions=PARTITIONS)
+        # the review service signs operators' verdicts with this key; the workers learn only
         # from labels signed with it
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                LABEL_KEY_ENV: os.environ.get(LABEL_KEY_ENV) or secrets.token_hex(32)}
-        with open(worker_log, "ab") as wl:
-            worker = subprocess.Popen(cmd, stdout=wl, stderr=subprocess.STDOUT, env=env)
+        for n in range(a.workers):
+            # more workers: more members of one consumer group, as on a real line
+            port = metrics_port if n == 0 else free_port()
+            workers.append(Worker.start(n, a, broker.bootstrap, workdir, port, env))
         review_port = a.review_port or free_port()
         review_db = f"sqlite:///{workdir / 'review.db'}"
         password = secrets.token_urlsafe(9)
@@ -143,9 +254,10 @@ def run_demo(a: argparse.Namespace) -> int:
                 [sys.executable, "-m", "linewatch", "review", "--bootstrap-servers", broker.bootstrap,
                  "--port", str(review_port), "--db", review_db, "--ready-file", str(review_ready)],
                 stdout=rl, stderr=subprocess.STDOUT, env=env)
-        print(f"broker   {broker.bootstrap}\nmetrics  http://127.0.0.1:{metrics_port}/metrics\n"
-              f"review   http://127.0.0.1:{review_port}/  (sign in as demo, password {password})\n"
-              f"workdir  {workdir} (references, holdout, worker.log, review.log, broker.log)\n"
+        print(f"broker   {broker.bootstrap}\n"
+              + "".join(f"metrics  {w.metrics_url}  ({w.name})\n" for w in workers)
+              + f"review   http://127.0.0.1:{review_port}/  (sign in as demo, password {password})\n"
+              f"workdir  {workdir} (references, holdout, worker*.log, review.log, broker.log)\n"
               "loading the model and calibrating thresholds...", flush=True)
         _wait_ready(review, review_ready, review_log, timeout_s=60, what="review service")
         operator = None
@@ -160,7 +272,8 @@ def run_demo(a: argparse.Namespace) -> int:
                                          stop, a.operator_delay)
             print(f"a simulated operator answers the review page from the feed's ground truth, "
                   f"{a.operator_delay:g} s after claiming each item (--no-operator: you do)", flush=True)
-        _wait_ready(worker, ready, worker_log, timeout_s=300, what="worker")
+        for w in workers:
+            _wait_ready(w.proc, w.ready, w.log, timeout_s=300, what=w.name)
         reader = TallyReader(broker.bootstrap, topics)
 
         def on_acked(meta: FrameMeta) -> None:  # on the producer's network thread: no blocking
@@ -169,12 +282,15 @@ def run_demo(a: argparse.Namespace) -> int:
         cfg = ProducerConfig(bootstrap=broker.bootstrap, topics=topics, camera="demo-cam",
                              line="demo-line", fps=a.fps, max_frames=a.frames, start_seq=0)
         done = threading.Event()
+        lag = Backpressure(a.max_lag, stop)
 
         def frames():
             for i, frame in enumerate(conveyor):
                 if a.dim_after is not None and i == a.dim_after:
                     conveyor.brightness = 0.55  # the lamp dims: watch linewatch_drift in /metrics
                     log.info("frame %d: the demo lamp dims to 55%%", i)
+                if not lag.wait_to_send(i):
+                    return
                 yield frame
 
         camera_failed: list[BaseException] = []
@@ -193,16 +309,21 @@ def run_demo(a: argparse.Namespace) -> int:
         if operator is not None:
             operator.start()
         previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-        bar = tqdm(total=a.frames, unit="frame", desc="scored", dynamic_ncols=True)
+        # on a terminal the bar redraws in place; into a file or a pipe it writes a line at
+        # most every 10 s instead of hundreds of carriage-returned updates
+        bar = tqdm(total=a.frames, unit="frame", desc="scored", dynamic_ncols=True,
+                   mininterval=0.2 if sys.stderr.isatty() else 10.0)
+        max_lag = 0
         drain_deadline: float | None = None
         try:
             while True:
                 reader.poll(200)
                 t = reader.tally
-                bar.n = len(t.accounted)
+                lag.decided(len(t.accounted))
+                max_lag = max(max_lag, len(produced) - len(t.accounted))
                 bar.set_postfix(sent=len(produced), alerts=len(t.alerts), review=len(t.reviews),
                                 dead=len(t.dead), refresh=False)
-                bar.refresh()
+                bar.update(len(t.accounted) - bar.n)  # redraws at most every mininterval
                 if done.is_set():
                     if produced <= t.accounted:
                         break
@@ -211,21 +332,36 @@ def run_demo(a: argparse.Namespace) -> int:
                         log.error("%d frames not accounted for 60s after the camera stopped",
                                   len(produced - t.accounted))
                         break
-                if worker.poll() is not None:
-                    log.error("the worker exited (code %s):\n%s", worker.returncode, _tail(worker_log))
+                if exited := [w for w in workers if w.proc.poll() is not None]:
+                    log.error("%s exited (code %s):\n%s", exited[0].name, exited[0].proc.returncode,
+                              _tail(exited[0].log))
                     break
         finally:
             bar.close()
             signal.signal(signal.SIGINT, previous)
         elapsed = time.monotonic() - t0
         summary = reader.tally.summary(produced, elapsed)
+        summary["camera_fps"] = round(len(produced) / elapsed, 3) if elapsed else 0.0
+        summary["max_lag_frames"] = max_lag
+        steps = worker_steps(workers)
+        if steps:
+            summary["worker_frames_per_second"] = steps.pop("frames_per_second")
+            summary["worker_ms_per_frame"] = steps
         if operator is not None:
             summary["operator_verdicts"] = {"normal": operator.answered.normal,
                                             "defect": operator.answered.defect}
         print_table(summary)
+        if "worker_ms_per_frame" in summary:
+            print_steps(summary["worker_ms_per_frame"], summary["worker_frames_per_second"], len(workers))
         summary["by_kind"] = by_kind(list(reader.tally.scores.values()), conveyor.marked)
         if summary["by_kind"]:
             print_by_kind(summary["by_kind"])
+        if max_lag > LAG_WARNING_FRAMES:
+            print(f"the camera outpaced the worker{'s' if len(workers) > 1 else ''}: up to {max_lag} "
+                  f"frames waited in Kafka. On a real line linewatch:consumer_lag_frames shows this "
+                  f"and LinewatchConsumerLagGrowing fires while it keeps growing; add a worker by "
+                  f"starting another `linewatch worker` with the same --group-id (here: --workers "
+                  f"{len(workers) + 1}), up to the frames topic's partition count")
         if a.json:
             Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
             print(f"summary written to {a.json}")
@@ -238,6 +374,6 @@ def run_demo(a: argparse.Namespace) -> int:
         stop.set()
         if reader is not None:
             reader.close()
-        for proc in (worker, review):
+        for proc in [w.proc for w in workers] + [review]:
             stop_process(proc)
         broker.stop()

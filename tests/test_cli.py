@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -111,3 +112,30 @@ def test_demo_60_frames_loses_nothing(tmp_path):
     # the simulated operator (on by default) answered the review page through its API
     assert s["review_items"] > 0 and sum(s["operator_verdicts"].values()) >= 1, s
     assert "normal" in s["by_kind"] and "first third: alert / flagged" in r.stdout
+    # where the worker's time went, read from its step counters
+    assert s["worker_ms_per_frame"]["score"] > 0 and s["worker_frames_per_second"] > 0, s
+    assert "where the worker's time went" in r.stdout
+
+
+def test_demo_two_workers_share_the_frames_and_the_camera_waits_for_them(tmp_path):
+    """--workers 2: two members of one consumer group, two partitions each, nothing lost;
+    an unpaced camera (--fps 0) waits for decisions, so no more than --max-lag + 1 of its
+    frames are ever undecided (without the wait it would run far ahead of two CPU workers)."""
+    out, work = tmp_path / "out.json", tmp_path / "w"
+    r = run("demo", "--frames", "40", "--workers", "2", "--fps", "0", "--max-lag", "3",
+            "--no-operator", "--json", str(out), "--metrics-port", "0", "--workdir", str(work),
+            timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert s["frames_lost"] == 0 and s["frames_scored"] + s["dead_letters"] == 40
+    assert s["max_lag_frames"] <= 4, s["max_lag_frames"]
+    owned = [re.findall(r"assigned partitions \[([\d, ]+)\]", (work / f"{n}.log").read_text())
+             for n in ("worker", "worker-2")]
+    assert all(owned), owned
+    assert sorted(p for got in owned for p in got[-1].split(", ")) == ["0", "1", "2", "3"]
+    assert "where the 2 workers' time went" in r.stdout
+
+
+def test_demo_refuses_more_workers_than_partitions():
+    r = run("demo", "--workers", "5", timeout=60)
+    assert r.returncode == 2 and "--workers 5: give 1 to 4" in r.stderr, r.stderr

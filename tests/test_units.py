@@ -332,3 +332,27 @@ def test_verdicts_arriving_one_by_one_are_learned_together():
     assert learner.due(settle_s=0)
     assert learner.learn().added == 5 and len(learner.learned) == 5
     assert not learner.due(settle_s=0)
+
+
+def test_demo_camera_waits_while_more_than_max_lag_frames_are_undecided():
+    import threading
+
+    from linewatch.demo import Backpressure
+
+    stop = threading.Event()
+    bp = Backpressure(2, stop)
+    assert all(bp.wait_to_send(i) for i in range(3))  # frames 0-2: at most 2 undecided before each
+    sent = threading.Event()
+    camera = threading.Thread(target=lambda: bp.wait_to_send(3) and sent.set(), daemon=True)
+    camera.start()
+    assert not sent.wait(0.3)  # 3 undecided: frame 3 must wait
+    bp.decided(1)
+    assert sent.wait(10)  # one decision frees it
+    late = threading.Thread(target=lambda: sent.set() if not bp.wait_to_send(9) else None, daemon=True)
+    sent.clear()
+    late.start()
+    stop.set()  # a stopping demo releases a waiting camera, which then takes no frame
+    assert sent.wait(10)
+    assert Backpressure(0, threading.Event()).wait_to_send(10_000)  # 0: never waits
+    # no decision at all for stall_s: the camera gives up instead of the demo hanging
+    assert Backpressure(1, threading.Event(), stall_s=0.5).wait_to_send(5) is False

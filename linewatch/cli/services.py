@@ -68,7 +68,19 @@ def add_commands(sub: Any) -> None:
                                    "and its metrics endpoint; show live progress; end with a summary "
                                    "(frames lost, duplicates, latency, precision, recall).")
     d.add_argument("--frames", type=int, default=None, help="stop after N frames (default: until Ctrl-C)")
-    d.add_argument("--fps", type=float, default=5.0, help="camera frame rate (default: %(default)s)")
+    d.add_argument("--fps", type=float, default=5.0,
+                   help="the camera's highest frame rate (default: %(default)s); it runs slower when "
+                        "the workers cannot keep up, see --max-lag")
+    d.add_argument("--max-lag", type=int, default=2, metavar="FRAMES",
+                   help="the demo camera waits while more than FRAMES of its frames are undecided, "
+                        "so it runs at the rate the workers sustain and decisions stay under a "
+                        "second behind capture. 0: it never waits, as a real camera: frames queue "
+                        "in Kafka, linewatch:consumer_lag_frames grows and LinewatchConsumerLagGrowing "
+                        "fires (default: %(default)s)")
+    d.add_argument("--workers", type=int, default=1,
+                   help="scoring workers, all in one consumer group, sharing the frames topic's 4 "
+                        "partitions; on a real line you add one by starting another `linewatch "
+                        "worker` with the same --group-id (default: %(default)s)")
     d.add_argument("--defect-rate", type=float, default=0.15, help="default: %(default)s")
     d.add_argument("--texture", default="brick", choices=["brick", "gravel", "grass"])
     d.add_argument("--shots", type=int, default=4, help="normal reference frames (default: %(default)s)")
@@ -213,6 +225,12 @@ def cmd_grafana_push(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from linewatch.demo import run_demo
+    from linewatch.demo import PARTITIONS, run_demo
+
+    if not 1 <= a.workers <= PARTITIONS:
+        raise CliError(f"--workers {a.workers}: give 1 to {PARTITIONS} (the demo's frames topic has "
+                       f"{PARTITIONS} partitions; a worker beyond that would get none)")
+    if a.max_lag < 0:
+        raise CliError(f"--max-lag {a.max_lag}: give 0 (never wait) or more frames")
 
     return run_demo(a)
