@@ -125,7 +125,24 @@ def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fp
             # between frames ('poll' is mostly that wait, so it is left out of busy time)
             "paced_step_ms_per_frame": {k: round(1000 * v / paced, 2) for k, v in paced_steps.items()},
             "paced_busy_frames_per_second": round(
-                paced / sum(v for k, v in paced_steps.items() if k != "poll"), 2)}
+                paced / max(1e-9, sum(v for k, v in paced_steps.items() if k != "poll")), 2)}
+
+
+def model_alone_ms(frames: int, batch: int = 8) -> float:
+    """ms per frame of the fp32 patch-knn scorer on the throughput run's frames, in batches of
+    ``batch``, in this process with no Kafka: the worker's 'score' step against this is what
+    running inside the pipeline costs the model (its client threads, the other processes)."""
+    import inference
+
+    scorer = inference.create_scorer("patch-knn")
+    scorer.fit(SyntheticConveyor(seed=0).normals(4))
+    conveyor = SyntheticConveyor(seed=1, defect_rate=0.1)
+    images = [conveyor.frame(i).image for i in range(frames)]
+    scorer.score(images[:batch])  # warm-up: first calls build the kernels
+    t0 = time.perf_counter()
+    for i in range(0, frames, batch):
+        scorer.score(images[i:i + batch])
+    return 1000 * (time.perf_counter() - t0) / frames
 
 
 def overhead(row: dict) -> dict[str, float]:
@@ -164,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {scorer} ({precision}) ...", flush=True)
             rows.append(bench_one(broker, refs, scorer, a.frames, a.paced_frames, a.paced_fps, workdir,
                                   precision))
+    print("timing the model alone (no Kafka) ...", flush=True)
+    alone = model_alone_ms(a.frames)
     real, noop = rows[:2]
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -173,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_share_of_real_latency_p50": round(noop["latency_ms_p50"] / real["latency_ms_p50"], 3),
     }
     result["overhead_share_of_model_time"] = overhead(real)
+    result["model_alone_ms_per_frame"] = round(alone, 2)
     if a.int8:
         int8_fps = rows[2]["frames_per_second"]
         result["ratio_int8_over_fp32_fps"] = round(int8_fps / real["frames_per_second"], 2)
@@ -192,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             share = "model" if step == "score" else f"{100 * shares[step]:.1f}%"
             print(f"  {step:<8} {ms:>8.2f} ms  {share:>7}")
         print(f"  pipeline overhead, all steps but the model: {100 * shares['total']:.1f}% of model time")
+        in_worker = real["step_ms_per_frame"].get("score", 0.0)
+        print(f"the model alone, in this process without Kafka: {alone:.2f} ms a frame; inside the "
+              f"worker: {in_worker:.2f} ms ({100 * (in_worker / alone - 1):+.1f}%; what sharing the "
+              f"cores with Kafka's threads and the broker costs the model, within the VM's ~10% "
+              f"drift between runs)")
         paced_ms = real["paced_step_ms_per_frame"]
         print(f"paced at {a.paced_fps:g} frames/s (batches of one), ms per frame: "
               + "  ".join(f"{k} {v:g}" for k, v in sorted(paced_ms.items(), key=lambda kv: -kv[1])))

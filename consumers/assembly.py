@@ -110,11 +110,13 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
     if key is not None:
         from consumers.labels import ReferenceLearner
 
-        # thresholds given by hand stay as given; calibrated ones are recalibrated
+        # thresholds given by hand stay as given; calibrated ones are recalibrated. Either way
+        # the held-out frames are rescored, so drift's score reference follows the memory
+        recalibrate = setup.alert_threshold is None
         learner = ReferenceLearner(scorer, b.refs, b.holdout, config.worker_id,
                                    setup.max_learned_normals, _folder(setup, "false_alarm_rate"),
-                                   _folder(setup, "review_rate"))
-        if not b.holdout:
+                                   _folder(setup, "review_rate"), recalibrate=recalibrate)
+        if not (b.holdout and recalibrate):
             log.info("operator verdicts grow the reference memory; thresholds stay fixed (they "
                      "are recalibrated only when calibrated from --holdout)")
     if b.drift is None:
@@ -160,12 +162,18 @@ class StartingBeliefs:
         if setup.profile:
             return cls._from_profile(setup, overrides)
         settings = ScorerSettings(**setup.scorer)
+        if (setup.alert_threshold is None) != (setup.review_threshold is None):
+            raise SetupError("give both --alert-threshold and --review-threshold, or neither (then "
+                             "both are calibrated from --holdout)")
         if settings.method == "noop":
             log.warning("scorer 'noop' scores nothing: every frame is 'normal'. Use it only to "
                         "measure the pipeline's own overhead.")
-            th = Thresholds(alert=setup.alert_threshold or 1.0, review=setup.review_threshold or 0.5,
+            th = Thresholds(alert=setup.alert_threshold if setup.alert_threshold is not None else 1.0,
+                            review=setup.review_threshold if setup.review_threshold is not None else 0.5,
                             n_normals=0, guaranteed=False)
-            return cls(settings, settings.build(setup.device), th, [], [], None, overrides)
+            scorer = settings.build(setup.device)
+            holdout, drift = _drift_from_holdout(setup, scorer, overrides)  # the same per-frame work
+            return cls(settings, scorer, th, [], holdout, drift, overrides)
         return cls._from_folders(setup, settings, overrides)
 
     @classmethod
@@ -208,33 +216,43 @@ class StartingBeliefs:
             raise SetupError("--references DIR is required: a folder of normal images of this line "
                              "(or --profile PROFILE from `linewatch calibrate`)")
         refs = load_folder(setup.references, limit=_folder(setup, "shots"), what="--references")
-        hand = setup.alert_threshold is not None and setup.review_threshold is not None
-        if not hand and (setup.alert_threshold is not None or setup.review_threshold is not None):
-            raise SetupError("give both --alert-threshold and --review-threshold, or neither (then "
-                             "both are calibrated from --holdout)")
+        hand = setup.alert_threshold is not None  # both or neither (checked in build)
         if not hand and not setup.holdout:
             raise SetupError("thresholds: give --holdout DIR (normal images, not the references) "
                              "to calibrate from, or both --alert-threshold and --review-threshold")
         scorer = settings.build(setup.device)
         scorer.fit(refs)
-        holdout = None
-        drift = None
-        if setup.holdout:
-            # held-out normals (never the references) set the thresholds (unless given by hand)
-            # and are the reference that drift is measured against
-            holdout = CalibrationFrames(load_folder(setup.holdout, what="--holdout"))
-            results = holdout.results(scorer)  # kept: verdicts recalibrate without the backbone
-            drift = drift_monitor(setup.drift_window, overrides, holdout.frames, results)
         if hand:
             th = Thresholds(setup.alert_threshold, setup.review_threshold, 0, False)  # type: ignore[arg-type]
-            holdout = None  # thresholds given by hand stay as given: nothing to recalibrate
+            holdout, drift = _drift_from_holdout(setup, scorer, overrides)
         else:
-            assert holdout is not None
+            # held-out normals (never the references) set the thresholds and are the reference
+            # that drift is measured against
+            holdout = CalibrationFrames(load_folder(setup.holdout, what="--holdout"))  # type: ignore[arg-type]
+            results = holdout.results(scorer)  # kept: verdicts recalibrate without the backbone
+            drift = drift_monitor(setup.drift_window, overrides, holdout.frames, results)
             th = thresholds_from_normals([r.score for r in results], _folder(setup, "false_alarm_rate"),
                                          _folder(setup, "review_rate"))
         log.info("%d reference images; thresholds alert=%.4f review=%.4f (%d held-out normals)",
                  len(refs), th.alert, th.review, th.n_normals)
         return cls(settings, scorer, th, refs, holdout, drift, overrides)
+
+
+def _drift_from_holdout(setup: WorkerSetup, scorer: Any, overrides: dict[str, float]
+                        ) -> tuple[CalibrationFrames | None, Any]:
+    """With thresholds given (or a noop scorer), --holdout is only drift's reference: its frames
+    (kept, so drift's score reference follows the memory as verdicts grow it) and the monitor."""
+    from inference.calibration import CalibrationFrames
+    from linewatch.images import load_folder
+
+    if not setup.holdout:
+        return None, None
+    if not setup.drift_window:
+        raise SetupError("--holdout with both thresholds given is drift's reference, and "
+                         "--drift-window 0 turns drift off: drop one of them")
+    holdout = CalibrationFrames(load_folder(setup.holdout, what="--holdout"))
+    results = holdout.results(scorer)
+    return holdout, drift_monitor(setup.drift_window, overrides, holdout.frames, results)
 
 
 def label_key(setup: WorkerSetup) -> bytes | None:

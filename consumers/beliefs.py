@@ -107,11 +107,12 @@ class Beliefs:
             scorer.map_gate = th.review
 
     def _use(self, res: LearnResult) -> None:
-        if res.thresholds is None:
-            return
-        th, old = res.thresholds, self.processor.thresholds
-        log.info("recalibrated after %d learned normal(s): alert %.4f -> %.4f, review %.4f -> %.4f",
-                 res.added, old.alert, th.alert, old.review, th.review)
-        self._set_thresholds(th)
+        if res.thresholds is not None:
+            th, old = res.thresholds, self.processor.thresholds
+            log.info("recalibrated after %d learned normal(s): alert %.4f -> %.4f, review %.4f -> "
+                     "%.4f", res.added, old.alert, th.alert, old.review, th.review)
+            self._set_thresholds(th)
+        # the memory changed, so normal frames score lower: drift compares live scores with the
+        # calibration frames' scores under the same memory, or it would report the learning
         if self.processor.drift is not None and res.holdout_scores is not None:
             self.processor.drift.rebase_scores(res.holdout_scores)

@@ -153,12 +153,16 @@ class ReferenceLearner:
 
     def __init__(self, scorer: Any, references: Sequence[np.ndarray], holdout: CalibrationFrames | None,
                  worker_id: str, max_learned: int = 200, false_alarm_rate: float = 0.01,
-                 review_rate: float = 0.1) -> None:
+                 review_rate: float = 0.1, recalibrate: bool = True) -> None:
+        """``holdout``: the calibration frames, rescored after each change of the memory (the
+        drift reference follows them); ``recalibrate``: thresholds are re-derived from those
+        scores (False: thresholds given by hand stay as given)."""
         if max_learned < 1:
             raise ValueError("max_learned must be >= 1")
         self.scorer = scorer
         self.references = list(references)
-        self.holdout = holdout  # None: thresholds were given by hand (or by a profile) and stay
+        self.holdout = holdout  # None: nothing to rescore (a profile, or no --holdout)
+        self.recalibrate = recalibrate
         self.worker_id = worker_id
         self.max_learned = max_learned
         self.false_alarm_rate, self.review_rate = false_alarm_rate, review_rate
@@ -228,8 +232,10 @@ class ReferenceLearner:
             if self._stale:
                 assert self.holdout is not None
                 scores = self.holdout.scores(self.scorer)
-                th = thresholds_from_normals(scores, self.false_alarm_rate, self.review_rate)
-                metrics.RECALIBRATIONS.labels(worker=self.worker_id).inc()
+                th = None
+                if self.recalibrate:
+                    th = thresholds_from_normals(scores, self.false_alarm_rate, self.review_rate)
+                    metrics.RECALIBRATIONS.labels(worker=self.worker_id).inc()
                 self._stale = False
                 result = LearnResult(len(fresh), th, scores)
         except Exception as exc:  # the model failed: keep the verdicts, try again later

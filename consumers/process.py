@@ -117,6 +117,7 @@ class FrameProcessor:
         self.stats = BatchStats()
         self.clock = metrics.StepClock(worker_id)
         self._drift_published = float("-inf")
+        self._unpublished = False  # frames observed since drift was last published
         w = worker_id
         for reason in DL_REASONS:  # rare events start at 0: "none", not "no data"
             metrics.DEAD_LETTERS.labels(worker=w, reason=reason, cause=dead_letter_cause(reason))
@@ -148,11 +149,20 @@ class FrameProcessor:
                     f"while it scored a known-good image: {type(res).__name__}: {res}"))]
             else:
                 by_record[i] = self._route(rec, meta, rgb, res, decided_ns, maybe_duplicate(rec))
-        if self.drift is not None and time.monotonic() - self._drift_published >= DRIFT_PUBLISH_S:
-            with self.clock("drift"):
-                metrics.publish_drift(self.drift)
-            self._drift_published = time.monotonic()
+        self._unpublished = True
+        self.publish_drift()
         return [o for i in sorted(by_record) for o in by_record[i]]
+
+    def publish_drift(self) -> None:
+        """Summarise the drift windows for /metrics when frames came since the last time and
+        ``DRIFT_PUBLISH_S`` passed (the worker also calls this between batches, so a camera's
+        last frames are published even when no batch follows)."""
+        if (self.drift is None or not self._unpublished
+                or time.monotonic() - self._drift_published < DRIFT_PUBLISH_S):
+            return
+        with self.clock("drift"):
+            metrics.publish_drift(self.drift)
+        self._drift_published, self._unpublished = time.monotonic(), False
 
     def _decode(self, records: Sequence[Record], valid: list, invalid: list) -> None:
         for i, rec in enumerate(records):

@@ -144,6 +144,7 @@ class Worker:
         """Profile swaps, operators' verdicts and idle cameras: never inside a batch."""
         with self.processor.clock("learn"):
             self.beliefs.update()
+        self.processor.publish_drift()
         self.cameras.expire()
         if self._owned & self._delivered.keys():  # skipped re-deliveries: commit them now
             with contextlib.suppress(BatchAbandoned):
@@ -168,12 +169,14 @@ class Worker:
         batch, self._pending = self._pending[: self.cfg.max_batch], self._pending[self.cfg.max_batch:]
         return batch
 
-    def _poll(self, timeout_ms: int, max_records: int) -> None:
-        """One poll; rebalance events applied before its records join ``_pending``."""
+    def _poll(self, timeout_ms: int, max_records: int, timed: bool = True) -> None:
+        """One poll; rebalance events applied before its records join ``_pending``. ``timed``:
+        counted as the 'poll' step (not while a step waits in :meth:`_pause`, whose time is
+        that step's)."""
         from kafka.errors import KafkaError
 
         try:
-            with self.processor.clock("poll"):
+            with self.processor.clock("poll") if timed else contextlib.nullcontext():
                 got = self.consumer.poll(timeout_ms=max(0, timeout_ms), max_records=max(1, max_records))
         except (KafkaError, ValueError) as exc:
             # the client retries connections itself. A ValueError is a record kafka-python
@@ -364,7 +367,7 @@ class Worker:
                 left_ms = int((deadline - time.monotonic()) * 1000)
                 if left_ms <= 0:
                     return
-                self._poll(min(left_ms, 200), 1)
+                self._poll(min(left_ms, 200), 1, timed=False)
         finally:
             still = paused & set(self.consumer.assignment())
             if still:

@@ -1,7 +1,7 @@
 """``linewatch demo``: the whole line on one machine, no Docker.
 
-Embedded broker -> synthetic conveyor camera -> one worker process (with its
-metrics endpoint) -> the review page for borderline frames (whose verdicts the
+Embedded broker -> synthetic conveyor cameras -> worker processes in one consumer
+group (with their metrics endpoints) -> the review page for borderline frames (whose verdicts the
 worker learns from) -> a tally of everything the worker produced. The camera's
 ground truth rides along in a header, so the summary can say how many frames
 were lost or duplicated and how good the decisions were.
@@ -10,6 +10,8 @@ were lost or duplicated and how good the decisions were.
 from __future__ import annotations
 
 import argparse
+import collections
+import itertools
 import json
 import logging
 import os
@@ -52,8 +54,29 @@ def _wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, timeout_s: 
         time.sleep(0.1)
 
 
-PARTITIONS = 4  # of the demo's frames topic: up to four workers share the camera's frames
-LAG_WARNING_FRAMES = 50  # the lag of LinewatchConsumerLagGrowing (monitoring/prometheus/rules)
+PARTITIONS = 4  # of the demo's frames topic
+CAMERA_SEQ_SPAN = 1_000_000  # camera k's frames are the belt's frames k * SPAN, k * SPAN + 1, ...
+LAG_NOTE_FRAMES = 10  # frames waiting in Kafka above which the summary says what to do
+
+
+def camera_names(n: int) -> list[str]:
+    """``n`` camera ids whose frames land on different partitions, as many as there are.
+
+    A frame's key is its camera id, so one camera's frames all go to one partition and are
+    scored, in order, by one worker: the camera, not the frame, is the unit a consumer group
+    shares out. Names are picked so the first cameras cover distinct partitions, or two
+    cameras could hash to partitions that one worker owns and leave another idle."""
+    from kafka.partitioner.default import murmur2
+
+    names: list[str] = []
+    i = 0
+    while len(names) < n:
+        i += 1
+        name = f"demo-cam-{i}"
+        want = len(names) % PARTITIONS
+        if (murmur2(name.encode()) & 0x7FFFFFFF) % PARTITIONS == want:
+            names.append(name)
+    return names
 
 
 @dataclass
@@ -84,38 +107,41 @@ class Worker:
 
 
 class Backpressure:
-    """The demo camera waits while more than ``max_lag`` of its frames are undecided, so it
-    runs at the rate the workers sustain (at most ``--fps``) and a frame waits behind at most
-    ``max_lag`` others. A real camera cannot wait: with ``max_lag`` 0 the demo's does not
-    either, and frames queue in Kafka (``linewatch:consumer_lag_frames``)."""
+    """The demo cameras wait while more than ``max_lag`` of their frames are undecided, so they
+    run at the rate the workers sustain (at most ``--fps``) and a frame waits behind at most
+    ``max_lag`` others. A real camera cannot wait: with ``max_lag`` 0 the demo's do not either,
+    and frames queue in Kafka (``linewatch:consumer_lag_frames``)."""
 
     def __init__(self, max_lag: int, stop: threading.Event, stall_s: float = 120.0) -> None:
         self.max_lag, self.stop, self.stall_s = max_lag, stop, stall_s
+        self.stalled = False  # the cameras gave up: nothing was decided for stall_s
+        self._taken = 0  # frames the cameras took, over all cameras
         self._decided = 0
         self._cv = threading.Condition()
 
     def decided(self, n: int) -> None:
-        """The main loop saw ``n`` of the camera's frames decided (scored or dead-lettered)."""
+        """The main loop saw ``n`` of the cameras' frames decided (scored or dead-lettered)."""
         with self._cv:
             self._decided = n
             self._cv.notify_all()
 
-    def wait_to_send(self, index: int) -> bool:
-        """Before the camera takes frame ``index`` (0-based): False when the demo is stopping."""
-        if self.max_lag <= 0:
-            return not self.stop.is_set()
+    def wait_to_send(self) -> bool:
+        """Before a camera takes a frame: False when the demo is stopping (or stalled)."""
         with self._cv:
             seen, since = self._decided, time.monotonic()
-            while index - self._decided > self.max_lag and not self.stop.is_set():
+            while (self.max_lag > 0 and self._taken - self._decided >= self.max_lag + 1
+                   and not self.stop.is_set() and not self.stalled):
                 self._cv.wait(0.5)  # woken by decided(); the timeout only notices a stop
                 if self._decided != seen:
                     seen, since = self._decided, time.monotonic()
                 elif time.monotonic() - since > self.stall_s:
-                    # nothing decided for minutes: stop the camera, so the summary reports
-                    # the undecided frames instead of the demo waiting forever
-                    log.error("no frame decided for %.0f s: the camera stops", self.stall_s)
-                    return False
-        return not self.stop.is_set()
+                    # nothing decided for minutes: stop the cameras and fail the demo, instead
+                    # of waiting forever
+                    self.stalled = True
+            if self.stop.is_set() or self.stalled:
+                return False
+            self._taken += 1
+            return True
 
 
 def worker_steps(workers: list[Worker]) -> dict[str, float]:
@@ -136,8 +162,8 @@ def worker_steps(workers: list[Worker]) -> dict[str, float]:
             rate += n / busy if busy else 0.0
             for step, sec in steps.items():
                 total[step] = total.get(step, 0.0) + sec
-    except OSError as exc:
-        log.warning("could not read the workers' step times: %s", exc)
+    except Exception as exc:  # the summary goes on without this part
+        log.warning("could not read the workers' step times: %s: %s", type(exc).__name__, exc)
         return {}
     if not frames:
         return {}
@@ -172,6 +198,7 @@ def print_table(summary: dict) -> None:
     rows += [(f"latency_ms.{k}", v) for k, v in summary["latency_ms"].items()]
     rows += [(f"dead_letter.{k}", v) for k, v in summary["dead_letter_reasons"].items()]
     rows += [(f"operator_verdicts.{k}", v) for k, v in summary.get("operator_verdicts", {}).items()]
+    rows += [(f"scored_by.{k}", v) for k, v in summary.get("frames_by_worker", {}).items()]
     width = max(len(k) for k, _ in rows)
     print("\n" + "-" * (width + 14))
     for k, v in rows:
@@ -182,14 +209,14 @@ def print_table(summary: dict) -> None:
 def by_kind(scores: list, marked: Callable[[int], bool]) -> dict[str, dict[str, dict]]:
     """Alert and review rates per kind of frame, in the first and the last third of the run:
     the operator's verdicts on lot-coded parts should lower their rates in the last third."""
-    seqs = sorted(s.seq for s in scores)
+    seqs = sorted(s.seq % CAMERA_SEQ_SPAN for s in scores)  # the frame's index in its camera
     if len(seqs) < 3:
         return {}
     lo, hi = seqs[len(seqs) // 3], seqs[2 * len(seqs) // 3]
     out: dict[str, dict[str, dict]] = {}
     for phase, keep in (("first_third", lambda q: q < lo), ("last_third", lambda q: q >= hi)):
         for s in scores:
-            if not keep(s.seq) or s.truth is None:
+            if not keep(s.seq % CAMERA_SEQ_SPAN) or s.truth is None:
                 continue
             kind = "defect" if s.truth == "defect" else "normal, lot code" if marked(s.seq) else "normal"
             row = out.setdefault(kind, {}).setdefault(phase, {"frames": 0, "alert": 0, "review": 0})
@@ -254,7 +281,10 @@ def run_demo(a: argparse.Namespace) -> int:
                 [sys.executable, "-m", "linewatch", "review", "--bootstrap-servers", broker.bootstrap,
                  "--port", str(review_port), "--db", review_db, "--ready-file", str(review_ready)],
                 stdout=rl, stderr=subprocess.STDOUT, env=env)
+        rate = f"up to {a.fps:g} frames/s" if a.fps > 0 else "as fast as the workers take them"
         print(f"broker   {broker.bootstrap}\n"
+              f"cameras  {', '.join(camera_names(a.cameras))} ({rate}"
+              f"{f', waiting while more than {a.max_lag} frames are undecided' if a.max_lag else ''})\n"
               + "".join(f"metrics  {w.metrics_url}  ({w.name})\n" for w in workers)
               + f"review   http://127.0.0.1:{review_port}/  (sign in as demo, password {password})\n"
               f"workdir  {workdir} (references, holdout, worker*.log, review.log, broker.log)\n"
@@ -279,33 +309,44 @@ def run_demo(a: argparse.Namespace) -> int:
         def on_acked(meta: FrameMeta) -> None:  # on the producer's network thread: no blocking
             produced.add((meta.camera, str(meta.seq)))
 
-        cfg = ProducerConfig(bootstrap=broker.bootstrap, topics=topics, camera="demo-cam",
-                             line="demo-line", fps=a.fps, max_frames=a.frames, start_seq=0)
-        done = threading.Event()
         lag = Backpressure(a.max_lag, stop)
+        cameras = camera_names(a.cameras)
+        shares = [None] * a.cameras if a.frames is None else \
+            [a.frames // a.cameras + (k < a.frames % a.cameras) for k in range(a.cameras)]
+        camera_failed: list[BaseException] = []
+        running = [a.cameras]
+        running_lock = threading.Lock()
+        done = threading.Event()
 
-        def frames():
-            for i, frame in enumerate(conveyor):
+        def frames(k: int):
+            # camera k films the belt from frame k * CAMERA_SEQ_SPAN on: its sequence numbers are
+            # the belt's indices, so the ground truth of any (camera, seq) is conveyor.frame(seq)
+            for i in itertools.count():
                 if a.dim_after is not None and i == a.dim_after:
                     conveyor.brightness = 0.55  # the lamp dims: watch linewatch_drift in /metrics
-                    log.info("frame %d: the demo lamp dims to 55%%", i)
-                if not lag.wait_to_send(i):
+                    log.info("frame %d of %s: the demo lamp dims to 55%%", i, cameras[k])
+                if not lag.wait_to_send():
                     return
-                yield frame
+                yield conveyor.frame(k * CAMERA_SEQ_SPAN + i)
 
-        camera_failed: list[BaseException] = []
-
-        def produce() -> None:
+        def produce(k: int) -> None:
+            cfg = ProducerConfig(bootstrap=broker.bootstrap, topics=topics, camera=cameras[k],
+                                 line="demo-line", fps=a.fps, max_frames=shares[k],
+                                 start_seq=k * CAMERA_SEQ_SPAN)
             try:
-                run_producer(cfg, frames(), stop, on_acked)
+                run_producer(cfg, frames(k), stop, on_acked)
             except BaseException as exc:  # reported below: a demo must not end as if all went well
                 camera_failed.append(exc)
                 raise
             finally:
-                done.set()
+                with running_lock:
+                    running[0] -= 1
+                    if not running[0]:
+                        done.set()
 
         t0 = time.monotonic()
-        threading.Thread(target=produce, name="camera", daemon=True).start()
+        for k in range(a.cameras):
+            threading.Thread(target=produce, args=(k,), name=cameras[k], daemon=True).start()
         if operator is not None:
             operator.start()
         previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -342,6 +383,8 @@ def run_demo(a: argparse.Namespace) -> int:
         elapsed = time.monotonic() - t0
         summary = reader.tally.summary(produced, elapsed)
         summary["camera_fps"] = round(len(produced) / elapsed, 3) if elapsed else 0.0
+        summary["frames_by_worker"] = dict(sorted(collections.Counter(
+            s.worker for s in reader.tally.scores.values()).items()))
         summary["max_lag_frames"] = max_lag
         steps = worker_steps(workers)
         if steps:
@@ -354,14 +397,20 @@ def run_demo(a: argparse.Namespace) -> int:
         if "worker_ms_per_frame" in summary:
             print_steps(summary["worker_ms_per_frame"], summary["worker_frames_per_second"], len(workers))
         summary["by_kind"] = by_kind(list(reader.tally.scores.values()), conveyor.marked)
+        if lag.stalled:
+            log.error("the camera stopped: no frame was decided for %.0f s", lag.stall_s)
+            return 1
         if summary["by_kind"]:
             print_by_kind(summary["by_kind"])
-        if max_lag > LAG_WARNING_FRAMES:
-            print(f"the camera outpaced the worker{'s' if len(workers) > 1 else ''}: up to {max_lag} "
-                  f"frames waited in Kafka. On a real line linewatch:consumer_lag_frames shows this "
-                  f"and LinewatchConsumerLagGrowing fires while it keeps growing; add a worker by "
-                  f"starting another `linewatch worker` with the same --group-id (here: --workers "
-                  f"{len(workers) + 1}), up to the frames topic's partition count")
+        if max_lag > LAG_NOTE_FRAMES:
+            more = (f"add a worker by starting another `linewatch worker` with the same "
+                    f"--group-id (here: --workers {len(workers) + 1})" if a.cameras > len(workers)
+                    else "more workers help only with more cameras than workers (a camera's frames "
+                         "are scored in order by one worker): a faster worker (a GPU, --precision "
+                         "int8) or a lower frame rate")
+            print(f"the cameras outpaced the workers: up to {max_lag} frames waited in Kafka. On a "
+                  f"real line linewatch:consumer_lag_frames shows this and LinewatchConsumerLagGrowing "
+                  f"fires if it keeps growing; {more}")
         if a.json:
             Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
             print(f"summary written to {a.json}")

@@ -110,7 +110,8 @@ WORKER_STEPS = ("poll", "decode", "score", "route", "drift", "deliver", "commit"
 STEP_SECONDS = Counter(
     "linewatch_worker_step_seconds_total",
     "Wall time the worker's loop spent in each step: where a frame's time goes. 'score' is the "
-    "model; 'poll' includes waiting for frames; 'learn' is operator verdicts and recalibration.",
+    "model; 'poll' includes waiting for frames; 'learn' is operator verdicts and recalibration; "
+    "a step's retries and backoff waits count as that step's time.",
     ["worker", "step"])
 COMMITS = Counter("linewatch_offset_commits_total", "Offset commits after a flushed batch.",
                   ["worker"])

@@ -42,3 +42,25 @@ def test_winclip_benchmark_refuses_unlike_comparisons(tmp_path):
                             str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2, r.stderr
         assert why in r.stderr and "--no-peer" in r.stderr
+
+
+def test_pipeline_benchmark_splits_the_workers_time_by_step(tmp_path):
+    """``python -m benchmarks.pipeline`` end to end on a few frames: both workers' step splits,
+    the overhead total and the model timed alone come out (the figures are the README's)."""
+    out = tmp_path / "pipeline.json"
+    cmd = [sys.executable, "-m", "benchmarks.pipeline", "--frames", "16", "--paced-frames", "8",
+           "--paced-fps", "8", "--json", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    real, noop = res["rows"]
+    for row in (real, noop):
+        steps = row["step_ms_per_frame"]
+        assert {"poll", "decode", "score", "route", "drift", "deliver", "commit"} <= set(steps)
+        assert steps["decode"] > 0 and steps["deliver"] > 0 and steps["commit"] > 0
+        assert steps["drift"] > 0  # drift runs in both (--holdout), as in a real worker
+        assert row["paced_busy_frames_per_second"] > 0
+    shares = res["overhead_share_of_model_time"]
+    assert abs(shares["total"] - sum(v for k, v in shares.items() if k != "total")) < 1e-3
+    assert res["model_alone_ms_per_frame"] > 0
+    assert "pipeline overhead, all steps but the model" in r.stdout

@@ -208,17 +208,40 @@ def test_a_flag_equal_to_the_profiles_setting_is_no_conflict(normals: Path, tmp_
 def test_holdout_beside_thresholds_by_hand_is_the_drift_reference(normals: Path) -> None:
     """--holdout with both thresholds given was read by nothing: drift was off and the folder
     silently ignored. Now it is drift's reference, and the thresholds stay as given (no
-    recalibration after verdicts). One threshold alone is refused, not silently calibrated."""
+    recalibration after verdicts). One threshold alone is refused, not silently calibrated
+    (or, for noop, silently defaulted)."""
     from consumers.assembly import SetupError, StartingBeliefs, WorkerSetup
 
     small = {"backbone": "efficientnet-lite0", "image_size": 64}
     b = StartingBeliefs.build(WorkerSetup(scorer=small, references=str(normals), holdout=str(normals),
                                           alert_threshold=0.5, review_threshold=0.3), "w")
-    assert b.drift is not None and b.holdout is None
+    assert b.drift is not None and b.holdout is not None
     assert (b.thresholds.alert, b.thresholds.review) == (0.5, 0.3)
-    with pytest.raises(SetupError, match="both --alert-threshold and --review-threshold"):
+    # a verdict grows the memory: the thresholds stay as given, but the held-out frames are
+    # rescored so drift compares live scores with theirs under the same memory
+    from consumers.labels import ReferenceLearner, Verdict
+    from linewatch.wire import Label
+
+    learner = ReferenceLearner(b.scorer, b.refs, b.holdout, "w-hand", recalibrate=False)
+    before = b.holdout.scores(b.scorer)
+    odd = b.holdout.frames[-1]  # not among the 4 references: its own score drops to ~0
+    learner.apply([Verdict(Label(item_id="c:1", camera="c", line="l", seq=1, verdict="normal",
+                                 operator="op"), odd)])
+    res = learner.learn()
+    assert res.added == 1 and res.thresholds is None and res.holdout_scores is not None
+    assert res.holdout_scores != before
+    for partial in (dict(alert_threshold=0.5), dict(review_threshold=0.3)):
+        for scorer in (small, {"method": "noop"}):
+            with pytest.raises(SetupError, match="both --alert-threshold and --review-threshold"):
+                StartingBeliefs.build(WorkerSetup(scorer=scorer, references=str(normals),
+                                                  holdout=str(normals), **partial), "w")
+    with pytest.raises(SetupError, match="--drift-window 0"):
         StartingBeliefs.build(WorkerSetup(scorer=small, references=str(normals), holdout=str(normals),
-                                          alert_threshold=0.5), "w")
+                                          alert_threshold=0.5, review_threshold=0.3,
+                                          drift_window=0), "w")
+    noop = StartingBeliefs.build(WorkerSetup(scorer={"method": "noop"}, holdout=str(normals),
+                                             alert_threshold=0.5, review_threshold=0.3), "w")
+    assert noop.drift is not None  # the noop scorer runs drift too: the benchmark's peer
 
 
 def test_defect_words_reach_a_zoomed_clip_scorer() -> None:

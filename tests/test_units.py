@@ -341,18 +341,33 @@ def test_demo_camera_waits_while_more_than_max_lag_frames_are_undecided():
 
     stop = threading.Event()
     bp = Backpressure(2, stop)
-    assert all(bp.wait_to_send(i) for i in range(3))  # frames 0-2: at most 2 undecided before each
+    assert all(bp.wait_to_send() for _ in range(3))  # up to 3 taken: at most 2 undecided before each
     sent = threading.Event()
-    camera = threading.Thread(target=lambda: bp.wait_to_send(3) and sent.set(), daemon=True)
+    camera = threading.Thread(target=lambda: bp.wait_to_send() and sent.set(), daemon=True)
     camera.start()
-    assert not sent.wait(0.3)  # 3 undecided: frame 3 must wait
+    assert not sent.wait(0.3)  # a negative check: 3 undecided, the 4th frame must not be taken
     bp.decided(1)
     assert sent.wait(10)  # one decision frees it
-    late = threading.Thread(target=lambda: sent.set() if not bp.wait_to_send(9) else None, daemon=True)
     sent.clear()
+    late = threading.Thread(target=lambda: sent.set() if not bp.wait_to_send() else None, daemon=True)
     late.start()
     stop.set()  # a stopping demo releases a waiting camera, which then takes no frame
     assert sent.wait(10)
-    assert Backpressure(0, threading.Event()).wait_to_send(10_000)  # 0: never waits
-    # no decision at all for stall_s: the camera gives up instead of the demo hanging
-    assert Backpressure(1, threading.Event(), stall_s=0.5).wait_to_send(5) is False
+    never = Backpressure(0, threading.Event())
+    assert all(never.wait_to_send() for _ in range(1000))  # 0: never waits
+    # no decision at all for stall_s: the cameras give up and the demo fails, instead of hanging
+    stuck = Backpressure(1, threading.Event(), stall_s=0.5)
+    assert stuck.wait_to_send() and stuck.wait_to_send() and not stuck.wait_to_send()
+    assert stuck.stalled
+
+
+def test_demo_cameras_land_on_distinct_partitions():
+    """One camera = one key = one partition: the demo's cameras must cover distinct partitions,
+    or two of them could sit on partitions one worker owns while another worker idles."""
+    from kafka.partitioner.default import murmur2
+
+    from linewatch.demo import PARTITIONS, camera_names
+
+    names = camera_names(6)
+    parts = [(murmur2(n.encode()) & 0x7FFFFFFF) % PARTITIONS for n in names]
+    assert parts[:PARTITIONS] == list(range(PARTITIONS)) and len(set(names)) == 6

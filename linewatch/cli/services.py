@@ -72,15 +72,19 @@ def add_commands(sub: Any) -> None:
                    help="the camera's highest frame rate (default: %(default)s); it runs slower when "
                         "the workers cannot keep up, see --max-lag")
     d.add_argument("--max-lag", type=int, default=2, metavar="FRAMES",
-                   help="the demo camera waits while more than FRAMES of its frames are undecided, "
-                        "so it runs at the rate the workers sustain and decisions stay under a "
-                        "second behind capture. 0: it never waits, as a real camera: frames queue "
-                        "in Kafka, linewatch:consumer_lag_frames grows and LinewatchConsumerLagGrowing "
-                        "fires (default: %(default)s)")
+                   help="the demo cameras wait while more than FRAMES of their frames are "
+                        "undecided, so they run at the rate the workers sustain and decisions stay "
+                        "under a second behind capture. 0: they never wait, as real cameras cannot: "
+                        "frames queue in Kafka (on a real line, linewatch:consumer_lag_frames grows "
+                        "and LinewatchConsumerLagGrowing fires) (default: %(default)s)")
+    d.add_argument("--cameras", type=int, default=1,
+                   help="synthetic cameras on the line, each keyed by its id, so each camera's "
+                        "frames go to one partition and one worker (default: %(default)s)")
     d.add_argument("--workers", type=int, default=1,
-                   help="scoring workers, all in one consumer group, sharing the frames topic's 4 "
-                        "partitions; on a real line you add one by starting another `linewatch "
-                        "worker` with the same --group-id (default: %(default)s)")
+                   help="scoring workers, all in one consumer group; they share out the cameras "
+                        "(at most --cameras of them get frames). On a real line you add one by "
+                        "starting another `linewatch worker` with the same --group-id "
+                        "(default: %(default)s)")
     d.add_argument("--defect-rate", type=float, default=0.15, help="default: %(default)s")
     d.add_argument("--texture", default="brick", choices=["brick", "gravel", "grass"])
     d.add_argument("--shots", type=int, default=4, help="normal reference frames (default: %(default)s)")
@@ -230,6 +234,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if not 1 <= a.workers <= PARTITIONS:
         raise CliError(f"--workers {a.workers}: give 1 to {PARTITIONS} (the demo's frames topic has "
                        f"{PARTITIONS} partitions; a worker beyond that would get none)")
+    if a.cameras < 1:
+        raise CliError(f"--cameras {a.cameras}: give 1 or more")
+    if a.workers > a.cameras:
+        raise CliError(f"--workers {a.workers} with --cameras {a.cameras}: a camera's frames all go "
+                       f"to one partition (they are keyed by camera), so {a.workers - a.cameras} "
+                       f"worker(s) would get no frames; give --cameras {a.workers} or more")
     if a.max_lag < 0:
         raise CliError(f"--max-lag {a.max_lag}: give 0 (never wait) or more frames")
 
