@@ -172,7 +172,7 @@ class StartingBeliefs:
                             review=setup.review_threshold if setup.review_threshold is not None else 0.5,
                             n_normals=0, guaranteed=False)
             scorer = settings.build(setup.device)
-            holdout, drift = _drift_from_holdout(setup, scorer, overrides)  # the same per-frame work
+            holdout, _, drift = _holdout(setup, scorer, overrides, for_thresholds=False)
             return cls(settings, scorer, th, [], holdout, drift, overrides)
         return cls._from_folders(setup, settings, overrides)
 
@@ -209,7 +209,7 @@ class StartingBeliefs:
     @classmethod
     def _from_folders(cls, setup: WorkerSetup, settings: ScorerSettings,
                       overrides: dict[str, float]) -> StartingBeliefs:
-        from inference.calibration import CalibrationFrames, Thresholds, thresholds_from_normals
+        from inference.calibration import Thresholds, thresholds_from_normals
         from linewatch.images import load_folder
 
         if not setup.references:
@@ -222,15 +222,10 @@ class StartingBeliefs:
                              "to calibrate from, or both --alert-threshold and --review-threshold")
         scorer = settings.build(setup.device)
         scorer.fit(refs)
+        holdout, results, drift = _holdout(setup, scorer, overrides, for_thresholds=not hand)
         if hand:
             th = Thresholds(setup.alert_threshold, setup.review_threshold, 0, False)  # type: ignore[arg-type]
-            holdout, drift = _drift_from_holdout(setup, scorer, overrides)
         else:
-            # held-out normals (never the references) set the thresholds and are the reference
-            # that drift is measured against
-            holdout = CalibrationFrames(load_folder(setup.holdout, what="--holdout"))  # type: ignore[arg-type]
-            results = holdout.results(scorer)  # kept: verdicts recalibrate without the backbone
-            drift = drift_monitor(setup.drift_window, overrides, holdout.frames, results)
             th = thresholds_from_normals([r.score for r in results], _folder(setup, "false_alarm_rate"),
                                          _folder(setup, "review_rate"))
         log.info("%d reference images; thresholds alert=%.4f review=%.4f (%d held-out normals)",
@@ -238,21 +233,23 @@ class StartingBeliefs:
         return cls(settings, scorer, th, refs, holdout, drift, overrides)
 
 
-def _drift_from_holdout(setup: WorkerSetup, scorer: Any, overrides: dict[str, float]
-                        ) -> tuple[CalibrationFrames | None, Any]:
-    """With thresholds given (or a noop scorer), --holdout is only drift's reference: its frames
-    (kept, so drift's score reference follows the memory as verdicts grow it) and the monitor."""
+def _holdout(setup: WorkerSetup, scorer: Any, overrides: dict[str, float], for_thresholds: bool
+             ) -> tuple[CalibrationFrames | None, list, Any]:
+    """The --holdout frames (held-out normals, never the references), their results and the
+    drift monitor measured against them. The frames are kept: after verdicts they are rescored
+    without the backbone, for thresholds (when calibrated from them) and drift's reference.
+    With thresholds given (or a noop scorer) they are only drift's reference."""
     from inference.calibration import CalibrationFrames
     from linewatch.images import load_folder
 
     if not setup.holdout:
-        return None, None
-    if not setup.drift_window:
+        return None, [], None
+    if not for_thresholds and not setup.drift_window:
         raise SetupError("--holdout with both thresholds given is drift's reference, and "
                          "--drift-window 0 turns drift off: drop one of them")
     holdout = CalibrationFrames(load_folder(setup.holdout, what="--holdout"))
     results = holdout.results(scorer)
-    return holdout, drift_monitor(setup.drift_window, overrides, holdout.frames, results)
+    return holdout, results, drift_monitor(setup.drift_window, overrides, holdout.frames, results)
 
 
 def label_key(setup: WorkerSetup) -> bytes | None:

@@ -145,18 +145,19 @@ class Backpressure:
 
 
 def worker_steps(workers: list[Worker]) -> dict[str, float]:
-    """Where the workers' time went: ms per scored frame by step (all workers together), and
+    """Where the workers' time went: ms per frame received by step (all workers together), and
     ``frames_per_second``: each worker's frames over its busy time (every step but waiting
     for frames), summed over workers; comparable with ``python -m benchmarks.pipeline``.
     Empty if a worker's metrics cannot be read."""
-    from monitoring.metrics import read_step_seconds
+    from monitoring.metrics import read_counters
 
     total: dict[str, float] = {}
     frames, rate = 0, 0.0
     try:
         for w in workers:
-            steps = read_step_seconds(w.metrics_url, timeout_s=5)
-            n = _scored(w)
+            counters = read_counters(w.metrics_url, timeout_s=5)  # one scrape per worker
+            steps = counters.get("linewatch_worker_step_seconds", {})
+            n = int(sum(counters.get("linewatch_frames_received", {}).values()))
             busy = sum(v for k, v in steps.items() if k != "poll")
             frames += n
             rate += n / busy if busy else 0.0
@@ -170,18 +171,6 @@ def worker_steps(workers: list[Worker]) -> dict[str, float]:
     out = {k: round(1000 * v / frames, 2) for k, v in total.items()}
     out["frames_per_second"] = round(rate, 2)
     return out
-
-
-def _scored(w: Worker) -> int:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(w.metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
-    return int(sum(s.value for fam in text_string_to_metric_families(text)
-                   if fam.name == "linewatch_frames_received" for s in fam.samples
-                   if s.name.endswith("_total")))
 
 
 def print_steps(ms: dict[str, float], fps: float, n_workers: int) -> None:

@@ -196,22 +196,29 @@ class StepClock:
             self._children[step].inc(time.perf_counter() - t0)
 
 
-def read_step_seconds(metrics_url: str, timeout_s: float = 10) -> dict[str, float]:
-    """A worker's :data:`STEP_SECONDS` by step, read from its /metrics URL (the demo and the
-    pipeline benchmark print where the time went)."""
+def read_counters(metrics_url: str, timeout_s: float = 10) -> dict[str, dict[str, float]]:
+    """Counters of one /metrics scrape, summed per family and first label value: ``{family:
+    {label value: total}}`` (one ``""`` key for unlabelled series). The demo and the pipeline
+    benchmark read a worker's :data:`STEP_SECONDS` (by step) and frames received this way."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(metrics_url, timeout=timeout_s) as resp:
         text = resp.read().decode()
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {}
     for fam in text_string_to_metric_families(text):
-        if fam.name == "linewatch_worker_step_seconds":
-            for sample in fam.samples:
-                if sample.name.endswith("_total"):
-                    out[sample.labels["step"]] = out.get(sample.labels["step"], 0.0) + sample.value
+        for sample in fam.samples:
+            if fam.type == "counter" and sample.name.endswith("_total"):
+                key = sample.labels.get("step", "")
+                into = out.setdefault(fam.name, {})
+                into[key] = into.get(key, 0.0) + sample.value
     return out
+
+
+def read_step_seconds(metrics_url: str, timeout_s: float = 10) -> dict[str, float]:
+    """A worker's :data:`STEP_SECONDS` by step, read from its /metrics URL."""
+    return read_counters(metrics_url, timeout_s).get("linewatch_worker_step_seconds", {})
 
 
 def publish_drift(monitor: DriftMonitor) -> None:
