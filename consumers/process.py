@@ -47,9 +47,10 @@ log = logging.getLogger(__name__)
 
 
 JUDGE_ROUNDS = 3  # "fails alone, while the model works" must hold this many times in a row
-# drift windows are summarised for /metrics at most this often: a scrape comes every 15 s or
-# so, and summarising after every batch cost a 1-frame batch more than decoding it
-DRIFT_PUBLISH_S = 1.0
+# drift windows are summarised for /metrics at most this often: summarising after every batch
+# cost a 1-frame batch more than decoding it, while a value a second stale moved what the
+# drift alert reports when it fires (tests/test_operations.py, 1 s scrapes) by a window's sixth
+DRIFT_PUBLISH_S = 0.25
 
 
 class ModelUnavailable(RuntimeError):
