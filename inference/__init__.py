@@ -107,11 +107,12 @@ def _build(s: ScorerSettings, device: str) -> Scorer:
     bb = _backbone(s)
     if s.method == "patch-knn":
         scorer = PatchKNNScorer(bb, device=device, augment=s.reference_augment,
-                                adapt_steps=s.adapt_steps)
+                                adapt_steps=s.adapt_steps, tiling=s.tiling, aggregate=s.aggregate)
         if s.zoom:
             from inference.zoom import ZoomScorer
 
-            crop = PatchKNNScorer(bb, device=device, augment=s.reference_augment)
+            crop = PatchKNNScorer(bb, device=device, augment=s.reference_augment, tiling=s.tiling,
+                                  aggregate=s.aggregate)
             scorer = ZoomScorer(scorer, crop, top_k=s.zoom_top_k, crop_frac=s.zoom_crop)
     else:
         from inference.winclip import WinCLIPScorer

@@ -77,6 +77,56 @@ def augmented_views(image: np.ndarray, augment: str) -> list[np.ndarray]:
     return views
 
 
+TILE_ASPECT = 1.5  # frames whose long side is >= 1.5x the short side are scored as tiles
+
+
+def tile_grid(height: int, width: int, tiling: bool = True) -> tuple[int, int]:
+    """(rows, cols) of near-square tiles a frame is cut into before the backbone.
+
+    The backbone sees a square; a 500x1263 steel strip squashed into one loses
+    60 % of its long side's resolution, so a thin crack shrinks below a patch.
+    Cut along the long side into ``round(long / short)`` equal pieces instead,
+    each piece resized to the model's square on its own: the pixel scale stays
+    about the short side's in both directions. Pieces do not overlap, so their
+    patch grids join edge to edge into one (rows*g, cols*g) grid and the frame
+    is still one map and one set of patches (a seam is an image border to the
+    backbone, as the frame's own edges are). Frames within 1.5:1 of square are
+    one tile: there, squashing costs less than a second backbone pass.
+    """
+    if not tiling or min(height, width) <= 0:
+        return 1, 1
+    long, short = max(height, width), min(height, width)
+    if long < TILE_ASPECT * short:
+        return 1, 1
+    n = max(2, round(long / short))
+    return (n, 1) if height > width else (1, n)
+
+
+def aggregate_patches(features: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """(B, H, W, D) unit-norm patch features -> (B, H, W, D * len(sizes)) unit norm: for each
+    r in ``sizes`` the mean over the r x r neighbourhood (PatchCore's local aggregation;
+    borders average what exists), renormalised, side by side. With (1, 3) a patch is
+    matched on itself and on its surroundings at once: one nearest memory patch must agree
+    on both, which sharpens maps of objects at high resolution (benchmarks/fewshot.py).
+    ``(1,)`` returns the features unchanged."""
+    if sizes == (1,):
+        return features
+    x = features.permute(0, 3, 1, 2)
+    parts = []
+    for r in sizes:
+        y = x if r == 1 else torch.nn.functional.avg_pool2d(x, r, 1, r // 2, count_include_pad=False)
+        parts.append(torch.nn.functional.normalize(y, dim=1))
+    return (torch.cat(parts, dim=1) / len(sizes) ** 0.5).permute(0, 2, 3, 1).contiguous()
+
+
+def cut_tiles(image: np.ndarray, rows: int, cols: int) -> list[np.ndarray]:
+    """``image`` cut into rows x cols equal pieces, row-major (the last take the remainder)."""
+    h, w = image.shape[:2]
+    ys = np.linspace(0, h, rows + 1).round().astype(int)
+    xs = np.linspace(0, w, cols + 1).round().astype(int)
+    return [image[ys[r]:ys[r + 1], xs[c]:xs[c + 1]] for r in range(rows) for c in range(cols)]
+
+
 @dataclass
 class PreparedFrames:
     """Frames kept ready to be scored again as the reference memory grows, with no
@@ -87,12 +137,20 @@ class PreparedFrames:
     ``results`` are the frames' full results when they were prepared (float32 features).
     """
 
-    features: torch.Tensor  # (N, P, D) float16, unit-norm rows
-    nearest: torch.Tensor  # (N, P) float32 cosine distance to the nearest memory patch
+    groups: list[FrameGroup]  # frames of one tile grid each (their patch counts differ)
     memory_rows: int  # memory rows [0, memory_rows) are already in ``nearest``
     memory_epoch: int  # the memory they were matched against (fit() starts a new one)
     feature_epoch: int  # the feature map (an adapted head changes it)
     results: list[ScoreResult]
+
+
+@dataclass
+class FrameGroup:
+    """Prepared frames that share one tile grid, so their patches stack into one tensor."""
+
+    index: list[int]  # positions in the prepared list
+    features: torch.Tensor  # (N, P, D) float16, unit-norm rows
+    nearest: torch.Tensor  # (N, P) float32 cosine distance to the nearest memory patch
 
 
 class NotFittedError(RuntimeError):
@@ -120,6 +178,8 @@ class PatchKNNScorer:
         device: str | torch.device = "cpu",
         augment: str = "none",
         adapt_steps: int = 0,
+        tiling: bool = True,
+        aggregate: tuple[int, ...] = (1,),
     ) -> None:
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
@@ -130,6 +190,8 @@ class PatchKNNScorer:
         self.device = torch.device(device)
         self.top_fraction = top_fraction
         self.augment = augment
+        self.tiling = tiling  # frames far from square are cut into tiles (tile_grid)
+        self.aggregate = tuple(aggregate)  # neighbourhood sizes (aggregate_patches)
         self._memory: torch.Tensor | None = None  # (M, D), unit norm
         self._memory_epoch = 0  # +1 each time fit() replaces the memory (rows only append between)
         self._feature_epoch = 0  # +1 each time fit() trains a new head
@@ -145,12 +207,32 @@ class PatchKNNScorer:
         parts = [torch.nn.functional.normalize(p.float(), dim=-1) for p in feats.patch_tokens]
         return torch.nn.functional.normalize(torch.cat(parts, dim=-1), dim=-1)
 
-    def _patch_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+    def _square_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         f = self.raw_patch_features(images)
         if self.head is not None:
             with torch.no_grad():
                 f = self.head(f)
         return f
+
+    def _grouped_features(self, images: Sequence[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
+        """Frames grouped by tile grid: [(positions, (n, rows*g, cols*g, D) features)], one
+        backbone batch for all tiles of all frames."""
+        grids = [tile_grid(im.shape[0], im.shape[1], self.tiling) for im in images]
+        if all(g == (1, 1) for g in grids):
+            return [(list(range(len(images))), aggregate_patches(self._square_features(images),
+                                                                  self.aggregate))]
+        pieces = [t for im, (r, c) in zip(images, grids, strict=True) for t in cut_tiles(im, r, c)]
+        f = self._square_features(pieces)
+        start = np.cumsum([0] + [r * c for r, c in grids])
+        out = []
+        for grid in dict.fromkeys(grids):
+            idx = [i for i, g in enumerate(grids) if g == grid]
+            r, c = grid
+            t = torch.stack([f[start[i]:start[i + 1]] for i in idx])  # (n, r*c, g, g, D)
+            n, _, gh, gw, d = t.shape
+            t = t.reshape(n, r, c, gh, gw, d).permute(0, 1, 3, 2, 4, 5).reshape(n, r * gh, c * gw, d)
+            out.append((idx, aggregate_patches(t, self.aggregate)))
+        return out
 
     def fit(self, normals: Sequence[np.ndarray]) -> None:
         if len(normals) == 0:
@@ -169,8 +251,8 @@ class PatchKNNScorer:
     def add_normals(self, normals: Sequence[np.ndarray]) -> None:
         if len(normals) == 0:
             return
-        f = self._patch_features([v for im in normals for v in augmented_views(im, self.augment)])
-        flat = f.reshape(-1, f.shape[-1])
+        groups = self._grouped_features([v for im in normals for v in augmented_views(im, self.augment)])
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for _, f in groups])
         self._memory = flat if self._memory is None else torch.cat([self._memory, flat])
 
     def score(self, images: Sequence[np.ndarray]) -> list[ScoreResult]:
@@ -178,7 +260,11 @@ class PatchKNNScorer:
             raise NotFittedError("PatchKNNScorer.score() called before fit()")
         if len(images) == 0:
             return []
-        return self._results(self._patch_features(images))[0]
+        out: list[ScoreResult | None] = [None] * len(images)
+        for idx, f in self._grouped_features(images):
+            for i, r in zip(idx, self._results(f)[0], strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
 
     def _results(self, f: torch.Tensor) -> tuple[list[ScoreResult], torch.Tensor]:
         """Results of (B, H, W, D) features against the whole memory, and their (B, H*W)
@@ -204,17 +290,27 @@ class PatchKNNScorer:
         """Score ``images`` (batches of ``batch_size``) and keep what :meth:`rescore` needs."""
         if self._memory is None:
             raise NotFittedError("PatchKNNScorer.prepare() called before fit()")
-        feats, nearest, results = [], [], []
+        by_shape: dict[tuple[int, int], FrameGroup] = {}
+        results: list[ScoreResult | None] = [None] * len(images)
         for i in range(0, len(images), batch_size):
-            f = self._patch_features(images[i:i + batch_size])
-            res, dist = self._results(f)
-            feats.append(f.reshape(f.shape[0], -1, f.shape[-1]).to(torch.float16))
-            nearest.append(dist)
-            results.extend(res)
+            chunk = images[i:i + batch_size]
+            for idx, f in self._grouped_features(chunk):
+                res, dist = self._results(f)
+                feats = f.reshape(f.shape[0], -1, f.shape[-1]).to(torch.float16)
+                key = tuple(f.shape[1:3])
+                g = by_shape.get(key)
+                pos = [i + j for j in idx]
+                if g is None:
+                    by_shape[key] = FrameGroup(pos, feats, dist)
+                else:
+                    g.index += pos
+                    g.features, g.nearest = torch.cat([g.features, feats]), torch.cat([g.nearest, dist])
+                for j, r in zip(pos, res, strict=True):
+                    results[j] = r
             if on_batch is not None:
-                on_batch(f.shape[0])
-        return PreparedFrames(torch.cat(feats), torch.cat(nearest), self.memory_size,
-                              self._memory_epoch, self._feature_epoch, results)
+                on_batch(len(chunk))
+        return PreparedFrames(list(by_shape.values()), self.memory_size, self._memory_epoch,
+                              self._feature_epoch, results)  # type: ignore[arg-type]
 
     def rescore(self, prepared: PreparedFrames) -> list[float] | None:
         """Image scores of prepared frames under the memory as it is now, matching them only
@@ -223,13 +319,17 @@ class PatchKNNScorer:
         the features themselves are stale (a newly trained head): prepare the frames again."""
         if prepared.feature_epoch != self._feature_epoch or self._memory is None:
             return None
-        if prepared.memory_epoch != self._memory_epoch:
-            prepared.nearest = _nearest(prepared.features, self._memory)
-        elif prepared.memory_rows < self.memory_size:
-            fresh = _nearest(prepared.features, self._memory[prepared.memory_rows:])
-            prepared.nearest = torch.minimum(prepared.nearest, fresh)
+        scores = [0.0] * len(prepared.results)
+        for g in prepared.groups:
+            if prepared.memory_epoch != self._memory_epoch:
+                g.nearest = _nearest(g.features, self._memory)
+            elif prepared.memory_rows < self.memory_size:
+                fresh = _nearest(g.features, self._memory[prepared.memory_rows:])
+                g.nearest = torch.minimum(g.nearest, fresh)
+            for i, v in zip(g.index, self._image_scores(g.nearest).tolist(), strict=True):
+                scores[i] = v
         prepared.memory_rows, prepared.memory_epoch = self.memory_size, self._memory_epoch
-        return self._image_scores(prepared.nearest).tolist()
+        return scores
 
 
 def _nearest(features: torch.Tensor, memory: torch.Tensor, chunk: int = 2048) -> torch.Tensor:

@@ -30,6 +30,14 @@ DEFAULT_BACKBONE = {"patch-knn": "dinov2-s", "winclip": "openclip:ViT-B-16-plus-
                     "winclip+": "openclip:ViT-B-16-plus-240"}
 
 
+# Named sets of settings, for where the defaults' budget (2 CPU cores, ~70 ms a frame) is not
+# the limit. "quality": a GPU's choice, measured in the README's technique table (about 5x
+# the defaults' compute). A preset is only a shorthand: profiles store the settings it gave.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quality": {"image_size": 448, "aggregate": (1, 3)},
+}
+
+
 class SettingsError(ValueError):
     """Settings that cannot build a scorer, or that contain an option nothing would use."""
 
@@ -51,6 +59,8 @@ class ScorerSettings:
     random_init: bool = False  # openclip: only; random weights, for tests and benchmarks
     precision: str = "fp32"
     reference_augment: str = "none"  # patch-knn only
+    aggregate: tuple[int, ...] = (1,)  # patch-knn only: r x r neighbourhood means, side by side
+    tiling: bool = True  # patch-knn only: frames far from square scored as tiles (scoring.tile_grid)
     zoom: bool = False  # patch-knn only
     zoom_top_k: int = 2
     zoom_crop: float = 0.35
@@ -61,7 +71,7 @@ class ScorerSettings:
     def __post_init__(self) -> None:
         for name, kind in _TYPES.items():  # settings also come from profile files: check types
             v = getattr(self, name)
-            if name in ("layers", "vocabulary") and v is not None:
+            if name in _LISTS and v is not None:
                 if not isinstance(v, list | tuple) or not all(
                         isinstance(x, kind) and not isinstance(x, bool) for x in v):
                     raise SettingsError(f"{flag_name(name)}: expected a list of {kind.__name__}, "
@@ -127,6 +137,9 @@ class ScorerSettings:
             "reference_augment": None if m == "patch-knn" else "reference augmentation is "
                                                                "implemented for patch-knn",
             "zoom": None if m == "patch-knn" else "ROI zoom is implemented for patch-knn",
+            "tiling": None if m == "patch-knn" else "tiled scoring is implemented for patch-knn",
+            "aggregate": None if m == "patch-knn" else "neighbourhood aggregation is implemented "
+                                                       "for patch-knn",
             "adapt_steps": None if m == "patch-knn" else "adaptation is implemented for patch-knn",
             "zoom_top_k": None if self.zoom else "it sets how ROI zoom works; add --zoom",
             "zoom_crop": None if self.zoom else "it sets how ROI zoom works; add --zoom",
@@ -149,6 +162,10 @@ class ScorerSettings:
         if self.zoom and not (self.zoom_top_k >= 1 and 0.05 <= self.zoom_crop <= 0.9):
             raise SettingsError(f"--zoom-top-k {self.zoom_top_k} / --zoom-crop {self.zoom_crop}: "
                                 "need at least 1 region, and a crop of 0.05 to 0.9 of the frame side")
+        if (not self.aggregate or len(set(self.aggregate)) != len(self.aggregate)
+                or any(r < 1 or r > 7 or r % 2 == 0 for r in self.aggregate)):
+            raise SettingsError(f"--aggregate {','.join(map(str, self.aggregate))}: give distinct odd "
+                                "neighbourhood sizes from 1 to 7, e.g. 1,3")
         if self.adapt_steps < 0:
             raise SettingsError(f"--adapt-steps {self.adapt_steps}: must be >= 0")
         if self.vocabulary is not None and len([w for w in self.vocabulary if w.strip()]) < 2:
@@ -167,7 +184,7 @@ class ScorerSettings:
     # -- storing in a profile ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("layers", "vocabulary"):
+        for k in _LISTS:
             d[k] = list(d[k]) if d[k] is not None else None
         return d
 
@@ -182,6 +199,8 @@ class ScorerSettings:
         if unknown:
             raise SettingsError(f"unknown scorer setting(s) {', '.join(unknown)}: written by a "
                                 "newer linewatch? Upgrade, or calibrate again with this one")
+        if d.get("method", cls.method) == "patch-knn":  # settings that came after it was written
+            d = {**_BEFORE_THEY_EXISTED, **d}
         try:
             return cls(**dict(d))
         except (TypeError, ValueError) as exc:  # SettingsError is a ValueError: kept as it is
@@ -217,8 +236,13 @@ class ScorerSettings:
 
 _TYPES: dict[str, Any] = {
     "method": str, "backbone": str, "weights": str, "image_size": int, "layers": int,
-    "random_init": bool, "precision": str, "reference_augment": str, "zoom": bool,
+    "random_init": bool, "precision": str, "reference_augment": str, "aggregate": int, "tiling": bool,
+    "zoom": bool,
     "zoom_top_k": int, "zoom_crop": int | float, "adapt_steps": int, "class_name": str,
     "vocabulary": str}
+_LISTS = ("layers", "aggregate", "vocabulary")
 _OPTIONAL = ("backbone", "weights", "image_size", "layers", "vocabulary")
 DEFAULTS = ScorerSettings()
+# what a setting added later meant for a profile written before it: that profile's thresholds
+# were measured with squashed frames, so it keeps being scored that way
+_BEFORE_THEY_EXISTED: dict[str, Any] = {"tiling": False}

@@ -16,6 +16,13 @@ its signal is averaged away. The zoom pass:
 
 The image score stays the coarse pass's: zoom sharpens *where*, and is measured
 by pixel AUROC and PRO (``linewatch evaluate --zoom`` / ``--no-zoom``).
+
+The cascade: with ``map_gate`` set (a worker sets it to its review threshold, as
+for WinCLIP's lazy maps), only frames whose coarse score reaches the gate are
+zoomed; the rest keep the coarse map, marked ``full_map=False``. Since the image
+score is the coarse one, every decision is the same as zooming every frame, and
+the frames a person looks at (review, alert) carry the zoomed map; on a stream
+with few defects the zoom then costs about its share of reviewed frames.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ class ZoomScorer:
         self.coarse, self.crop = coarse, crop
         self.top_k, self.crop_frac, self.out_scale = top_k, crop_frac, out_scale
         self.name = f"{coarse.name}+zoom"
+        self.map_gate: float | None = None  # zoom only frames whose coarse score reaches it
 
     def fit(self, normals: Sequence[np.ndarray]) -> None:
         self.coarse.fit(normals)
@@ -81,12 +89,18 @@ class ZoomScorer:
 
     def score(self, images: Sequence[np.ndarray]) -> list[ScoreResult]:
         coarse = self.coarse.score(images)
+        gate = self.map_gate
         boxes = [pick_rois(r.anomaly_map, self.top_k, self.crop_frac, im.shape[0], im.shape[1])
+                 if gate is None or r.score >= gate else []
                  for im, r in zip(images, coarse, strict=True)]
         crops = [im[y0:y1, x0:x1] for im, bs in zip(images, boxes, strict=True) for x0, y0, x1, y1 in bs]
         crop_results = iter(self.crop.score(crops)) if crops else iter(())
         out = []
         for im, r, bs in zip(images, coarse, boxes, strict=True):
+            if not bs:  # below the gate: the coarse result, as it is
+                out.append(ScoreResult(score=r.score, anomaly_map=r.anomaly_map, full_map=False,
+                                       embedding=r.embedding))
+                continue
             h, w = im.shape[:2]
             gh, gw = r.anomaly_map.shape
             oh, ow = gh * self.out_scale, gw * self.out_scale

@@ -107,6 +107,91 @@ def test_bottle_one_shot_quality(scorer):
     assert pixel_auroc >= 0.97
 
 
+def test_tile_grid_cuts_only_frames_far_from_square():
+    from inference.scoring import cut_tiles, tile_grid
+
+    assert tile_grid(900, 900) == (1, 1)
+    assert tile_grid(500, 740) == (1, 1)  # 1.48:1, squashed
+    assert tile_grid(500, 1263) == (1, 3)  # a steel strip: three near-square tiles
+    assert tile_grid(1263, 500) == (3, 1)
+    assert tile_grid(500, 1263, tiling=False) == (1, 1)
+    im = np.arange(500 * 1263 * 3, dtype=np.int64).reshape(500, 1263, 3)
+    pieces = cut_tiles(im, 1, 3)
+    assert [p.shape[1] for p in pieces] == [421, 421, 421]
+    np.testing.assert_array_equal(np.hstack(pieces), im)
+
+
+def test_aggregate_patches_sets_each_patch_beside_its_neighbourhood():
+    import torch
+
+    from inference.scoring import aggregate_patches
+
+    f = torch.nn.functional.normalize(torch.randn(2, 5, 6, 8), dim=-1)
+    assert aggregate_patches(f, (1,)) is f
+    a = aggregate_patches(f, (1, 3))
+    assert a.shape == (2, 5, 6, 16)
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(2, 5, 6))
+    torch.testing.assert_close(a[..., :8], f / 2 ** 0.5)  # the patch itself
+    mean = torch.nn.functional.normalize(f[0, 1:4, 2:5].mean(dim=(0, 1)), dim=0)
+    torch.testing.assert_close(a[0, 2, 3, 8:], mean / 2 ** 0.5)  # its 3x3 neighbourhood
+    corner = torch.nn.functional.normalize(f[1, :2, :2].mean(dim=(0, 1)), dim=0)
+    torch.testing.assert_close(a[1, 0, 0, 8:], corner / 2 ** 0.5)  # borders: what exists
+
+
+def _strips(images: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.hstack(images[i:i + 3]) for i in range(0, len(images) - 2, 3)]
+
+
+def test_strip_tiled_map_is_its_pieces_maps_side_by_side(scorer):
+    """A 3:1 strip of three bottle photos, tiled, is scored exactly as the three photos are
+    one by one: each tile is one photo, and the maps join edge to edge."""
+    root = shared_data("mvtec_ad", "bottle")
+    refs = [read_rgb(root / "train" / "good" / f"00{i}.png") for i in range(3)]
+    photos = [read_rgb(p) for p in sorted((root / "test" / "broken_large").glob("*.png"))[:3]]
+    scorer.fit(_strips(refs))
+    strip = scorer.score(_strips(photos))[0]
+    alone = scorer.score(photos)
+    g = alone[0].anomaly_map.shape[0]
+    assert strip.anomaly_map.shape == (g, 3 * g)
+    np.testing.assert_allclose(strip.anomaly_map, np.hstack([r.anomaly_map for r in alone]), atol=1e-5)
+
+
+def test_strips_tiled_find_defects_that_squashing_loses():
+    """Strips of three bottle photos (2700x900 px): tiled scoring keeps each photo at model
+    resolution; squashed, each photo gets a third of the width, and a small break
+    shrinks below a patch. Pixel AUROC and PRO of
+    the tiled maps must be clearly better (measured: benchmarks/fewshot.py prints both)."""
+    from inference import eval_metrics as em
+
+    root = shared_data("mvtec_ad", "bottle")
+    good = [read_rgb(p) for p in sorted((root / "test" / "good").glob("*.png"))[:8]]
+    truth = root / "ground_truth" / "broken_small"
+    bad = [(read_rgb(p), cv2.imread(str(truth / f"{p.stem}_mask.png"), 0) > 0)
+           for p in sorted((root / "test" / "broken_small").glob("*.png"))[:4]]
+    ok = np.zeros(good[0].shape[:2], bool)
+    strips, masks = [], []
+    for i, (im, m) in enumerate(bad):  # each strip: one defective photo among two normal ones
+        row = [good[2 * i], good[2 * i + 1]]
+        row.insert(i % 3, im)
+        strips.append(np.hstack(row))
+        mrow = [ok, ok]
+        mrow.insert(i % 3, m)
+        masks.append(np.hstack(mrow)[::6, ::6])
+    refs = _strips([read_rgb(root / "train" / "good" / f"00{i}.png") for i in range(3)])
+    got = {}
+    for tiling in (True, False):
+        sc = inference.create_scorer("patch-knn", tiling=tiling)
+        sc.fit(refs)
+        maps = [upsample_map(r.anomaly_map, 450, 150, sigma=4 * 450 / 256) for r in sc.score(strips)]
+        got[tiling] = (em.auroc(np.concatenate([m.ravel() for m in masks]),
+                                np.concatenate([m.ravel() for m in maps])), em.pro_auc(masks, maps))
+    (ta, tp), (sa, sp) = got[True], got[False]
+    print(f"strips, pixel AUROC / PRO: tiled {ta:.3f} / {tp:.3f}, squashed {sa:.3f} / {sp:.3f}")
+    # measured here: 0.997 / 0.981 tiled, 0.987 / 0.822 squashed
+    assert got[True][0] > got[False][0] + 0.005
+    assert got[True][1] > got[False][1] + 0.1
+
+
 def test_efficientnet_lite0_weights_are_converted_correctly():
     """The renamed state dict must still be an ImageNet classifier: a tabby photo is a cat."""
     import importlib

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from inference.settings import ScorerSettings, SettingsError, flag_name
+from inference.settings import PRESETS, ScorerSettings, SettingsError, flag_name
 
 TINY = "openclip:lw-tiny-vit-64"
 EFF = dict(backbone="efficientnet-lite0", image_size=64)
@@ -46,6 +46,8 @@ CASES: dict[str, tuple[dict[str, Any], Any]] = {
     "random_init": (CLIP, lambda s, d: _param_sum(s)),
     "precision": ({**CLIP, "precision": "int8"}, lambda s, d: _backbone(s).precision),
     "reference_augment": ({**EFF, "reference_augment": "rotate"}, lambda s, d: s.augment),
+    "tiling": ({**EFF, "tiling": False}, lambda s, d: s.tiling),
+    "aggregate": ({**EFF, "aggregate": (1, 3)}, lambda s, d: s.aggregate),
     "zoom": ({**EFF, "zoom": True}, lambda s, d: type(s).__name__),
     "zoom_top_k": ({**EFF, "zoom": True, "zoom_top_k": 3}, lambda s, d: s.top_k),
     "zoom_crop": ({**EFF, "zoom": True, "zoom_crop": 0.5}, lambda s, d: s.crop_frac),
@@ -275,7 +277,8 @@ def test_a_schema_1_profile_loads_without_the_options_its_scorer_ignored(
                       "zoom_crop": 0.35, "precision": "fp32"}
     jpath.write_text(json.dumps(meta))
     p = LineProfile.load(out)
-    assert p.scorer == ScorerSettings(backbone="efficientnet-lite0", image_size=64)
+    # tiling came later: the profile's thresholds were measured on squashed frames
+    assert p.scorer == ScorerSettings(backbone="efficientnet-lite0", image_size=64, tiling=False)
     assert "class_name" in caplog.text
 
 
@@ -284,11 +287,31 @@ def test_settings_round_trip_and_refuse_unknown_keys() -> None:
     assert ScorerSettings.from_dict(s.to_dict()) == s
     with pytest.raises(SettingsError, match="unknown scorer setting"):
         ScorerSettings.from_dict({**s.to_dict(), "temperature": 0.1})
+    old = {k: v for k, v in ScorerSettings().to_dict().items() if k != "tiling"}
+    assert ScorerSettings.from_dict(old).tiling is False  # written before tiling: squashed, as calibrated
+    assert ScorerSettings.from_legacy_dict(old)[0].tiling is False
     with pytest.raises(SettingsError, match="mapping"):
         ScorerSettings.from_legacy_dict(["patch-knn"])  # type: ignore[arg-type]
     for bad in ({"layers": "abc"}, {"vocabulary": 5}, {"zoom": True, "zoom_top_k": "3"},
                 {"backbone": 5}, {"zoom": "yes"}, {"weights": 5}, {"layers": [1.9]},
                 {"backbone": TINY, "random_init": True, "vocabulary": "ab"},
-                {"backbone": TINY, "random_init": True, "class_name": 5}):
+                {"backbone": TINY, "random_init": True, "class_name": 5}, {"aggregate": [2]},
+                {"aggregate": [1, 1]}, {"aggregate": []}, {"aggregate": "1,3"}, {"tiling": "yes"}):
         with pytest.raises(SettingsError):  # a profile's wrong types: a named error, not a crash
             ScorerSettings.from_dict({"backbone": "efficientnet-lite0", **bad})
+
+
+def test_a_preset_is_a_shorthand_that_typed_flags_override() -> None:
+    """`--preset quality` gives its settings (what a profile then stores); a flag typed beside
+    it wins; an option the chosen scorer would ignore is refused naming the preset."""
+    from linewatch.cli import CliError, build_parser
+    from linewatch.cli.models import scorer_settings
+
+    def settings(*flags: str) -> ScorerSettings:
+        return scorer_settings(build_parser().parse_args(["evaluate", "--data", "x", *flags]))
+
+    assert settings("--preset", "quality") == ScorerSettings(**PRESETS["quality"])
+    assert settings("--preset", "quality", "--image-size", "336").image_size == 336
+    assert settings().image_size is None  # no preset: the defaults
+    with pytest.raises(CliError, match="--preset quality gives --image-size"):
+        settings("--preset", "quality", "--scorer", "winclip")

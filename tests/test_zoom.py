@@ -83,6 +83,38 @@ def test_crop_maps_are_fused_inside_their_boxes_only() -> None:
     np.testing.assert_allclose(r.anomaly_map[~inside], 0.2, atol=1e-6)
 
 
+class _Counting(_Constant):
+    """A constant-map scorer whose score is the image's mean grey level; counts what it scores."""
+
+    def score(self, images):
+        self.scored = getattr(self, "scored", 0) + len(images)
+        return [ScoreResult(float(im.mean()) / 255, r.anomaly_map)
+                for im, r in zip(images, super().score(images), strict=True)]
+
+
+def test_cascade_zooms_only_frames_at_the_gate_with_the_same_decisions() -> None:
+    """map_gate (the review threshold in a worker): frames below it keep the coarse map and
+    cost no crop pass; frames at or above it get exactly the map zooming every frame gives;
+    image scores (decisions) are the same either way."""
+    frames = [np.full((200, 200, 3), v, np.uint8) for v in (10, 200, 60, 250)]
+    runs = {}
+    for gate in (None, 0.5):
+        coarse, crop = _Counting(0.2, hot=(1, 6)), _Counting(0.6)
+        z = ZoomScorer(coarse, crop, top_k=2, crop_frac=0.25, out_scale=4)
+        z.fit([frames[0]])
+        crop.scored = 0
+        z.map_gate = gate
+        runs[gate] = (z.score(frames), crop.scored)
+    (every, crops_every), (gated, crops_gated) = runs[None], runs[0.5]
+    assert crops_every == 8 and crops_gated == 4  # two regions for each of the two bright frames
+    assert [r.score for r in gated] == [r.score for r in every]
+    for r, e in zip(gated, every, strict=True):
+        if r.score >= 0.5:
+            assert r.full_map and np.array_equal(r.anomaly_map, e.anomaly_map)
+        else:
+            assert not r.full_map and r.anomaly_map.shape == (8, 8)  # the coarse map
+
+
 @pytest.mark.slow
 def test_evaluate_with_and_without_zoom_on_small_bottle_breaks(tmp_path: Path) -> None:
     """Bottle broken_small, 1-shot, 1 seed, 224 px: zoom must not cost localisation."""

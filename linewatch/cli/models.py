@@ -13,7 +13,16 @@ import sys
 from typing import Any
 
 from inference import set_torch_threads
-from inference.settings import AUGMENTS, DEFAULTS, METHODS, PRECISIONS, ScorerSettings, SettingsError
+from inference.settings import (
+    AUGMENTS,
+    DEFAULTS,
+    METHODS,
+    PRECISIONS,
+    PRESETS,
+    ScorerSettings,
+    SettingsError,
+    flag_name,
+)
 from linewatch.cli._common import FMT, CliError
 
 _NOT_GIVEN = argparse.SUPPRESS
@@ -27,6 +36,11 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
     """The scorer's flags; ``vocabulary`` for the commands that explain frames (worker,
     calibrate, whose profile a worker explains with)."""
     g = p.add_argument_group("model (inference.settings.ScorerSettings)")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="a named set of the options below, which options typed beside it override; "
+                        + "; ".join(f"{k}: " + ", ".join(f"{flag_name(n)} {_show(v)}" for n, v in o.items())
+                                    for k, o in PRESETS.items())
+                        + " (for GPUs: about 5x the default's compute; see the README's table)")
     g.add_argument("--scorer", "--method", dest="method", default=_NOT_GIVEN, choices=METHODS,
                    help="patch-knn: nearest-patch few-shot on a visual backbone; winclip: zero-shot "
                         "from text prompts; winclip+: zero- plus few-shot (both need an openclip: "
@@ -55,6 +69,16 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
                    help="patch-knn: also remember each reference rotated by 90/180/270 degrees "
                         "(and mirrored); for parts that may arrive in any orientation "
                         f"({_default('reference_augment')})")
+    g.add_argument("--aggregate", type=_sizes, default=_NOT_GIVEN, metavar="R[,R]",
+                   help="patch-knn: describe each patch also by the mean of its r x r "
+                        "neighbourhood, e.g. 1,3 (PatchCore's local aggregation); pays on objects "
+                        "at 448 px, costs on textures (see the README's technique table) "
+                        "(default: 1, the patch alone)")
+    g.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=_NOT_GIVEN,
+                   help="patch-knn: cut frames whose long side is 1.5x the short side or more into "
+                        "near-square tiles along the long side, each scored at model resolution, "
+                        "and join their maps; --no-tiling squashes every frame into one square "
+                        "(default: on)")
     g.add_argument("--precision", default=_NOT_GIVEN, choices=PRECISIONS,
                    help="fp32 is exact. bf16/fp16 (openclip: backbones) are for GPUs and slower than "
                         "fp32 on most CPUs; int8 (openclip: and dinov2-s) runs the image tower's "
@@ -85,16 +109,24 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
 _FIELDS = tuple(f for f in ScorerSettings.__dataclass_fields__)
 
 
+def _show(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def scorer_options(a: argparse.Namespace) -> dict[str, Any]:
-    """The model flags that were given, by ScorerSettings field name."""
-    return {k: getattr(a, k) for k in _FIELDS if hasattr(a, k)}
+    """The model flags that were given, by ScorerSettings field name: a --preset's options,
+    with flags typed beside it overriding them."""
+    preset = dict(PRESETS[a.preset]) if getattr(a, "preset", None) else {}
+    return {**preset, **{k: getattr(a, k) for k in _FIELDS if hasattr(a, k)}}
 
 
 def scorer_settings(a: argparse.Namespace) -> ScorerSettings:
     try:
         return ScorerSettings(**scorer_options(a))
     except SettingsError as exc:
-        raise CliError(str(exc)) from None
+        preset = getattr(a, "preset", None)
+        raise CliError(f"{exc} (--preset {preset} gives {', '.join(map(flag_name, PRESETS[preset]))})"
+                       if preset else str(exc)) from None
 
 
 def build_scorer(settings: ScorerSettings, device: str):
@@ -107,12 +139,19 @@ def build_scorer(settings: ScorerSettings, device: str):
         raise CliError(str(exc)) from None
 
 
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated block numbers, "
-                                         "e.g. 5,8") from None
+def _int_list(what: str, example: str):
+    """An argparse type for comma-separated whole numbers, naming ``what`` when it is not."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated {what}, "
+                                             f"e.g. {example}") from None
+    return parse
+
+
+_layers = _int_list("block numbers", "5,8")
+_sizes = _int_list("odd neighbourhood sizes", "1,3")
 
 
 def _words(text: str) -> tuple[str, ...]:
