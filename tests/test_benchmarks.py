@@ -64,3 +64,22 @@ def test_pipeline_benchmark_splits_the_workers_time_by_step(tmp_path):
     assert abs(shares["total"] - sum(v for k, v in shares.items() if k != "total")) < 1e-3
     assert res["model_alone_ms_per_frame"] > 0
     assert "pipeline overhead, all steps but the model" in r.stdout
+
+
+def test_fewshot_technique_benchmark_runs_end_to_end(tmp_path):
+    """``python -m benchmarks.fewshot --quick`` (bottle, 224 px, 12 frames): the technique
+    table's code path, the first rows of it, in the JSON shape the README's table comes from."""
+    from tests.conftest import shared_data
+
+    shared_data("mvtec_ad", "bottle")  # skips where ../shared/data is absent
+    out = tmp_path / "fewshot.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.fewshot", "--quick", "--json", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["technique"] for x in rows][:2] == ["baseline (worker before issue 17)", "rotate 90 (4 views)"]
+    for row in rows:
+        assert row["dataset"] == "bottle" and row["image_size"] == 224 and row["seeds"] == [0]
+        assert all(0.0 <= row[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "pixel_pro"))
+        assert row["ms_per_frame"] >= row["backbone_ms"] > 0
+    assert "| bottle 1-shot | baseline" in r.stdout

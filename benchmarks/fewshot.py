@@ -1,0 +1,321 @@
+"""Few-shot techniques, each measured on bottle 1-shot and magnetic tile 4-shot (issue 17).
+
+Every row is the nearest-patch scorer of ``inference.scoring`` with one thing
+changed: resolution, reference rotations, neighbourhood aggregation, a PCA
+subspace instead of nearest patch, map smoothing, foreground masking, the image
+score. The backbone's patch features of each test set are computed once per
+resolution (DINOv2-S blocks 5 and 8, what the scorer uses) and every variant
+scores from them, so the whole table costs a few backbone passes, not one per
+row. Metrics are ``linewatch evaluate``'s (same test sets, same reference draws,
+same eval resolution and map upsampling) as mean over the seeds.
+
+``ms/frame`` is the backbone's time per frame at that resolution plus the
+variant's own matching time, both measured in this run on this machine's CPU
+threads; the backbone part dominates.
+
+What ships is measured end to end by ``linewatch evaluate`` (the README table
+shows both): this harness is where techniques are tried before they become
+settings, and it keeps the ones that did not pay reproducible.
+
+    python -m benchmarks.fewshot                    # the full table (about 20 min on 2 cores)
+    python -m benchmarks.fewshot --quick            # bottle, 224 px, 1 seed, 12 test images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from inference import eval_metrics as em
+from inference.backbones import DinoV2Backbone
+from inference.visualize import upsample_map
+from linewatch.evaluate import Split, _eval_shape, load_split, read_mask
+from linewatch.images import read_rgb
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETS = {"bottle": (DATA / "mvtec_ad" / "bottle", 1), "magnetic_tile": (DATA / "magnetic_tile", 4)}
+LAYERS = (5, 8)
+
+
+@dataclass
+class Variant:
+    """One row: how references are viewed and how a test frame's features become a score."""
+
+    name: str
+    views: tuple = (0,)  # rotation degrees of each reference (90 multiples exact, others warped)
+    aggregate: tuple[int, ...] = (1,)  # r x r neighbourhood means; several: distances averaged
+    scorer: str = "knn"  # knn | pca
+    smooth: float = 0.0  # Gaussian sigma (in patches) on the map before the image score
+    image_score: str = "top1%"  # top1% | max
+    foreground: bool = False  # zero background patches for the image score (objects only)
+    joint: bool = False  # several r: one nearest patch for the concatenated features (shipped form)
+    sizes: tuple[int, ...] = (224,)
+    notes: str = ""
+    only: tuple[str, ...] = field(default=())  # datasets it applies to (empty: all)
+
+
+VARIANTS = [
+    Variant("baseline (worker before issue 17)", sizes=(224, 336, 448)),
+    Variant("rotate 90 (4 views)", views=(0, 90, 180, 270), sizes=(224, 336, 448)),
+    Variant("rotate 45 (8 views)", views=tuple(range(0, 360, 45))),
+    Variant("3x3 aggregation", aggregate=(3,), sizes=(224, 448)),
+    Variant("multi-scale r=1,3 (mean)", aggregate=(1, 3), sizes=(224, 336, 448)),
+    Variant("multi-scale r=1,3 (joint nearest)", aggregate=(1, 3), joint=True, sizes=(224, 336, 448)),
+    Variant("multi-scale r=1,3 + rotate 90", aggregate=(1, 3), views=(0, 90, 180, 270), sizes=(448,),
+            only=("bottle",)),
+    Variant("PCA subspace (99% var)", scorer="pca", sizes=(224, 448)),
+    Variant("PCA subspace + rotate 45", scorer="pca", views=tuple(range(0, 360, 45))),
+    Variant("smoothing sigma 1 patch", smooth=1.0),
+    Variant("image score = max patch", image_score="max"),
+    Variant("foreground masking", foreground=True, only=("bottle",)),
+]
+
+
+def _rotate(image: np.ndarray, deg: int) -> np.ndarray:
+    if deg % 90 == 0:
+        return np.ascontiguousarray(np.rot90(image, deg // 90))
+    h, w = image.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), deg, 1.0)
+    return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+class Features:
+    """DINOv2-S block 5+8 features (per-block unit norm, concatenated), as the scorer makes them."""
+
+    def __init__(self, size: int) -> None:
+        self.bb = DinoV2Backbone(image_size=size, layers=LAYERS)
+
+    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), 8):
+            f = self.bb(self.bb.preprocess(images[i:i + 8]))
+            out.append(torch.cat([torch.nn.functional.normalize(p.float(), dim=-1)
+                                  for p in f.patch_tokens], -1).half())
+        return torch.cat(out)
+
+
+def _aggregate(f: torch.Tensor, r: int) -> torch.Tensor:
+    if r > 1:
+        f = torch.nn.functional.avg_pool2d(f.permute(0, 3, 1, 2), r, 1, r // 2,
+                                           count_include_pad=False).permute(0, 2, 3, 1)
+    return torch.nn.functional.normalize(f, dim=-1)
+
+
+def _nearest(q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    return torch.cat([(1 - (q[i:i + 4096] @ memory.T).max(1).values).clamp_min(0)
+                      for i in range(0, q.shape[0], 4096)])
+
+
+def _distances(v: Variant, test: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    b, g, gw, d = test.shape
+    if v.joint:  # what --aggregate does: one feature per patch, every r side by side
+        def cat(f: torch.Tensor) -> torch.Tensor:
+            return torch.cat([_aggregate(f, r) for r in v.aggregate], -1) / len(v.aggregate) ** 0.5
+        t, m = cat(test), cat(refs)
+        return _nearest(t.reshape(b * g * gw, -1), m.reshape(-1, t.shape[-1])).reshape(b, g, gw)
+    total = torch.zeros(b, g, gw)
+    for r in v.aggregate:
+        t, m = _aggregate(test, r).reshape(-1, d), _aggregate(refs, r).reshape(-1, d)
+        if v.scorer == "knn":
+            dist = _nearest(t, m)
+        else:  # SubspaceAD-style: squared residual off the normal patches' principal subspace
+            mu = m.mean(0)
+            _, s, vt = torch.linalg.svd(m - mu, full_matrices=False)
+            k = int(((s ** 2).cumsum(0) / (s ** 2).sum() < 0.99).sum()) + 1
+            q = t - mu
+            dist = ((q - (q @ vt[:k].T) @ vt[:k]) ** 2).sum(-1)
+        total += dist.reshape(b, g, gw) / len(v.aggregate)
+    return total
+
+
+def _foreground(test: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """(B, g, g) bool: patches on the object, from the references' first principal component
+    (AnomalyDINO's masking); the object side is the one the frame centres fall on."""
+    d = refs.shape[-1]
+    m = refs.reshape(-1, d)
+    mu = m.mean(0)
+    _, _, vt = torch.linalg.svd(m - mu, full_matrices=False)
+    proj = (test - mu) @ vt[0]
+    g = test.shape[1]
+    c = slice(g // 3, g - g // 3)
+    sign = 1.0 if proj[:, c, c].mean() >= 0 else -1.0
+    return proj * sign > 0
+
+
+def _image_scores(v: Variant, maps: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    if mask is not None:
+        maps = np.where(mask, maps, 0.0)
+    flat = maps.reshape(maps.shape[0], -1)
+    if v.image_score == "max":
+        return flat.max(1)
+    k = max(1, round(0.01 * flat.shape[1]))
+    return np.sort(flat, 1)[:, -k:].mean(1)
+
+
+@dataclass
+class Prepared:
+    split: Split
+    shots: int
+    seeds: list[int]
+    masks: list[np.ndarray]
+    shapes: list[tuple[int, int]]
+    labels: np.ndarray
+    tests: list[int]
+
+
+def prepare(name: str, seeds: list[int], limit: int | None) -> Prepared:
+    root, shots = SETS[name]
+    split = load_split(root)
+    idx = list(range(len(split.test)))
+    if limit:  # --quick: a seeded mix of normal and defective frames
+        rng = np.random.default_rng(0)
+        good = [i for i in idx if not split.test[i].defect]
+        bad = [i for i in idx if split.test[i].defect]
+        idx = sorted(rng.choice(good, limit // 2, replace=False).tolist()
+                     + rng.choice(bad, limit - limit // 2, replace=False).tolist())
+    shapes, masks = [], []
+    for i in idx:
+        s = split.test[i]
+        h, w = cv2.imread(str(s.path), cv2.IMREAD_GRAYSCALE).shape
+        shapes.append(_eval_shape(h, w, 256))
+        masks.append(read_mask(s, shapes[-1]))
+    labels = np.array([split.test[i].defect for i in idx])
+    return Prepared(split, shots, seeds, masks, shapes, labels, idx)
+
+
+def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[[str], None]) -> list[dict]:
+    feats = Features(size)
+    images = [read_rgb(p.split.test[i].path) for i in p.tests]
+    t0 = time.perf_counter()
+    test = feats(images).float()
+    backbone_ms = 1000 * (time.perf_counter() - t0) / len(images)
+    progress(f"{p.split.name} {size} px: backbone {backbone_ms:.0f} ms/frame")
+    views_needed = sorted({d for v in variants for d in v.views})
+    ref_views = {}
+    for seed in p.seeds:
+        refs = [read_rgb(x) for x in p.split.references(p.shots, seed)]
+        ref_views[seed] = {d: feats([_rotate(r, d) for r in refs]).float() for d in views_needed}
+    rows = []
+    for v in variants:
+        per_seed = []
+        for seed in p.seeds:
+            refs = torch.cat([ref_views[seed][d] for d in v.views])
+            t0 = time.perf_counter()
+            dist = _distances(v, test, refs).numpy()
+            if v.smooth > 0:
+                dist = np.stack([cv2.GaussianBlur(m, (0, 0), v.smooth) for m in dist])
+            mask = _foreground(test, refs).numpy() if v.foreground else None
+            scores = _image_scores(v, dist, mask)
+            match_ms = 1000 * (time.perf_counter() - t0) / len(images)
+            maps = [upsample_map(m, w, h, sigma=4.0 * max(h, w) / 256) for m, (h, w) in zip(dist, p.shapes,
+                                                                                          strict=True)]
+            per_seed.append({
+                "image_auroc": em.auroc(p.labels, scores),
+                "pixel_auroc": em.auroc(np.concatenate([m.ravel() for m in p.masks]),
+                                        np.concatenate([m.ravel() for m in maps])),
+                "pixel_pro": em.pro_auc(p.masks, maps), "match_ms": match_ms})
+        row = {"dataset": p.split.name, "shots": p.shots, "technique": v.name, "image_size": size,
+               "seeds": p.seeds, **{k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]},
+               "backbone_ms": backbone_ms}
+        row["ms_per_frame"] = row["backbone_ms"] + row["match_ms"]
+        rows.append(row)
+        progress(f"  {v.name:<36} image {row['image_auroc']:.3f} pixel {row['pixel_auroc']:.3f} "
+                 f"PRO {row['pixel_pro']:.3f}  {row['ms_per_frame']:.0f} ms")
+    return rows
+
+
+def knn_scaling(frames_in_memory: tuple[int, ...] = (1, 4, 16, 64, 204), repeats: int = 3) -> list[dict]:
+    """ms per frame of the scorer's exact nearest-patch search (``inference.scoring._nearest``)
+    against memories of n frames' patches (224 px: 256 patches of 768 values each), beside
+    the backbone's time. 204 = the default worker's bound: 4 references + 200 learned normals."""
+    from inference.scoring import _nearest as scorer_nearest
+
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(8, 256, 768, generator=gen), dim=-1)
+    out = []
+    for n in frames_in_memory:
+        memory = torch.nn.functional.normalize(torch.randn(n * 256, 768, generator=gen), dim=-1)
+        scorer_nearest(queries, memory)  # warm
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            scorer_nearest(queries, memory)
+            times.append(1000 * (time.perf_counter() - t0) / len(queries))
+        out.append({"frames_in_memory": n, "memory_rows": n * 256, "ms_per_frame": float(np.median(times))})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| data | technique | px | image AUROC | pixel AUROC | PRO | ms/frame |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['dataset']} {r['shots']}-shot | {r['technique']} | {r['image_size']} | "
+                   f"{r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['pixel_pro']:.3f} | "
+                   f"{r['ms_per_frame']:.0f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fewshot", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="bottle, 224 px, seed 0, 12 test frames")
+    ap.add_argument("--datasets", default="bottle,magnetic_tile")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--sizes", default=None, help="only these resolutions, e.g. 224,336 (default: all)")
+    ap.add_argument("--torch-threads", type=int, default=None)
+    ap.add_argument("--json", default=None,
+                    help="where to write the rows (default: benchmarks/results/fewshot.json; "
+                         "none with --quick)")
+    a = ap.parse_args(argv)
+    if a.torch_threads:
+        torch.set_num_threads(a.torch_threads)
+    names = ["bottle"] if a.quick else [n.strip() for n in a.datasets.split(",")]
+    for n in names:
+        if n not in SETS:
+            ap.error(f"--datasets: unknown {n!r}; choose from {', '.join(SETS)}")
+        if not SETS[n][0].is_dir():
+            ap.error(f"{SETS[n][0]} is missing: the benchmark reads ../shared/data beside the repository")
+    seeds = [0] if a.quick else list(range(a.seeds))
+    sizes = sorted({s for v in VARIANTS for s in v.sizes})
+    if a.quick:
+        sizes = [224]
+    elif a.sizes:
+        sizes = [int(x) for x in a.sizes.split(",")]
+    out = None if a.json is None and a.quick else Path(a.json or "benchmarks/results/fewshot.json")
+    result: dict = {"torch_threads": torch.get_num_threads(), "rows": [], "knn": []}
+
+    def save() -> None:  # after every block: a long run stopped part-way keeps what it measured
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2))
+
+    for n in names:
+        p = prepare(n, seeds, 12 if a.quick else None)
+        for size in sizes:
+            vs = [v for v in VARIANTS if size in v.sizes and (not v.only or n in v.only)]
+            if a.quick:
+                vs = vs[:3]
+            result["rows"] += measure(p, size, vs, lambda m: print(m, file=sys.stderr, flush=True))
+            save()
+    print(table(result["rows"]))
+    result["knn"] = knn_scaling((1, 16) if a.quick else (1, 4, 16, 64, 204))
+    print("\n| frames in memory | memory rows | exact nearest-patch ms/frame |\n|---|---|---|")
+    for k in result["knn"]:
+        print(f"| {k['frames_in_memory']} | {k['memory_rows']} | {k['ms_per_frame']:.1f} |")
+    save()
+    if out is not None:
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
