@@ -78,6 +78,7 @@ def augmented_views(image: np.ndarray, augment: str) -> list[np.ndarray]:
 
 
 TILE_ASPECT = 1.5  # frames whose long side is >= 1.5x the short side are scored as tiles
+MAX_TILES = 8  # a backbone pass per tile: beyond 8:1 the tiles themselves are squashed
 
 
 def tile_grid(height: int, width: int, tiling: bool = True) -> tuple[int, int]:
@@ -91,14 +92,15 @@ def tile_grid(height: int, width: int, tiling: bool = True) -> tuple[int, int]:
     patch grids join edge to edge into one (rows*g, cols*g) grid and the frame
     is still one map and one set of patches (a seam is an image border to the
     backbone, as the frame's own edges are). Frames within 1.5:1 of square are
-    one tile: there, squashing costs less than a second backbone pass.
+    one tile: there, squashing costs less than a second backbone pass. At most
+    ``MAX_TILES``, so a freak 1x5000 frame costs 8 passes, not 5000.
     """
     if not tiling or min(height, width) <= 0:
         return 1, 1
     long, short = max(height, width), min(height, width)
     if long < TILE_ASPECT * short:
         return 1, 1
-    n = max(2, round(long / short))
+    n = min(MAX_TILES, max(2, round(long / short)))
     return (n, 1) if height > width else (1, n)
 
 
@@ -166,7 +168,10 @@ class PatchKNNScorer:
     intermediate layers are L2-normalised and concatenated: middle layers keep
     the local texture that small defects disturb, later ones add context.
     The image score is the mean of the top 1% patch distances, which is steadier
-    than the single maximum on noisy frames.
+    than the single maximum on noisy frames. Frames far from square are scored as
+    tiles (:func:`tile_grid`), references likewise; ``aggregate`` adds each patch's
+    neighbourhood means (:func:`aggregate_patches`). What was tried and not kept
+    (PCA subspace, map smoothing, finer rotations) is in ``benchmarks/fewshot.py``.
     """
 
     name = "patch-knn"

@@ -115,6 +115,7 @@ def test_tile_grid_cuts_only_frames_far_from_square():
     assert tile_grid(500, 1263) == (1, 3)  # a steel strip: three near-square tiles
     assert tile_grid(1263, 500) == (3, 1)
     assert tile_grid(500, 1263, tiling=False) == (1, 1)
+    assert tile_grid(4, 5000) == (1, 8)  # bounded: a pass per tile
     im = np.arange(500 * 1263 * 3, dtype=np.int64).reshape(500, 1263, 3)
     pieces = cut_tiles(im, 1, 3)
     assert [p.shape[1] for p in pieces] == [421, 421, 421]

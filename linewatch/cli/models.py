@@ -40,7 +40,7 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
                    help="a named set of the options below, which options typed beside it override; "
                         + "; ".join(f"{k}: " + ", ".join(f"{flag_name(n)} {_show(v)}" for n, v in o.items())
                                     for k, o in PRESETS.items())
-                        + " (for GPUs: about 5x the default's compute; see the README's table)")
+                        + " (for GPUs: 2-3.5x the default's compute; see the README's table)")
     g.add_argument("--scorer", "--method", dest="method", default=_NOT_GIVEN, choices=METHODS,
                    help="patch-knn: nearest-patch few-shot on a visual backbone; winclip: zero-shot "
                         "from text prompts; winclip+: zero- plus few-shot (both need an openclip: "
