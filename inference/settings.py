@@ -15,6 +15,7 @@ what it computes, and the same profile runs on either.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -77,13 +78,13 @@ class ScorerSettings:
             if name in _LISTS and v is not None:
                 if not isinstance(v, list | tuple) or not all(
                         isinstance(x, kind) and not isinstance(x, bool) for x in v):
-                    raise SettingsError(f"{flag_name(name)}: expected a list of {kind.__name__}, "
+                    raise SettingsError(f"{flag_name(name)}: expected a list of {_type_name(kind)}, "
                                         f"got {v!r}")
                 object.__setattr__(self, name, tuple(v))
             elif v is not None or name not in _OPTIONAL:
                 ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
                 if not ok:
-                    raise SettingsError(f"{flag_name(name)}: expected {kind.__name__}, got {v!r}")
+                    raise SettingsError(f"{flag_name(name)}: expected {_type_name(kind)}, got {v!r}")
         self.validate()
 
     # -- validation: one place, every combination ----------------------------------------
@@ -243,6 +244,11 @@ _TYPES: dict[str, Any] = {
     "zoom": bool,
     "zoom_top_k": int, "zoom_crop": int | float, "adapt_steps": int, "class_name": str,
     "vocabulary": str}
+def _type_name(kind: Any) -> str:
+    """``int``, or ``int or float`` for a union (which has no ``__name__``)."""
+    return " or ".join(k.__name__ for k in typing.get_args(kind)) or kind.__name__
+
+
 _LISTS = ("layers", "aggregate", "vocabulary")
 _OPTIONAL = ("backbone", "weights", "image_size", "layers", "vocabulary")
 DEFAULTS = ScorerSettings()

@@ -296,7 +296,8 @@ def test_settings_round_trip_and_refuse_unknown_keys() -> None:
                 {"backbone": 5}, {"zoom": "yes"}, {"weights": 5}, {"layers": [1.9]},
                 {"backbone": TINY, "random_init": True, "vocabulary": "ab"},
                 {"backbone": TINY, "random_init": True, "class_name": 5}, {"aggregate": [2]},
-                {"aggregate": [1, 1]}, {"aggregate": []}, {"aggregate": "1,3"}, {"tiling": "yes"}):
+                {"aggregate": [1, 1]}, {"aggregate": []}, {"aggregate": "1,3"}, {"tiling": "yes"},
+                {"zoom": True, "zoom_crop": "0.5"}, {"zoom": True, "zoom_crop": True}):
         with pytest.raises(SettingsError):  # a profile's wrong types: a named error, not a crash
             ScorerSettings.from_dict({"backbone": "efficientnet-lite0", **bad})
 
