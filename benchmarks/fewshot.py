@@ -17,7 +17,7 @@ What ships is measured end to end by ``linewatch evaluate`` (the README table
 shows both): this harness is where techniques are tried before they become
 settings, and it keeps the ones that did not pay reproducible.
 
-    python -m benchmarks.fewshot                    # the full table (about 20 min on 2 cores)
+    python -m benchmarks.fewshot                    # the full table (about 45 min on 2 cores)
     python -m benchmarks.fewshot --quick            # bottle, 224 px, 1 seed, 12 test images
 """
 

@@ -103,7 +103,7 @@ class Beliefs:
         self.cfg.thresholds = self.processor.thresholds = th
         self._publish(th)
         scorer: Any = self.processor.scorer
-        if getattr(scorer, "map_gate", None) is not None:
+        if hasattr(scorer, "map_gate"):  # a reloaded profile's scorer starts ungated: gate it too
             scorer.map_gate = th.review
 
     def _use(self, res: LearnResult) -> None:

@@ -76,16 +76,21 @@ def train_head(scorer, normals: Sequence[np.ndarray], steps: int = 200, pseudo: 
     from tqdm import tqdm
 
     from inference.pseudo import generate
-    from inference.scoring import augmented_views
+    from inference.scoring import augmented_views, cut_tiles, tile_grid
+
+    def pieces(image: np.ndarray) -> list[np.ndarray]:  # the tiles the scorer will see (tile_grid)
+        return cut_tiles(image, *tile_grid(image.shape[0], image.shape[1], scorer.tiling))
 
     torch.manual_seed(seed)
-    views = [v for im in normals for v in augmented_views(im, scorer.augment)]
+    views = [t for im in normals for v in augmented_views(im, scorer.augment) for t in pieces(v)]
     fakes = generate(list(normals), pseudo, method="local", seed=seed)
+    fake_images = [t for f in fakes for t in pieces(f.image)]
+    fake_masks = [t for f in fakes for t in pieces(f.mask)]
     with torch.no_grad():  # clone: the backbone runs in inference mode, the head needs autograd
         f_norm = scorer.raw_patch_features(views).clone()
-        f_fake = scorer.raw_patch_features([f.image for f in fakes]).clone()
+        f_fake = scorer.raw_patch_features(fake_images).clone()
     grid = tuple(f_fake.shape[1:3])
-    bad = np.stack([patch_labels(f.mask, grid) for f in fakes])  # (P, gh, gw)
+    bad = np.stack([patch_labels(m, grid) for m in fake_masks])  # (P, gh, gw)
     d = f_norm.shape[-1]
     normal = torch.cat([f_norm.reshape(-1, d), f_fake[torch.from_numpy(~bad)].reshape(-1, d)])
     anomalous = f_fake[torch.from_numpy(bad)].reshape(-1, d)

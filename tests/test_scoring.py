@@ -157,6 +157,25 @@ def test_strip_tiled_map_is_its_pieces_maps_side_by_side(scorer):
     np.testing.assert_allclose(strip.anomaly_map, np.hstack([r.anomaly_map for r in alone]), atol=1e-5)
 
 
+def test_frames_of_mixed_shapes_prepared_and_rescored_match_a_full_pass(scorer):
+    """Calibration frames of several tile grids (square, 3:1, 1:3 and 2:1) in one list, batches
+    that split the grids: kept scores follow the memory as a full pass does, in input order."""
+    from inference.calibration import CalibrationFrames
+
+    root = shared_data("mvtec_ad", "bottle")
+    p = [cv2.resize(read_rgb(x), (300, 300)) for x in sorted((root / "train" / "good").glob("*.png"))[:9]]
+    frames = [p[0], np.hstack(p[1:4]), np.vstack(p[4:7]), np.hstack(p[7:9]), p[1]]
+    scorer.fit([p[0], np.hstack(p[1:4])])
+    held = CalibrationFrames(frames, batch_size=3)
+    first = held.results(scorer)
+    assert [r.anomaly_map.shape for r in first][:4] == [(16, 16), (16, 48), (48, 16), (16, 32)]
+    np.testing.assert_allclose([r.score for r in first], [r.score for r in scorer.score(frames)], atol=1e-6)
+    scorer.add_normals([np.vstack(p[4:7])])
+    kept = held.scores(scorer)
+    np.testing.assert_allclose(kept, [r.score for r in scorer.score(frames)], atol=1e-3)
+    assert kept[2] < 1e-3 < first[2].score  # the tall frame is now in memory: the order held
+
+
 def test_strips_tiled_find_defects_that_squashing_loses():
     """Strips of three bottle photos (2700x900 px): tiled scoring keeps each photo at model
     resolution; squashed, each photo gets a third of the width, and a small break

@@ -77,8 +77,9 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
     g.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=_NOT_GIVEN,
                    help="patch-knn: cut frames whose long side is 1.5x the short side or more into "
                         "near-square tiles along the long side, each scored at model resolution, "
-                        "and join their maps; --no-tiling squashes every frame into one square "
-                        "(default: on)")
+                        "(at most 8; one backbone pass each), and join their maps; --no-tiling "
+                        "squashes every frame into one square. Profiles calibrated before tiling "
+                        "existed keep squashing (default: on)")
     g.add_argument("--precision", default=_NOT_GIVEN, choices=PRECISIONS,
                    help="fp32 is exact. bf16/fp16 (openclip: backbones) are for GPUs and slower than "
                         "fp32 on most CPUs; int8 (openclip: and dinov2-s) runs the image tower's "
@@ -87,7 +88,8 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
                         f"({_default('precision')})")
     g.add_argument("--zoom", action=argparse.BooleanOptionalAction, default=_NOT_GIVEN,
                    help="ROI zoom (patch-knn): re-score crops of the hottest regions, cut from the "
-                        "full-resolution frame, against crop-level references (default: off)")
+                        "full-resolution frame, against crop-level references; a worker zooms only "
+                        "frames at or above its review threshold (same decisions) (default: off)")
     g.add_argument("--zoom-top-k", type=int, default=_NOT_GIVEN,
                    help=f"with --zoom: regions per frame ({_default('zoom_top_k')})")
     g.add_argument("--zoom-crop", type=float, default=_NOT_GIVEN,
