@@ -37,6 +37,7 @@ import torch
 
 from inference import eval_metrics as em
 from inference.backbones import DinoV2Backbone
+from inference.scoring import PatchKNNScorer, _nearest, aggregate_patches
 from inference.visualize import upsample_map
 from linewatch.evaluate import Split, _eval_shape, load_split, read_mask
 from linewatch.images import read_rgb
@@ -89,49 +90,39 @@ def _rotate(image: np.ndarray, deg: int) -> np.ndarray:
 
 
 class Features:
-    """DINOv2-S block 5+8 features (per-block unit norm, concatenated), as the scorer makes them."""
+    """The scorer's own patch features (``PatchKNNScorer.raw_patch_features``: DINOv2-S blocks
+    5+8, each unit norm, concatenated), of squashed frames, kept in float16."""
 
     def __init__(self, size: int) -> None:
-        self.bb = DinoV2Backbone(image_size=size, layers=LAYERS)
+        self.scorer = PatchKNNScorer(DinoV2Backbone(image_size=size, layers=LAYERS), tiling=False)
 
     def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), 8):
-            f = self.bb(self.bb.preprocess(images[i:i + 8]))
-            out.append(torch.cat([torch.nn.functional.normalize(p.float(), dim=-1)
-                                  for p in f.patch_tokens], -1).half())
-        return torch.cat(out)
+        return torch.cat([self.scorer.raw_patch_features(images[i:i + 8]).half()
+                          for i in range(0, len(images), 8)])
 
 
-def _aggregate(f: torch.Tensor, r: int) -> torch.Tensor:
-    if r > 1:
-        f = torch.nn.functional.avg_pool2d(f.permute(0, 3, 1, 2), r, 1, r // 2,
-                                           count_include_pad=False).permute(0, 2, 3, 1)
-    return torch.nn.functional.normalize(f, dim=-1)
-
-
-def _nearest(q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    return torch.cat([(1 - (q[i:i + 4096] @ memory.T).max(1).values).clamp_min(0)
-                      for i in range(0, q.shape[0], 4096)])
+def _aggregate(f: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """``aggregate_patches`` on float16-stored features (renormalised first)."""
+    return aggregate_patches(torch.nn.functional.normalize(f, dim=-1), sizes)
 
 
 def _distances(v: Variant, test: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
-    b, g, gw, d = test.shape
+    b, g, gw, _ = test.shape
     if v.joint:  # what --aggregate does: one feature per patch, every r side by side
-        def cat(f: torch.Tensor) -> torch.Tensor:
-            return torch.cat([_aggregate(f, r) for r in v.aggregate], -1) / len(v.aggregate) ** 0.5
-        t, m = cat(test), cat(refs)
-        return _nearest(t.reshape(b * g * gw, -1), m.reshape(-1, t.shape[-1])).reshape(b, g, gw)
+        t, m = _aggregate(test, v.aggregate), _aggregate(refs, v.aggregate)
+        return _nearest(t.reshape(b, g * gw, -1), m.reshape(-1, t.shape[-1])).reshape(b, g, gw)
     total = torch.zeros(b, g, gw)
     for r in v.aggregate:
-        t, m = _aggregate(test, r).reshape(-1, d), _aggregate(refs, r).reshape(-1, d)
+        t, m = _aggregate(test, (r,)), _aggregate(refs, (r,))
+        d = t.shape[-1]
         if v.scorer == "knn":
-            dist = _nearest(t, m)
+            dist = _nearest(t.reshape(b, g * gw, d), m.reshape(-1, d))
         else:  # SubspaceAD-style: squared residual off the normal patches' principal subspace
+            m = m.reshape(-1, d)
             mu = m.mean(0)
             _, s, vt = torch.linalg.svd(m - mu, full_matrices=False)
             k = int(((s ** 2).cumsum(0) / (s ** 2).sum() < 0.99).sum()) + 1
-            q = t - mu
+            q = t.reshape(-1, d) - mu
             dist = ((q - (q @ vt[:k].T) @ vt[:k]) ** 2).sum(-1)
         total += dist.reshape(b, g, gw) / len(v.aggregate)
     return total
@@ -237,18 +228,16 @@ def knn_scaling(frames_in_memory: tuple[int, ...] = (1, 4, 16, 64, 204), repeats
     """ms per frame of the scorer's exact nearest-patch search (``inference.scoring._nearest``)
     against memories of n frames' patches (224 px: 256 patches of 768 values each), beside
     the backbone's time. 204 = the default worker's bound: 4 references + 200 learned normals."""
-    from inference.scoring import _nearest as scorer_nearest
-
     gen = torch.Generator().manual_seed(0)
     queries = torch.nn.functional.normalize(torch.randn(8, 256, 768, generator=gen), dim=-1)
     out = []
     for n in frames_in_memory:
         memory = torch.nn.functional.normalize(torch.randn(n * 256, 768, generator=gen), dim=-1)
-        scorer_nearest(queries, memory)  # warm
+        _nearest(queries, memory)  # warm
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            scorer_nearest(queries, memory)
+            _nearest(queries, memory)
             times.append(1000 * (time.perf_counter() - t0) / len(queries))
         out.append({"frames_in_memory": n, "memory_rows": n * 256, "ms_per_frame": float(np.median(times))})
     return out

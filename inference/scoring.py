@@ -295,27 +295,24 @@ class PatchKNNScorer:
         """Score ``images`` (batches of ``batch_size``) and keep what :meth:`rescore` needs."""
         if self._memory is None:
             raise NotFittedError("PatchKNNScorer.prepare() called before fit()")
-        by_shape: dict[tuple[int, int], FrameGroup] = {}
+        by_grid: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
         results: list[ScoreResult | None] = [None] * len(images)
         for i in range(0, len(images), batch_size):
             chunk = images[i:i + batch_size]
             for idx, f in self._grouped_features(chunk):
                 res, dist = self._results(f)
-                feats = f.reshape(f.shape[0], -1, f.shape[-1]).to(torch.float16)
-                key = tuple(f.shape[1:3])
-                g = by_shape.get(key)
-                pos = [i + j for j in idx]
-                if g is None:
-                    by_shape[key] = FrameGroup(pos, feats, dist)
-                else:
-                    g.index += pos
-                    g.features, g.nearest = torch.cat([g.features, feats]), torch.cat([g.nearest, dist])
-                for j, r in zip(pos, res, strict=True):
-                    results[j] = r
+                index, feats, nearest = by_grid.setdefault(tuple(f.shape[1:3]), ([], [], []))
+                index += [i + j for j in idx]
+                feats.append(f.reshape(f.shape[0], -1, f.shape[-1]).to(torch.float16))
+                nearest.append(dist)
+                for j, r in zip(idx, res, strict=True):
+                    results[i + j] = r
             if on_batch is not None:
                 on_batch(len(chunk))
-        return PreparedFrames(list(by_shape.values()), self.memory_size, self._memory_epoch,
-                              self._feature_epoch, results)  # type: ignore[arg-type]
+        groups = [FrameGroup(index, torch.cat(feats), torch.cat(nearest))
+                  for index, feats, nearest in by_grid.values()]
+        return PreparedFrames(groups, self.memory_size, self._memory_epoch, self._feature_epoch,
+                              results)  # type: ignore[arg-type]
 
     def rescore(self, prepared: PreparedFrames) -> list[float] | None:
         """Image scores of prepared frames under the memory as it is now, matching them only
