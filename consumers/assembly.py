@@ -55,12 +55,14 @@ class WorkerSetup:
     drift_thresholds: tuple[str, ...] = ()  # "statistic=value" overrides
     learn_from_labels: bool | None = None  # None: on when the label key is set
     max_learned_normals: int = 200
+    expected_anomaly_rate: float | None = None  # mutual (zero-shot): sets uncalibrated thresholds
     torch_threads: int | None = None
     inject_faults: str | None = None  # tests and benchmarks only (inference/faults.py)
 
 
 # settings a worker set up from folders uses; a profile holds its own
-FOLDER_DEFAULTS: dict[str, Any] = {"shots": 4, "false_alarm_rate": 0.01, "review_rate": 0.1}
+FOLDER_DEFAULTS: dict[str, Any] = {"shots": 4, "false_alarm_rate": 0.01, "review_rate": 0.1,
+                                   "expected_anomaly_rate": 0.05}
 _FOLDERS_ONLY = ("references", "holdout", "alert_threshold", "review_threshold", *FOLDER_DEFAULTS)
 
 
@@ -87,6 +89,7 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
             ClipUnavailable, ValueError) as exc:
         raise SetupError(str(exc)) from None
     th, scorer = b.thresholds, b.scorer
+    metrics.THRESHOLDS_CALIBRATED.labels(worker=config.worker_id).set(b.stream_thresholds is None)
     if th.review > th.alert:
         raise SetupError(f"review threshold {th.review} is above the alert threshold {th.alert}")
     metrics.REFERENCE_IMAGES.labels(worker=config.worker_id).set(len(b.refs))
@@ -115,8 +118,13 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
         recalibrate = setup.alert_threshold is None
         learner = ReferenceLearner(scorer, b.refs, b.holdout, config.worker_id,
                                    setup.max_learned_normals, _folder(setup, "false_alarm_rate"),
-                                   _folder(setup, "review_rate"), recalibrate=recalibrate)
-        if not (b.holdout and recalibrate):
+                                   _folder(setup, "review_rate"), recalibrate=recalibrate,
+                                   calibrate_from_verdicts=b.stream_thresholds is not None)
+        if b.stream_thresholds is not None:
+            log.warning("thresholds are uncalibrated until operators confirm %d normal frames: "
+                        "every second confirmed normal is kept out of the memory to calibrate on",
+                        2 * learner.calibration_needed)
+        elif not (b.holdout and recalibrate):
             log.info("operator verdicts grow the reference memory; thresholds stay fixed (they "
                      "are recalibrated only when calibrated from --holdout)")
     if b.drift is None:
@@ -136,7 +144,8 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
 
         watcher = ProfileWatcher(path, reload, b.fingerprint or "")
     return Worker(dataclasses.replace(config, thresholds=th), scorer, b.drift, learner, watcher,
-                  describe=describe, info=info, probe=b.refs[0] if b.refs else None, label_key=key)
+                  describe=describe, info=info, probe=b.refs[0] if b.refs else None, label_key=key,
+                  stream_thresholds=b.stream_thresholds)
 
 
 @dataclass
@@ -152,6 +161,7 @@ class StartingBeliefs:
     drift: Any
     drift_overrides: dict[str, float]
     fingerprint: str | None = None
+    stream_thresholds: Any = None  # zero-shot: each camera's uncalibrated thresholds
 
     @classmethod
     def build(cls, setup: WorkerSetup, worker_id: str) -> StartingBeliefs:
@@ -174,7 +184,40 @@ class StartingBeliefs:
             scorer = settings.build(setup.device)
             holdout, _, drift = _holdout(setup, scorer, overrides, for_thresholds=False)
             return cls(settings, scorer, th, [], holdout, drift, overrides)
+        if settings.method == "mutual":
+            return cls._zero_shot(setup, settings, overrides)
+        if setup.expected_anomaly_rate is not None:
+            raise SetupError("--expected-anomaly-rate sets zero-shot thresholds: it is for --method "
+                             "mutual; this worker calibrates from --holdout or takes thresholds")
         return cls._from_folders(setup, settings, overrides)
+
+    @classmethod
+    def _zero_shot(cls, setup: WorkerSetup, settings: ScorerSettings,
+                   overrides: dict[str, float]) -> StartingBeliefs:
+        """Mutual scoring: no references needed, thresholds from each camera's own scores."""
+        from inference.calibration import WARM_UP, StreamThresholds
+        from linewatch.images import load_folder
+
+        for name in ("holdout", "alert_threshold", "review_threshold"):
+            if getattr(setup, name) is not None:
+                raise SetupError(f"{flag_name(name)} does not go with --method mutual: its thresholds "
+                                 "come from each camera's own scores (--expected-anomaly-rate) until "
+                                 "operators confirm normals; use patch-knn to calibrate from --holdout")
+        if setup.shots is not None and not setup.references:
+            raise SetupError("--shots counts --references images; mutual needs none (add --references "
+                             "DIR to start few-shot, or drop --shots)")
+        scorer = settings.build(setup.device)
+        refs = (load_folder(setup.references, limit=_folder(setup, "shots"), what="--references")
+                if setup.references else [])
+        scorer.fit(refs)
+        rate = _folder(setup, "expected_anomaly_rate")
+        stream = StreamThresholds(rate)
+        log.warning("zero-shot (mutual): %s; each camera's frames go to review until %d of its "
+                    "frames are in its bank and %d scores set its UNCALIBRATED thresholds "
+                    "(expected anomaly rate %g)",
+                    f"{len(refs)} references, so few-shot at once" if refs else "no references",
+                    settings.warmup, stream.min_scores, rate)
+        return cls(settings, scorer, WARM_UP, refs, None, None, overrides, stream_thresholds=stream)
 
     @classmethod
     def _from_profile(cls, setup: WorkerSetup, overrides: dict[str, float]) -> StartingBeliefs:

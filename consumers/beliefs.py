@@ -101,6 +101,12 @@ class Beliefs:
 
     def _set_thresholds(self, th: Thresholds) -> None:
         self.cfg.thresholds = self.processor.thresholds = th
+        if self.processor.stream_thresholds is not None and th.n_normals > 0:
+            self.processor.stream_thresholds = None  # calibrated on normals: the cameras' own are done
+            log.warning("zero-shot thresholds replaced by calibrated ones (%d confirmed normals)",
+                        th.n_normals)
+        metrics.THRESHOLDS_CALIBRATED.labels(worker=self.cfg.worker_id).set(
+            self.processor.stream_thresholds is None)
         self._publish(th)
         scorer: Any = self.processor.scorer
         if hasattr(scorer, "map_gate"):  # a reloaded profile's scorer starts ungated: gate it too

@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -153,10 +154,15 @@ class ReferenceLearner:
 
     def __init__(self, scorer: Any, references: Sequence[np.ndarray], holdout: CalibrationFrames | None,
                  worker_id: str, max_learned: int = 200, false_alarm_rate: float = 0.01,
-                 review_rate: float = 0.1, recalibrate: bool = True) -> None:
+                 review_rate: float = 0.1, recalibrate: bool = True,
+                 calibrate_from_verdicts: bool = False) -> None:
         """``holdout``: the calibration frames, rescored after each change of the memory (the
         drift reference follows them); ``recalibrate``: thresholds are re-derived from those
-        scores (False: thresholds given by hand stay as given)."""
+        scores (False: thresholds given by hand stay as given).
+        ``calibrate_from_verdicts`` (zero-shot, no holdout): every second confirmed normal is
+        kept out of the memory as a calibration frame; once there are
+        :attr:`calibration_needed` of them they become the holdout, and the thresholds are
+        conformal from then on."""
         if max_learned < 1:
             raise ValueError("max_learned must be >= 1")
         self.scorer = scorer
@@ -167,6 +173,11 @@ class ReferenceLearner:
         self.max_learned = max_learned
         self.false_alarm_rate, self.review_rate = false_alarm_rate, review_rate
         self.learned: deque[tuple[str, np.ndarray]] = deque()
+        self.calibrate_from_verdicts = calibrate_from_verdicts
+        self.calibration: deque[np.ndarray] = deque(maxlen=max_learned)
+        self._confirmed = 0  # normal verdicts learned so far (which half each goes to)
+        # conformal needs n with ceil((n + 1)(1 - rate)) <= n to bound the false-alarm rate
+        self.calibration_needed = math.ceil((1 - false_alarm_rate) / false_alarm_rate - 1e-9)
         self._waiting: list[tuple[str, np.ndarray]] = []  # verified, not yet in the memory
         self._stale = False  # the memory grew but the thresholds were not recalibrated yet
         self._first_waiting: float | None = None
@@ -224,7 +235,11 @@ class ReferenceLearner:
         fresh = list(self._waiting)
         try:
             if fresh:
-                self._grow(fresh)
+                to_memory = fresh
+                if self.calibrate_from_verdicts:
+                    to_memory = self._set_aside(fresh)
+                if to_memory:
+                    self._grow(to_memory)
                 self._waiting.clear()
                 self._first_waiting = None
                 self._stale = bool(self.holdout)
@@ -248,6 +263,29 @@ class ReferenceLearner:
         metrics.LEARNED_NORMALS.labels(worker=self.worker_id).set(len(self.learned))
         metrics.REFERENCE_IMAGES.labels(worker=self.worker_id).set(len(self.references) + len(self.learned))
         return result
+
+    def _set_aside(self, fresh: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+        """Zero-shot: every second confirmed normal becomes a calibration frame (never in the
+        memory, so its score is a fair sample of a normal frame's); the holdout, once there
+        are enough. Returns the ones for the memory."""
+        to_memory = []
+        for item in fresh:
+            self._confirmed += 1
+            if self._confirmed % 2:
+                to_memory.append(item)
+            else:
+                self.calibration.append(item[1])
+        n, need = len(self.calibration), self.calibration_needed
+        if n >= need:
+            if self.holdout is None:
+                log.info("%d operator-confirmed normal frames set aside: thresholds are calibrated "
+                         "(conformal, false-alarm rate %g) from now on", n, self.false_alarm_rate)
+            self.holdout = CalibrationFrames(list(self.calibration))
+        elif len(to_memory) < len(fresh):
+            log.info("thresholds stay uncalibrated: %d of the %d confirmed normals needed for "
+                     "calibration set aside (every second confirmed normal), %d more confirmations "
+                     "to go", n, need, 2 * (need - n))
+        return to_memory
 
     def _grow(self, fresh: list[tuple[str, np.ndarray]]) -> None:
         learned = deque(self.learned)

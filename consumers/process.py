@@ -37,8 +37,9 @@ import numpy as np
 
 from consumers.decode import decode_frame
 from consumers.routing import Outbound, dead_letter, route
-from inference.calibration import Thresholds
+from inference.calibration import WARM_UP, StreamThresholds, Thresholds
 from inference.scoring import Scorer, ScoreResult
+from inference.settings import MUTUAL_MODES
 from linewatch.wire import DL_REASONS, FrameMeta, FrameRef, Topics, WireError, dead_letter_cause
 from monitoring import metrics
 from monitoring.drift import DriftMonitor
@@ -104,16 +105,20 @@ class FrameProcessor:
                  describe: Callable[[np.ndarray], str] | None = None,
                  drift: DriftMonitor | None = None, probe: np.ndarray | None = None,
                  retry: RetryPolicy | None = None,
-                 pause: Callable[[float], None] = time.sleep) -> None:
+                 pause: Callable[[float], None] = time.sleep,
+                 stream_thresholds: StreamThresholds | None = None) -> None:
         """``probe`` is a known-good image (a reference) that tells a broken model from a
         poisonous frame; ``pause(seconds)`` waits between retries and raises
-        :class:`BatchAbandoned` when the batch should be given up."""
+        :class:`BatchAbandoned` when the batch should be given up. ``stream_thresholds``:
+        a zero-shot (mutual) scorer's frames are decided by their camera's own uncalibrated
+        thresholds until calibrated ones are set (then it is None)."""
         self.scorer, self.thresholds, self.topics = scorer, thresholds, topics
         self.worker_id = worker_id
         self.max_frame_bytes, self.max_pixels = max_frame_bytes, max_pixels
         self.cameras, self.describe, self.drift, self.probe = cameras, describe, drift, probe
         self.retry = retry or RetryPolicy()
         self.pause = pause
+        self.stream_thresholds = stream_thresholds
         self._last_good: np.ndarray | None = None  # the probe of scorers without references
         self.stats = BatchStats()
         self.clock = metrics.StepClock(worker_id)
@@ -137,19 +142,26 @@ class FrameProcessor:
         invalid: list[tuple[int, Record, WireError]] = []
         with self.clock("decode"):
             self._decode(records, valid, invalid)
+        streams = [(m.line, m.camera) for _, _, m, _ in valid] if self._streams else None
         with self.clock("score"):
-            results = self._score_all([rgb for *_, rgb in valid])  # may raise: nothing counted yet
+            results = self._score_all([rgb for *_, rgb in valid], streams)  # may raise: nothing counted yet
         self.stats.received += len(records)
         metrics.FRAMES_RECEIVED.labels(worker=self.worker_id).inc(len(records))
         by_record = {i: [self._dead(rec, err)] for i, rec, err in invalid}
         decided_ns = time.time_ns()
+        remember: list[ScoreResult] = []  # zero-shot: frames for their camera's bank
         for (i, rec, meta, rgb), res in zip(valid, results, strict=True):
             if isinstance(res, BaseException):
                 by_record[i] = [self._dead(rec, WireError(
                     "scoring_failed", f"the model failed on this frame alone, {JUDGE_ROUNDS} times "
                     f"while it scored a known-good image: {type(res).__name__}: {res}"))]
             else:
-                by_record[i] = self._route(rec, meta, rgb, res, decided_ns, maybe_duplicate(rec))
+                th = self._thresholds_for(meta, res)
+                by_record[i] = self._route(rec, meta, rgb, res, decided_ns, maybe_duplicate(rec), th)
+                if streams is not None and th.decide(res.score) != "alert":
+                    remember.append(res)  # an alert stays out: the bank is what normal looks like
+        if remember:
+            self.scorer.admit(remember)  # type: ignore[attr-defined]
         self._unpublished = True
         self.publish_drift()
         return [o for i in sorted(by_record) for o in by_record[i]]
@@ -178,10 +190,38 @@ class FrameProcessor:
                 invalid.append((i, rec, WireError("not_an_image", f"unreadable record: "
                                                                   f"{type(exc).__name__}: {exc}")))
 
+    # -- zero-shot: per-camera banks and thresholds ----------------------------------------
+    @property
+    def _streams(self) -> bool:
+        """Whether the scorer scores each camera's frames against that camera's own frames."""
+        return hasattr(self.scorer, "admit")
+
+    def _thresholds_for(self, meta: FrameMeta, res: ScoreResult) -> Thresholds:
+        """The thresholds that decide this frame: the worker's, or, zero-shot before
+        calibration, its camera's own (per scoring mode, as modes score on different
+        scales); during a warm-up every frame goes to review."""
+        if self.stream_thresholds is None or res.mode is None:
+            return self.thresholds
+        key = (meta.line, meta.camera, res.mode)
+        th = None if res.mode == "warm-up" else self.stream_thresholds.thresholds(key)
+        if res.mode != "warm-up":
+            self.stream_thresholds.observe(key, res.score)
+        return th or WARM_UP
+
+    def forget_streams(self, cameras: Sequence[tuple[str, str]]) -> None:
+        """Drop silent cameras' banks and score windows (a camera that comes back warms up)."""
+        if self._streams:
+            self.scorer.forget(list(cameras))  # type: ignore[attr-defined]
+        if self.stream_thresholds is not None:
+            for line, camera in cameras:
+                for mode in MUTUAL_MODES:
+                    self.stream_thresholds.forget((line, camera, mode))
+
     # -- scoring, with retries -----------------------------------------------------------
-    def _call(self, images: list[np.ndarray]) -> list[ScoreResult]:
+    def _call(self, images: list[np.ndarray], streams: list | None = None) -> list[ScoreResult]:
         t0 = time.perf_counter()
-        out = list(self.scorer.score(images))
+        out = list(self.scorer.score(images) if streams is None
+                   else self.scorer.score(images, streams))  # type: ignore[call-arg]
         if len(out) != len(images):
             raise RuntimeError(f"the scorer returned {len(out)} results for {len(images)} frames")
         bad = [r.score for r in out if not math.isfinite(r.score)]
@@ -191,14 +231,14 @@ class FrameProcessor:
         metrics.BATCH_SIZE.labels(worker=self.worker_id).observe(len(images))
         return out
 
-    def _try(self, images: list[np.ndarray]) -> list[ScoreResult] | BaseException:
+    def _try(self, images: list[np.ndarray], streams: list | None) -> list[ScoreResult] | BaseException:
         """Up to ``retry.attempts`` calls with backoff: the results, or the last error."""
         err: BaseException | None = None
         for attempt in range(self.retry.attempts):
             if attempt:
                 self.pause(self.retry.delay(attempt - 1))
             try:
-                return self._call(images)
+                return self._call(images, streams)
             except Exception as exc:  # a model failure must not kill the worker or lose frames
                 err = exc
                 metrics.MODEL_ERRORS.labels(worker=self.worker_id).inc()
@@ -225,37 +265,40 @@ class FrameProcessor:
         metrics.MODEL_UP.labels(worker=self.worker_id).set(0)
         return ModelUnavailable(f"{type(err).__name__}: {err}")
 
-    def _score_all(self, images: list[np.ndarray]) -> list[ScoreResult | BaseException]:
+    def _score_all(self, images: list[np.ndarray],
+                   streams: list | None = None) -> list[ScoreResult | BaseException]:
+        """``streams``: each frame's (line, camera), for scorers with per-camera banks."""
         if not images:
             return []
-        first = self._try(images)
+        first = self._try(images, streams)
         if not isinstance(first, BaseException):
             metrics.MODEL_UP.labels(worker=self.worker_id).set(1)
             self._last_good = images[-1]
             return list(first)
         if not self._model_works(images[0]):
             raise self._unavailable(first)
-        out = (self._split(images) if len(images) > 1
-               else [self._alone(images[0], first, model_checked=True)])
+        out = (self._split(images, streams) if len(images) > 1
+               else [self._alone(images[0], first, model_checked=True, stream=streams)])
         metrics.MODEL_UP.labels(worker=self.worker_id).set(1)
         return out
 
-    def _split(self, images: list[np.ndarray]) -> list[ScoreResult | BaseException]:
+    def _split(self, images: list[np.ndarray], streams: list | None) -> list[ScoreResult | BaseException]:
         """Halves, each tried again, down to single frames: only culprits stay failed."""
         half = len(images) // 2
         out: list[ScoreResult | BaseException] = []
-        for part in (images[:half], images[half:]):
-            got = self._try(part)
+        for lo, hi in ((0, half), (half, len(images))):
+            part, keys = images[lo:hi], None if streams is None else streams[lo:hi]
+            got = self._try(part, keys)
             if not isinstance(got, BaseException):
                 out.extend(got)
             elif len(part) == 1:
-                out.append(self._alone(part[0], got))
+                out.append(self._alone(part[0], got, stream=keys))
             else:
-                out.extend(self._split(part))
+                out.extend(self._split(part, keys))
         return out
 
-    def _alone(self, image: np.ndarray, err: BaseException,
-               model_checked: bool = False) -> ScoreResult | BaseException:
+    def _alone(self, image: np.ndarray, err: BaseException, model_checked: bool = False,
+               stream: list | None = None) -> ScoreResult | BaseException:
         """A frame that failed alone is the culprit only if it keeps failing while the model,
         checked each time, scores a known-good image: ``JUDGE_ROUNDS`` rounds, with backoff,
         so a burst of device errors never becomes a verdict on healthy frames.
@@ -266,7 +309,7 @@ class FrameProcessor:
             if round_ == JUDGE_ROUNDS - 1:
                 return err
             self.pause(self.retry.delay(round_ + 1))
-            got = self._try([image])
+            got = self._try([image], stream)
             if not isinstance(got, BaseException):
                 return got[0]
             err = got
@@ -284,18 +327,18 @@ class FrameProcessor:
             return None
 
     def _route(self, rec: Record, meta: FrameMeta, rgb: np.ndarray, res: ScoreResult,
-               decided_ns: int, maybe_dup: bool) -> list[Outbound]:
+               decided_ns: int, maybe_dup: bool, th: Thresholds) -> list[Outbound]:
         with self.clock("route"):
-            outs, tracked = self._route_one(rec, meta, rgb, res, decided_ns, maybe_dup)
+            outs, tracked = self._route_one(rec, meta, rgb, res, decided_ns, maybe_dup, th)
         if self.drift is not None and tracked:  # cameras over the limit have no drift window
             with self.clock("drift"):
                 self._observe_drift(meta, res, rgb)
         return outs
 
     def _route_one(self, rec: Record, meta: FrameMeta, rgb: np.ndarray, res: ScoreResult,
-                   decided_ns: int, maybe_dup: bool) -> tuple[list[Outbound], bool]:
+                   decided_ns: int, maybe_dup: bool, th: Thresholds) -> tuple[list[Outbound], bool]:
         ref = FrameRef(rec.topic, rec.partition, rec.offset)
-        args = (meta, ref, rgb, res, self.thresholds, self.topics, self.scorer.name,
+        args = (meta, ref, rgb, res, th, self.topics, self.scorer.name,
                 self.worker_id, decided_ns)
         try:
             score, outs = route(*args, describe=self._describe if self.describe else None,
@@ -309,7 +352,8 @@ class FrameProcessor:
             except Exception as again:
                 return [self._dead(rec, WireError("processing_failed",
                                                   f"{type(again).__name__}: {again}"))], False
-        return outs, self._count(meta, score.decision, score.latency_s, res.score, maybe_dup)
+        return outs, self._count(meta, score.decision, score.latency_s, res.score, maybe_dup,
+                                 None if th is WARM_UP else res.mode)
 
     def _observe_drift(self, meta: FrameMeta, res: ScoreResult, rgb: np.ndarray) -> None:
         try:
@@ -320,10 +364,15 @@ class FrameProcessor:
                         meta.frame_id, type(exc).__name__, exc)
 
     def _count(self, meta: FrameMeta, decision: str, latency_s: float, score: float,
-               maybe_dup: bool) -> bool:
-        """Count a routed frame; False when its camera is over the limit (counted as _other)."""
+               maybe_dup: bool, mode: str | None) -> bool:
+        """Count a routed frame; False when its camera is over the limit (counted as _other).
+        ``mode``: how a zero-shot scorer scored it (None: a warm-up's thresholds decided)."""
         tracked = self.cameras.admit(meta.line, meta.camera)
         line, camera = tracked or (metrics.OVERFLOW, metrics.OVERFLOW)
+        if tracked and self._streams:
+            shown = mode or "warm-up"
+            for m in MUTUAL_MODES:
+                metrics.SCORING_MODE.labels(line=line, camera=camera, mode=m).set(m == shown)
         self.stats.scored += 1
         metrics.FRAMES_SCORED.labels(line=line, camera=camera, decision=decision).inc()
         metrics.END_TO_END_SECONDS.labels(line=line, camera=camera).observe(max(0.0, latency_s))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from inference.calibration import Thresholds
+from inference.calibration import WARM_UP, Thresholds
 from inference.scoring import ScoreResult
 from inference.visualize import describe_location, encode_jpeg, overlay, regions, upsample_map
 from linewatch.wire import (
@@ -105,7 +105,9 @@ def route(meta: FrameMeta, ref: FrameRef, rgb: np.ndarray, result: ScoreResult, 
     score = Score(camera=meta.camera, line=meta.line, seq=meta.seq, capture_ns=meta.capture_ns,
                   decided_ns=decided_ns, score=result.score, decision=decision,
                   alert_threshold=th.alert, review_threshold=th.review, scorer=scorer_name,
-                  worker=worker, ref=ref, truth=meta.truth, maybe_duplicate=maybe_duplicate)
+                  worker=worker, ref=ref, truth=meta.truth, maybe_duplicate=maybe_duplicate,
+                  mode="warm-up" if th is WARM_UP else result.mode,
+                  calibrated=th.uncalibrated is None)
     out = [Outbound(topics.scores, meta.key, score.to_bytes())]
     if decision == "normal":
         return score, out
@@ -124,7 +126,8 @@ def route(meta: FrameMeta, ref: FrameRef, rgb: np.ndarray, result: ScoreResult, 
         out.append(Outbound(topics.alerts, meta.key, alert.to_bytes()))
         return score, out
     over = view if amap is None else overlay(view, amap, vmin=0.5 * th.review, vmax=th.alert)
-    explanation = (f"Score {result.score:.3f} is in the review band "
+    explanation = ((f"Uncalibrated: {th.uncalibrated}. " if th.uncalibrated else "")
+                   + f"Score {result.score:.3f} is in the review band "
                    f"[{th.review:.3f}, {th.alert:.3f}). Most anomalous area: {where}. "
                    + (f"The region {words}." if words else NO_TEXT_MODEL if explain else ""))
     item = ReviewItem(

@@ -50,6 +50,7 @@ from consumers.labels import ReferenceLearner
 from consumers.process import BatchAbandoned, FrameProcessor, ModelUnavailable
 from consumers.profiles import ProfileWatcher
 from consumers.routing import Outbound
+from inference.calibration import StreamThresholds
 from inference.scoring import Scorer
 from monitoring import metrics
 from monitoring.drift import DriftMonitor
@@ -64,11 +65,13 @@ class Worker:
                  learner: ReferenceLearner | None = None, watcher: ProfileWatcher | None = None,
                  describe: Callable[[np.ndarray], str] | None = None,
                  info: dict[str, str] | None = None, probe: np.ndarray | None = None,
-                 label_key: bytes | None = None) -> None:
+                 label_key: bytes | None = None, stream_thresholds: StreamThresholds | None = None
+                 ) -> None:
         """``describe`` names what a flagged region looks like (CLIP defect words); ``info`` is
         published as ``linewatch_worker_info`` and its ``profile`` follows profile reloads;
         ``probe`` is a reference image that tells a broken model from a poisonous frame;
-        ``label_key`` verifies operators' labels (needed with a ``learner``)."""
+        ``label_key`` verifies operators' labels (needed with a ``learner``);
+        ``stream_thresholds``: a zero-shot scorer's uncalibrated per-camera thresholds."""
         if learner is not None and label_key is None:
             raise ValueError("learning from labels needs the label-signing key")
         if cfg.thresholds is None:
@@ -93,7 +96,8 @@ class Worker:
                                             on_forget=self._forget_cameras)
         self.processor = FrameProcessor(scorer, cfg.thresholds, cfg.topics, w, cfg.max_frame_bytes,
                                         cfg.max_pixels, self.cameras, describe, drift, probe,
-                                        cfg.retry, pause=self._pause)
+                                        cfg.retry, pause=self._pause,
+                                        stream_thresholds=stream_thresholds)
         self.stats.frames = self.processor.stats
         self.consumer, self.producer = kafka_clients(cfg)
         self.delivery = Delivery(self.producer, w, cfg.delivery_timeout_ms / 1000 + 5)
@@ -389,6 +393,7 @@ class Worker:
     def _forget_cameras(self, keys: list[tuple[str, str]]) -> None:
         if self.drift is not None:
             self.drift.forget(keys)
+        self.processor.forget_streams(keys)
 
     def _write_ready(self) -> None:
         if self.cfg.ready_file and not self._ready_written:

@@ -8,7 +8,9 @@ The public surface is small on purpose::
     scorer.fit(normal_images)
     results = scorer.score(frames)                                 # list[ScoreResult]
 
-Methods: ``patch-knn`` (nearest patch on any visual backbone), ``winclip``
+Methods: ``patch-knn`` (nearest patch on any visual backbone), ``mutual`` (zero-shot:
+frames scored by the other frames of their stream, no references; few-shot once
+operators confirm normals), ``winclip``
 (zero-shot, needs a CLIP backbone), ``winclip+`` (zero- plus few-shot), and
 ``noop`` (scores nothing; only for measuring pipeline overhead). Backbones:
 ``dinov2-s`` and ``efficientnet-lite0`` (installable from the package registry)
@@ -114,6 +116,11 @@ def _build(s: ScorerSettings, device: str) -> Scorer:
             crop = PatchKNNScorer(bb, device=device, augment=s.reference_augment, tiling=s.tiling,
                                   aggregate=s.aggregate)
             scorer = ZoomScorer(scorer, crop, top_k=s.zoom_top_k, crop_frac=s.zoom_crop)
+    elif s.method == "mutual":
+        from inference.mutual import MutualScorer
+
+        scorer = MutualScorer(bb, sizes=s.aggregate, bank_size=s.bank_size, warmup=s.warmup,
+                              tiling=s.tiling, device=device)
     else:
         from inference.winclip import WinCLIPScorer
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ class Thresholds:
     review: float
     n_normals: int
     guaranteed: bool  # False when too few normals to bound the alert rate at the target
+    # thresholds not calibrated on normal frames say so where people see them (review items)
+    uncalibrated: str | None = None
 
     def decide(self, score: float) -> str:
         if score >= self.alert:
@@ -118,3 +121,67 @@ class CalibrationFrames:
             if got is not None:
                 return got
         return [r.score for r in self.results(scorer)]
+
+
+class StreamThresholds:
+    """Uncalibrated thresholds for a line with no labelled normal frame (zero-shot).
+
+    Each stream (camera) keeps a bounded window of its recent scores. With at most
+    ``expected_anomaly_rate`` of frames defective, the alert threshold is the window's
+    (1 - rate) quantile: no more than that share of frames can alert. The review band
+    starts at the (1 - 3 x rate) quantile. Both also have a floor of the window's median
+    plus ``spread`` robust standard deviations (1.4826 MAD), so a stream with fewer
+    defects than stated does not alert on its normal frames just to fill the quota.
+    Nothing here is a guarantee: that needs operator-confirmed normals (conformal
+    thresholds, :func:`thresholds_from_normals`), which is why these are called
+    *uncalibrated* everywhere they are shown. A stream with fewer than ``min_scores``
+    scores has no thresholds (None): its frames need a person.
+    """
+
+    def __init__(self, expected_anomaly_rate: float = 0.05, window: int = 512, min_scores: int = 32,
+                 spread: float = 4.0, max_streams: int = 256) -> None:
+        if not 0 < expected_anomaly_rate < 0.3:
+            raise ValueError(f"expected anomaly rate {expected_anomaly_rate}: give a share of frames "
+                             "between 0 and 0.3, e.g. 0.05")
+        if min_scores < 2 or window < min_scores:
+            raise ValueError(f"need 2 <= min_scores <= window, got {min_scores}, {window}")
+        self.rate, self.window, self.min_scores = expected_anomaly_rate, window, min_scores
+        self.spread, self.max_streams = spread, max_streams
+        self._scores: dict[object, deque[float]] = {}
+
+    def observe(self, stream: object, score: float) -> None:
+        buf = self._scores.pop(stream, None)  # re-inserted: dict order is least recently seen first
+        if buf is None:
+            buf = deque(maxlen=self.window)
+            while len(self._scores) >= self.max_streams:
+                del self._scores[next(iter(self._scores))]
+        buf.append(float(score))
+        self._scores[stream] = buf
+
+    def count(self, stream: object) -> int:
+        return len(self._scores.get(stream, ()))
+
+    def forget(self, stream: object) -> None:
+        self._scores.pop(stream, None)
+
+    def thresholds(self, stream: object) -> Thresholds | None:
+        buf = self._scores.get(stream)
+        if buf is None or len(buf) < self.min_scores:
+            return None
+        s = np.asarray(buf)
+        med = float(np.median(s))
+        floor = med + self.spread * 1.4826 * float(np.median(np.abs(s - med)))
+        alert = max(float(np.quantile(s, 1.0 - self.rate)), floor)
+        review = min(alert, max(float(np.quantile(s, 1.0 - min(0.5, 3 * self.rate))),
+                                med + 0.5 * (floor - med)))
+        return Thresholds(alert=float(np.nextafter(alert, np.inf)), review=review,
+                          n_normals=0, guaranteed=False, uncalibrated=(
+                              f"uncalibrated thresholds, from this camera's last {len(s)} scores and "
+                              f"an expected anomaly rate of at most {self.rate:g}"))
+
+
+# A camera in warm-up has no thresholds: every frame goes to review. Mutual scores are cosine
+# distances of unit vectors, at most 2, so no frame reaches this alert threshold.
+WARM_UP = Thresholds(alert=float(np.nextafter(2.0, 3.0)), review=0.0, n_normals=0, guaranteed=False,
+                     uncalibrated="warm-up: this camera has too few frames yet to compare with or "
+                                  "to set thresholds from, so every frame is for a person to judge")

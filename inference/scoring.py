@@ -13,7 +13,7 @@ The CLIP-based methods (WinCLIP, WinCLIP+) plug in by implementing the same
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -34,12 +34,18 @@ class ScoreResult:
     ``embedding`` is a unit-length summary of the frame in the backbone's feature
     space (mean patch feature, or CLIP's image embedding); monitoring compares
     its recent mean with the calibration frames' to notice the line changing.
+    ``mode`` says, for scorers whose basis changes while they run (mutual scoring:
+    warm-up, mutual, few-shot), which one scored this frame; None for the others.
     """
 
     score: float
     anomaly_map: np.ndarray
     full_map: bool = True
     embedding: np.ndarray | None = None
+    mode: str | None = None  # zero-shot scorers: how it was scored (settings.MUTUAL_MODES)
+    # what the scorer needs to remember this frame later (mutual scoring: its stream and
+    # features, for MutualScorer.admit); opaque to everyone else
+    stream_state: object | None = field(default=None, repr=False, compare=False)
 
 
 @runtime_checkable

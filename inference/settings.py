@@ -20,14 +20,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-METHODS = ("patch-knn", "winclip", "winclip+", "noop")
+METHODS = ("patch-knn", "mutual", "winclip", "winclip+", "noop")
 VISUAL_BACKBONES = ("dinov2-s", "efficientnet-lite0")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 AUGMENTS = ("none", "rotate", "rotate+flip")
+# how a mutual scorer scored a frame (ScoreResult.mode; a worker's mode gauge)
+MUTUAL_MODES = ("warm-up", "mutual", "few-shot")
 # a visual backbone's resolution and compared layers when not given (DINOv2 blocks, timm stages)
 BACKBONE_DEFAULTS: dict[str, tuple[int, tuple[int, ...]]] = {
     "dinov2-s": (224, (5, 8)), "efficientnet-lite0": (256, (2, 3))}
-DEFAULT_BACKBONE = {"patch-knn": "dinov2-s", "winclip": "openclip:ViT-B-16-plus-240",
+DEFAULT_BACKBONE = {"patch-knn": "dinov2-s", "mutual": "dinov2-s", "winclip": "openclip:ViT-B-16-plus-240",
                     "winclip+": "openclip:ViT-B-16-plus-240"}
 
 
@@ -63,8 +65,11 @@ class ScorerSettings:
     random_init: bool = False  # openclip: only; random weights, for tests and benchmarks
     precision: str = "fp32"
     reference_augment: str = "none"  # patch-knn only
-    aggregate: tuple[int, ...] = (1,)  # patch-knn only: r x r neighbourhood means, side by side
-    tiling: bool = True  # patch-knn only: frames far from square scored as tiles (scoring.tile_grid)
+    # patch-knn: r x r neighbourhood means side by side; mutual: each r scored, scores averaged
+    aggregate: tuple[int, ...] = (1,)
+    tiling: bool = True  # patch-knn and mutual: frames far from square scored as tiles (scoring.tile_grid)
+    bank_size: int = 32  # mutual only: recent frames per camera each frame is scored against
+    warmup: int = 8  # mutual only: a camera's frames go to review until its bank holds this many
     zoom: bool = False  # patch-knn only
     zoom_top_k: int = 2
     zoom_crop: float = 0.35
@@ -125,7 +130,10 @@ class ScorerSettings:
         if not (bb in VISUAL_BACKBONES or (bb.startswith("openclip:") and len(bb) > 9)):
             raise SettingsError(f"unknown backbone {bb!r}; choose dinov2-s, efficientnet-lite0 or "
                                 "openclip:ARCH")
-        if m != "patch-knn" and not self.clip:
+        if m == "mutual" and self.clip:
+            raise SettingsError(f"mutual scoring is implemented for the visual backbones "
+                                f"({', '.join(VISUAL_BACKBONES)}), not {bb!r}")
+        if m not in ("patch-knn", "mutual") and not self.clip:
             raise SettingsError(f"{m} needs a CLIP backbone with a text encoder (openclip:ARCH), "
                                 f"not {bb!r}; use patch-knn for visual-only backbones")
         if self.precision not in PRECISIONS:
@@ -141,9 +149,12 @@ class ScorerSettings:
             "reference_augment": None if m == "patch-knn" else "reference augmentation is "
                                                                "implemented for patch-knn",
             "zoom": None if m == "patch-knn" else "ROI zoom is implemented for patch-knn",
-            "tiling": None if m == "patch-knn" else "tiled scoring is implemented for patch-knn",
-            "aggregate": None if m == "patch-knn" else "neighbourhood aggregation is implemented "
-                                                       "for patch-knn",
+            "tiling": None if m in ("patch-knn", "mutual") else "tiled scoring is implemented for "
+                                                                 "patch-knn and mutual",
+            "aggregate": None if m in ("patch-knn", "mutual") else "neighbourhood aggregation is "
+                                                                   "implemented for patch-knn and mutual",
+            "bank_size": None if m == "mutual" else "the frame bank is mutual scoring's",
+            "warmup": None if m == "mutual" else "the warm-up is mutual scoring's",
             "adapt_steps": None if m == "patch-knn" else "adaptation is implemented for patch-knn",
             "zoom_top_k": None if self.zoom else "it sets how ROI zoom works; add --zoom",
             "zoom_crop": None if self.zoom else "it sets how ROI zoom works; add --zoom",
@@ -170,6 +181,9 @@ class ScorerSettings:
                 or any(r < 1 or r > 7 or r % 2 == 0 for r in self.aggregate)):
             raise SettingsError(f"--aggregate {','.join(map(str, self.aggregate))}: give distinct odd "
                                 "neighbourhood sizes from 1 to 7, e.g. 1,3")
+        if not 2 <= self.warmup <= self.bank_size:
+            raise SettingsError(f"--warmup {self.warmup} / --bank-size {self.bank_size}: need "
+                                "2 <= warmup <= bank size (a frame needs others to be compared with)")
         if self.adapt_steps < 0:
             raise SettingsError(f"--adapt-steps {self.adapt_steps}: must be >= 0")
         if self.vocabulary is not None and len([w for w in self.vocabulary if w.strip()]) < 2:
@@ -241,6 +255,7 @@ class ScorerSettings:
 _TYPES: dict[str, Any] = {
     "method": str, "backbone": str, "weights": str, "image_size": int, "layers": int,
     "random_init": bool, "precision": str, "reference_augment": str, "aggregate": int, "tiling": bool,
+    "bank_size": int, "warmup": int,
     "zoom": bool,
     "zoom_top_k": int, "zoom_crop": int | float, "adapt_steps": int, "class_name": str,
     "vocabulary": str}

@@ -95,15 +95,24 @@ class Worker:
         name = "worker" if n == 0 else f"worker-{n + 1}"
         ready, log_path = workdir / f"{name}.ready", workdir / f"{name}.log"
         cmd = [sys.executable, "-m", "linewatch", "worker", "--bootstrap-servers", bootstrap,
-               "--references", str(workdir / "references"), "--shots", str(a.shots),
-               "--holdout", str(workdir / "holdout"), "--false-alarm-rate", str(a.false_alarm_rate),
+               "--false-alarm-rate", str(a.false_alarm_rate),
                "--metrics-port", str(metrics_port), "--ready-file", str(ready),
                "--group-id", "linewatch-demo", "--worker-id", f"demo-{name}"]
+        if a.zero_shot:  # no references, no holdout: each camera scored by its own recent frames
+            cmd += ["--method", "mutual", "--expected-anomaly-rate", str(expected_rate(a))]
+        else:
+            cmd += ["--references", str(workdir / "references"), "--shots", str(a.shots),
+                    "--holdout", str(workdir / "holdout")]
         if a.workers > 1:  # the cores are shared: one torch thread each, not two fighting
             cmd += ["--torch-threads", str(max(1, (os.cpu_count() or 1) // a.workers))]
         with open(log_path, "ab") as wl:
             proc = subprocess.Popen(cmd, stdout=wl, stderr=subprocess.STDOUT, env=env)
         return cls(name, proc, ready, log_path, f"http://127.0.0.1:{metrics_port}/metrics")
+
+
+def expected_rate(a: argparse.Namespace) -> float:
+    """The zero-shot demo's stated maximum anomaly rate: as given, else the feed's defect rate."""
+    return a.expected_anomaly_rate if a.expected_anomaly_rate is not None else a.defect_rate
 
 
 class Backpressure:
@@ -218,6 +227,20 @@ def by_kind(scores: list, marked: Callable[[int], bool]) -> dict[str, dict[str, 
     return out
 
 
+def print_zero_shot(z: dict) -> None:
+    """The zero-shot line after its warm-up: what the issue's targets are measured on."""
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    modes = ", ".join(f"{m} {n}" for m, n in z["frames_by_mode"].items())
+    print(f"zero-shot: frames by scoring mode: {modes}; decided by uncalibrated thresholds: "
+          f"{z['uncalibrated_frames']}\n"
+          f"after warm-up ({z['frames_after_warm_up']} frames, {z['defects_after_warm_up']} defects): "
+          f"recall {pct(z['recall'])} (alert or review {pct(z['recall_alert_or_review'])}), "
+          f"false-alarm rate {pct(z['false_alarm_rate'])}, normals sent to review "
+          f"{pct(z['review_rate_normals'])}")
+
+
 def print_by_kind(table: dict[str, dict[str, dict]]) -> None:
     print(f"{'kind of frame':<18} {'first third: alert / flagged':>30} {'last third: alert / flagged':>30}")
     for kind in ("normal", "normal, lot code", "defect"):
@@ -240,8 +263,9 @@ def run_demo(a: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     conveyor = SyntheticConveyor(texture=a.texture, defect_rate=a.defect_rate, seed=a.seed,
                                  marking_rate=a.marking_rate)
-    write_frames(workdir / "references", conveyor.normals(a.shots))
-    write_frames(workdir / "holdout", conveyor.normals(a.holdout, offset=20_000_000))
+    if not a.zero_shot:
+        write_frames(workdir / "references", conveyor.normals(a.shots))
+        write_frames(workdir / "holdout", conveyor.normals(a.holdout, offset=20_000_000))
     topics = Topics("linewatch")
     metrics_port = a.metrics_port or free_port()
     broker = EmbeddedBroker(port=a.broker_port or None, log_path=workdir / "broker.log").start()
@@ -277,7 +301,11 @@ def run_demo(a: argparse.Namespace) -> int:
               + "".join(f"metrics  {w.metrics_url}  ({w.name})\n" for w in workers)
               + f"review   http://127.0.0.1:{review_port}/  (sign in as demo, password {password})\n"
               f"workdir  {workdir} (references, holdout, worker*.log, review.log, broker.log)\n"
-              "loading the model and calibrating thresholds...", flush=True)
+              + (f"zero-shot: no references and no held-out normals; each camera is scored by its "
+                 f"own recent frames (mutual scoring), its first frames go to review (warm-up), then "
+                 f"UNCALIBRATED thresholds from its own scores and an expected anomaly rate of "
+                 f"{expected_rate(a):g}\nloading the model..." if a.zero_shot else
+                 "loading the model and calibrating thresholds..."), flush=True)
         _wait_ready(review, review_ready, review_log, timeout_s=60, what="review service")
         operator = None
         if a.operator:
@@ -391,6 +419,8 @@ def run_demo(a: argparse.Namespace) -> int:
             return 1
         if summary["by_kind"]:
             print_by_kind(summary["by_kind"])
+        if "zero_shot" in summary:
+            print_zero_shot(summary["zero_shot"])
         if max_lag > LAG_NOTE_FRAMES:
             more = (f"add a worker by starting another `linewatch worker` with the same "
                     f"--group-id (here: --workers {len(workers) + 1})" if a.cameras > len(workers)

@@ -133,37 +133,55 @@ class SeedRun:
 
 def evaluate_seed(scorer, split: Split, shots: int, seed: int, *, batch_size: int = 8,
                   eval_size: int = 256, progress: bool = True) -> SeedRun:
-    """Fit on one reference draw and score the whole test set."""
+    """Fit on one reference draw and score the whole test set; ``shots`` 0 with a mutual
+    scorer: the test set scores itself (MuSc's batch protocol, no references)."""
     from tqdm import tqdm
 
-    from inference import eval_metrics as em
-    from inference.visualize import upsample_map
     from linewatch.images import read_rgb
 
-    refs = split.references(shots, seed)
-    scorer.fit([read_rgb(p) for p in refs])
-    scores: list[float] = []
-    maps: list[np.ndarray] = []
-    masks: list[np.ndarray] = []
-    spent = 0.0
+    refs = split.references(shots, seed) if shots else []  # winclip zero-shot: fit([]) sets no memory
     bar = tqdm(total=len(split.test), desc=f"{split.name} seed {seed}", unit="img", disable=not progress,
                leave=False)
-    for i in range(0, len(split.test), batch_size):
-        chunk = split.test[i:i + batch_size]
-        images = [read_rgb(s.path) for s in chunk]
+    spent = 0.0
+    if shots == 0 and hasattr(scorer, "score_features"):
+        # mutual zero-shot, batch protocol: features of all, then every image against the others
+        images = [read_rgb(s.path) for s in split.test]
         t0 = time.perf_counter()
-        results = scorer.score(images)
-        spent += time.perf_counter() - t0
-        for s, im, r in zip(chunk, images, results, strict=True):
-            h, w = _eval_shape(im.shape[0], im.shape[1], eval_size)
-            sigma = 4.0 * max(h, w) / 256  # the customary 4 px at 256 px
-            maps.append(upsample_map(r.anomaly_map, w, h, sigma=sigma))
-            masks.append(read_mask(s, (h, w)))
-            scores.append(r.score)
-        bar.update(len(chunk))
+        feats = []
+        for i in range(0, len(images), batch_size):
+            feats += scorer.features(images[i:i + batch_size])
+            bar.update(len(images[i:i + batch_size]))
+        results = scorer.score_features(feats)
+        spent = time.perf_counter() - t0
+        shapes = [im.shape[:2] for im in images]
+    else:
+        scorer.fit([read_rgb(p) for p in refs])
+        results, shapes = [], []
+        for i in range(0, len(split.test), batch_size):
+            images = [read_rgb(s.path) for s in split.test[i:i + batch_size]]
+            t0 = time.perf_counter()
+            results += scorer.score(images)
+            spent += time.perf_counter() - t0
+            shapes += [im.shape[:2] for im in images]
+            bar.update(len(images))
     bar.close()
-    labels = np.array([s.defect for s in split.test])
-    sc = np.array(scores)
+    return _seed_run(seed, [str(p) for p in refs], split.test, results, shapes, spent, eval_size)
+
+
+def _seed_run(seed: int, refs: list[str], samples: Sequence[Sample], results: Sequence, shapes: Sequence,
+              spent: float, eval_size: int) -> SeedRun:
+    from inference import eval_metrics as em
+    from inference.visualize import upsample_map
+
+    maps: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    for s, shape, r in zip(samples, shapes, results, strict=True):
+        h, w = _eval_shape(shape[0], shape[1], eval_size)
+        sigma = 4.0 * max(h, w) / 256  # the customary 4 px at 256 px
+        maps.append(upsample_map(r.anomaly_map, w, h, sigma=sigma))
+        masks.append(read_mask(s, (h, w)))
+    labels = np.array([s.defect for s in samples])
+    sc = np.array([r.score for r in results])
     pix_true = np.concatenate([m.ravel() for m in masks])
     pix_score = np.concatenate([m.ravel() for m in maps])
     metrics = {
@@ -174,11 +192,85 @@ def evaluate_seed(scorer, split: Split, shots: int, seed: int, *, batch_size: in
         "pixel_pro": em.pro_auc(masks, maps),
         "pixel_f1max": em.f1_max(pix_true, pix_score),
     }
-    kinds = sorted({s.kind for s in split.test if s.defect})
+    kinds = sorted({s.kind for s in samples if s.defect})
     for k in kinds:
-        sel = np.array([(not s.defect) or s.kind == k for s in split.test])
+        sel = np.array([(not s.defect) or s.kind == k for s in samples])
         metrics[f"image_auroc/{k}"] = em.auroc(labels[sel], sc[sel])
-    return SeedRun(seed, [str(p) for p in refs], sc, metrics, 1000.0 * spent / len(split.test), maps)
+    return SeedRun(seed, refs, sc, metrics, 1000.0 * spent / max(1, len(samples)), maps)
+
+
+# The stream protocol (zero-shot as a worker meets it): frames in a random order, each
+# scored only against frames before it. Magnetic tile: a fixed draw of MT_Free images with
+# defects mixed in at STREAM_DEFECT_RATE, the same for every seed (the seed orders it).
+STREAM_DEFECT_RATE = 0.05
+MT_STREAM_NORMALS = 400
+MT_STREAM_SEED = 20_240_202
+
+
+def stream_frames(split: Split, root: str | Path | None = None) -> list[Sample]:
+    """The stream protocol's frames, unordered: an MVTec category's test set as it is; for
+    magnetic tile ``MT_STREAM_NORMALS`` MT_Free images (references and test normals alike:
+    no image is a reference in zero-shot) plus defect images drawn across types to make
+    ``STREAM_DEFECT_RATE`` of the stream."""
+    if split.layout != "magnetic-tile":
+        return list(split.test)
+    normals = [Sample(p, False, "good", None) for p in sorted(
+        [*split.candidates, *(s.path for s in split.test if not s.defect)])]
+    defects = [s for s in split.test if s.defect]
+    rng = np.random.default_rng(MT_STREAM_SEED)
+    n_def = round(MT_STREAM_NORMALS * STREAM_DEFECT_RATE / (1 - STREAM_DEFECT_RATE))
+    picked = [normals[i] for i in sorted(rng.choice(len(normals), MT_STREAM_NORMALS, replace=False))]
+    picked += [defects[i] for i in sorted(rng.choice(len(defects), n_def, replace=False))]
+    return picked
+
+
+def describe_stream(frames: Sequence[Sample]) -> str:
+    """One line: what the stream is made of (printed by ``evaluate --protocol stream``)."""
+    kinds: dict[str, int] = {}
+    for s in frames:
+        if s.defect:
+            kinds[s.kind] = kinds.get(s.kind, 0) + 1
+    n_def = sum(kinds.values())
+    parts = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+    return (f"{len(frames)} frames: {len(frames) - n_def} normal, {n_def} defective "
+            f"({100.0 * n_def / len(frames):.1f}%: {parts})")
+
+
+def evaluate_stream(scorer, split: Split, seed: int, *, expected_anomaly_rate: float = STREAM_DEFECT_RATE,
+                    eval_size: int = 256, progress: bool = True) -> tuple[SeedRun, Split]:
+    """Zero-shot, stream protocol: the frames of :func:`stream_frames` in the seed's order,
+    one at a time, each against the bank of frames before it; frames whose score reaches
+    the stream's own (uncalibrated) alert threshold stay out of the bank, as in a worker.
+    The first ``scorer.warmup`` frames are the warm-up (a worker sends them to review):
+    metrics are over the frames after it. Returns the run and the frames it covers."""
+    from tqdm import tqdm
+
+    from inference.calibration import StreamThresholds
+    from linewatch.images import read_rgb
+
+    frames = stream_frames(split)
+    order = np.random.default_rng(seed).permutation(len(frames))
+    frames = [frames[i] for i in order]
+    scorer.fit([])
+    scorer.forget(["eval"])
+    th = StreamThresholds(expected_anomaly_rate)
+    results, shapes, spent = [], [], 0.0
+    for s in tqdm(frames, desc=f"{split.name} stream {seed}", unit="img", disable=not progress, leave=False):
+        im = read_rgb(s.path)
+        t0 = time.perf_counter()
+        r = scorer.score([im], ["eval"])[0]
+        t = th.thresholds("eval")
+        if t is None or r.score < t.alert:
+            scorer.admit([r])
+        spent += time.perf_counter() - t0
+        if r.mode != "warm-up":
+            th.observe("eval", r.score)
+        results.append(r)
+        shapes.append(im.shape[:2])
+    w = scorer.warmup
+    kept = frames[w:]
+    run = _seed_run(seed, [], kept, results[w:], shapes[w:], spent * len(kept) / len(frames), eval_size)
+    return run, Split(split.name, split.layout, [], kept)
 
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_pro", "pixel_f1max")
@@ -273,20 +365,33 @@ def save_overlay_grid(run: SeedRun, split: Split, path: Path, per_kind: int = 2,
 
 def run_evaluation(scorer, split: Split, *, shots: int, seeds: Sequence[int], config: dict,
                    json_path: Path | None, plots_dir: Path | None, batch_size: int = 8,
-                   eval_size: int = 256, progress: bool = True) -> dict:
-    runs = []
+                   eval_size: int = 256, progress: bool = True, protocol: str = "batch",
+                   expected_anomaly_rate: float = STREAM_DEFECT_RATE) -> dict:
+    """Every seed's run, summarised (and written to ``json_path``, pictures to ``plots_dir``).
+    ``protocol`` "stream" (zero-shot only): :func:`evaluate_stream` per seed."""
+    runs, covered = [], split
     for seed in seeds:
-        run = evaluate_seed(scorer, split, shots, seed, batch_size=batch_size, eval_size=eval_size,
-                            progress=progress)
+        if protocol == "stream":
+            run, kept = evaluate_stream(scorer, split, seed, expected_anomaly_rate=expected_anomaly_rate,
+                                        eval_size=eval_size, progress=progress)
+            covered = kept if not runs else covered  # the first seed's order is the one pictured
+        else:
+            run = evaluate_seed(scorer, split, shots, seed, batch_size=batch_size, eval_size=eval_size,
+                                progress=progress)
         runs.append(run)
-    summary = summarise(runs, split, config)
+    summary = summarise(runs, covered, config)
+    if protocol == "stream":
+        summary["stream"] = describe_stream(stream_frames(split))  # n_images: those after the warm-up
+        summary["warmup_frames"] = scorer.warmup
     if plots_dir is not None:
         plots_dir.mkdir(parents=True, exist_ok=True)
-        title = f"{split.name}, {config['method']} {config['backbone']}, {shots}-shot"
-        roc = plots_dir / f"{split.name}_{config['method']}_{shots}shot_roc.png"
-        grid = plots_dir / f"{split.name}_{config['method']}_{shots}shot_overlays.png"
-        save_roc_plot(runs[0], split, roc, title)
-        save_overlay_grid(runs[0], split, grid)
+        what = f"{shots}shot" + ("_stream" if protocol == "stream" else "")
+        title = f"{split.name}, {config['method']} {config['backbone']}, {shots}-shot" + (
+            ", stream" if protocol == "stream" else "")
+        roc = plots_dir / f"{split.name}_{config['method']}_{what}_roc.png"
+        grid = plots_dir / f"{split.name}_{config['method']}_{what}_overlays.png"
+        save_roc_plot(runs[0], covered, roc, title)
+        save_overlay_grid(runs[0], covered, grid)
         summary["plots"] = {"roc": str(roc), "overlays": str(grid)}
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

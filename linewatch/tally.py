@@ -102,7 +102,7 @@ class Tally:
         flagged = sum(1 for t, d in truth if t and d in ("alert", "review"))
         positives = sum(1 for t, _ in truth if t)
         causes = [dl.cause for dl in self.dead.values()]
-        return {
+        out = {
             "frames_produced": len(produced),
             "frames_scored": len(self.scores),
             "frames_lost": len(produced - self.accounted),
@@ -126,6 +126,31 @@ class Tally:
             "recall": round(tp / (tp + fn), 4) if tp + fn else None,
             "recall_alert_or_review": round(flagged / positives, 4) if positives else None,
             "defects_in_feed": positives,
+        }
+        if any(s.mode for s in self.scores.values()):
+            out["zero_shot"] = self.zero_shot()
+        return out
+
+    def zero_shot(self) -> dict[str, object]:
+        """A zero-shot (mutual) line's decisions after its warm-up: frames scored in warm-up go
+        to review by design, so recall and the false-alarm rate (normal frames that alerted,
+        over normal frames) are counted over the frames after it."""
+        modes = [s.mode or "none" for s in self.scores.values()]
+        after = [s for s in self.scores.values() if s.truth and s.mode not in (None, "warm-up")]
+        pos = [s for s in after if s.truth == "defect"]
+        neg = [s for s in after if s.truth != "defect"]
+        return {
+            "frames_by_mode": {m: modes.count(m) for m in sorted(set(modes))},
+            "frames_after_warm_up": len(after),
+            "uncalibrated_frames": sum(1 for s in self.scores.values() if not s.calibrated),
+            "recall": round(sum(s.decision == "alert" for s in pos) / len(pos), 4) if pos else None,
+            "recall_alert_or_review": (round(sum(s.decision != "normal" for s in pos) / len(pos), 4)
+                                       if pos else None),
+            "false_alarm_rate": (round(sum(s.decision == "alert" for s in neg) / len(neg), 4)
+                                 if neg else None),
+            "review_rate_normals": (round(sum(s.decision == "review" for s in neg) / len(neg), 4)
+                                    if neg else None),
+            "defects_after_warm_up": len(pos),
         }
 
 

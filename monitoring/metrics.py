@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
 
+from inference.settings import MUTUAL_MODES
 from monitoring.drift import STATISTICS
 
 if TYPE_CHECKING:
@@ -124,6 +125,17 @@ DELIVERY_RETRIES = Counter(
 THRESHOLD = Gauge("linewatch_threshold", "Decision thresholds in use.", ["worker", "kind"])
 REFERENCE_IMAGES = Gauge("linewatch_reference_images", "Normal images in the reference memory.",
                          ["worker"])
+THRESHOLDS_CALIBRATED = Gauge(
+    "linewatch_thresholds_calibrated",
+    "1 when the thresholds in use come from normal frames (conformal) or were set by hand; 0 when "
+    "they are uncalibrated, derived from each camera's own scores and the expected anomaly rate "
+    "(zero-shot mutual scoring before operators confirmed enough normals).", ["worker"])
+SCORING_MODE = Gauge(
+    "linewatch_camera_scoring_mode",
+    "1 for how the camera's last frame was scored: warm-up (its bank or its threshold window is "
+    "still filling: frames go to review), mutual (zero-shot, against its recent frames) or "
+    "few-shot (against operator-confirmed normals); 0 for the others.",
+    ["line", "camera", "mode"])
 WORKER_INFO = Info("linewatch_worker",
                    "Scorer, backbone, software version and calibration profile of a worker.")
 
@@ -259,6 +271,8 @@ def _remove_camera_series(line: str, camera: str) -> None:
         remove_series(FRAMES_SCORED, line, camera, d)
     for m in (ALERTS, REVIEW_ITEMS, END_TO_END_SECONDS, ANOMALY_SCORE, DRIFT_WINDOW_FRAMES):
         remove_series(m, line, camera)
+    for mode in MUTUAL_MODES:
+        remove_series(SCORING_MODE, line, camera, mode)
     for name in STATISTICS:
         remove_series(DRIFT, line, camera, name)
         remove_series(DRIFT_THRESHOLD, line, camera, name)

@@ -52,6 +52,10 @@ CASES: dict[str, tuple[dict[str, Any], Any]] = {
     "zoom_top_k": ({**EFF, "zoom": True, "zoom_top_k": 3}, lambda s, d: s.top_k),
     "zoom_crop": ({**EFF, "zoom": True, "zoom_crop": 0.5}, lambda s, d: s.crop_frac),
     "adapt_steps": ({**EFF, "adapt_steps": 3}, lambda s, d: (s.adapt_steps, s.head is not None)),
+    # mutual scoring has no profile (calibrate refuses it): these reach a worker built from flags
+    "bank_size": ({"method": "mutual", "image_size": 56, "bank_size": 16},
+                  lambda s, d: s.bank_size),
+    "warmup": ({"method": "mutual", "image_size": 56, "warmup": 4}, lambda s, d: s.warmup),
     "class_name": ({**CLIP, "class_name": "bottle"}, lambda s, d: s.class_name),
     "vocabulary": ({**CLIP, "vocabulary": ("dent", "burr", "hole")},
                    lambda s, d: tuple(d.vocabulary.words)),
@@ -137,12 +141,18 @@ def test_a_setting_given_to_calibrate_reaches_the_profile_workers_scorer(
     if option == "method":
         baseline = dataclasses.replace(settings, method="winclip")
 
-    out = tmp_path / "line"
-    rc = main(["calibrate", "--normals", str(normals), "--out", str(out), "--shots", "2",
-               "--pseudo", "0", "--no-progress", "--torch-threads", "2", *_flags(settings)])
-    assert rc == 0
     refs = load_folder(normals)
-    got = observe(*_profile_worker_scorer(out))
+    if settings.method == "mutual":
+        from consumers.assembly import StartingBeliefs, WorkerSetup
+
+        setup = WorkerSetup(scorer=given, references=str(normals), shots=2, drift_window=0)
+        got = observe(StartingBeliefs.build(setup, "w-settings").scorer, None)
+    else:
+        out = tmp_path / "line"
+        rc = main(["calibrate", "--normals", str(normals), "--out", str(out), "--shots", "2",
+                   "--pseudo", "0", "--no-progress", "--torch-threads", "2", *_flags(settings)])
+        assert rc == 0
+        got = observe(*_profile_worker_scorer(out))
     want = observe(*_direct(settings, refs[:2]))
     assert got == want, (option, got, want)
     if baseline is not None:
@@ -165,6 +175,11 @@ def test_a_setting_given_to_calibrate_reaches_the_profile_workers_scorer(
     (["--backbone", TINY, "--random-init", "--scorer", "winclip", "--defect-vocabulary", "dent"],
      "--defect-vocabulary"),  # one word: a worker could not build its vocabulary
     (["--zoom", "--zoom-crop", "0.95"], "--zoom-crop"),
+    (["--bank-size", "16"], "--bank-size"),  # patch-knn has no bank
+    (["--scorer", "mutual", "--zoom"], "--zoom"),
+    (["--scorer", "mutual", "--warmup", "40"], "--warmup"),  # above the bank of 32
+    (["--scorer", "mutual", "--backbone", TINY, "--random-init"], "mutual scoring is implemented"),
+    (["--scorer", "mutual"], "needs no profile"),
 ])
 def test_an_option_the_scorer_would_ignore_is_refused_by_name(flags: list[str], named: str,
                                                                tmp_path: Path, capsys) -> None:

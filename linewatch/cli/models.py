@@ -42,7 +42,10 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
                                     for k, o in PRESETS.items())
                         + " (for GPUs: 2-3.5x the default's compute; see the README's table)")
     g.add_argument("--scorer", "--method", dest="method", default=_NOT_GIVEN, choices=METHODS,
-                   help="patch-knn: nearest-patch few-shot on a visual backbone; winclip: zero-shot "
+                   help="patch-knn: nearest-patch few-shot on a visual backbone; mutual: zero-shot "
+                        "with no references and no text model, each frame scored by its camera's "
+                        "other recent frames (MuSc), few-shot once operators confirm normals; "
+                        "winclip: zero-shot "
                         "from text prompts; winclip+: zero- plus few-shot (both need an openclip: "
                         "backbone); noop: scores nothing, only for measuring pipeline overhead "
                         f"({_default('method')})")
@@ -73,11 +76,20 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
                    help="patch-knn: describe each patch also by the mean of its r x r "
                         "neighbourhood, e.g. 1,3 (PatchCore's local aggregation); pays on objects "
                         "at 448 px, costs on textures (see the README's technique table) "
-                        "(default: 1, the patch alone)")
+                        "(default: 1, the patch alone). mutual: score each size on its own and "
+                        "average the scores (MuSc's LNAMD)")
+    g.add_argument("--bank-size", type=int, default=_NOT_GIVEN, metavar="FRAMES",
+                   help="mutual: each camera's frames are scored against its last FRAMES frames "
+                        "that did not alert (cost grows with it: see the README's table) "
+                        f"({_default('bank_size')})")
+    g.add_argument("--warmup", type=int, default=_NOT_GIVEN, metavar="FRAMES",
+                   help="mutual: until a camera's bank holds FRAMES frames its frames are scored "
+                        "against what there is and all go to review, for a person to decide "
+                        f"({_default('warmup')})")
     g.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=_NOT_GIVEN,
-                   help="patch-knn: cut frames whose long side is 1.5x the short side or more into "
-                        "near-square tiles along the long side, each scored at model resolution, "
-                        "(at most 8; one backbone pass each), and join their maps; --no-tiling "
+                   help="patch-knn and mutual: cut frames whose long side is 1.5x the short side "
+                        "or more into near-square tiles along the long side, each scored at model "
+                        "resolution (at most 8; one backbone pass each), and join their maps; --no-tiling "
                         "squashes every frame into one square. Profiles calibrated before tiling "
                         "existed keep squashing (default: on)")
     g.add_argument("--precision", default=_NOT_GIVEN, choices=PRECISIONS,
@@ -161,6 +173,8 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 def add_commands(sub: Any) -> None:
+    from linewatch.evaluate import MT_STREAM_NORMALS, STREAM_DEFECT_RATE
+
     e = sub.add_parser("evaluate", formatter_class=FMT,
                        help="measure a method's quality on a labelled dataset folder",
                        description="Fit on SHOTS normal images drawn at random (once per seed), score "
@@ -172,10 +186,23 @@ def add_commands(sub: Any) -> None:
                                    "MT_<Defect>/Imgs; test = all defects + 150 fixed unseen MT_Free).",
                        epilog="example:\n  linewatch evaluate --data ../shared/data/mvtec_ad/bottle "
                               "--method patch-knn --backbone dinov2-s --shots 1 --seeds 3 "
-                              "--json out/bottle.json")
+                              "--json out/bottle.json\n  linewatch evaluate --data "
+                              "../shared/data/magnetic_tile --method mutual --shots 0 --protocol stream")
     e.add_argument("--data", required=True, metavar="DIR", help="dataset folder (see above)")
     model_args(e)
-    e.add_argument("--shots", type=int, default=1, help="normal reference images (default: %(default)s)")
+    e.add_argument("--shots", type=int, default=1,
+                   help="normal reference images; 0 with --method mutual (or winclip): zero-shot, "
+                        "no references (default: %(default)s)")
+    e.add_argument("--protocol", choices=("batch", "stream"), default="batch",
+                   help="zero-shot mutual only. batch: the test set scores itself, all at once (as "
+                        "MuSc measures); stream: frames in a random order per seed, each scored only "
+                        "against those before it, as a worker does (magnetic tile: a fixed draw of "
+                        f"{MT_STREAM_NORMALS} MT_Free images with defects mixed in at "
+                        f"{STREAM_DEFECT_RATE:.0%}, printed) (default: %(default)s)")
+    e.add_argument("--expected-anomaly-rate", type=float, default=None, metavar="RATE",
+                   help="--protocol stream: the stated maximum share of defective frames that sets "
+                        "the stream's own uncalibrated alert threshold, which decides what enters "
+                        f"the bank (default: {STREAM_DEFECT_RATE})")
     e.add_argument("--seeds", type=int, default=3,
                    help="how many random reference draws (seeds 0..S-1) (default: %(default)s)")
     e.add_argument("--defect-types", default=None,
@@ -221,14 +248,20 @@ def add_commands(sub: Any) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from linewatch.evaluate import DatasetError, load_split, run_evaluation, table
+    from linewatch.evaluate import STREAM_DEFECT_RATE, DatasetError, load_split, run_evaluation, table
     from linewatch.images import ImageReadError
 
     settings = scorer_settings(a)
     if settings.method == "noop":
         raise CliError("evaluating 'noop' measures nothing; pick patch-knn, winclip or winclip+")
-    if a.shots < 1 and settings.method != "winclip":
-        raise CliError(f"--shots must be >= 1 for {settings.method}")
+    if a.shots < 0 or (a.shots == 0 and settings.method not in ("winclip", "mutual")):
+        raise CliError(f"--shots must be >= 1 for {settings.method} (0 is zero-shot: --method mutual "
+                       "or winclip)")
+    if a.protocol == "stream" and not (settings.method == "mutual" and a.shots == 0):
+        raise CliError("--protocol stream is the zero-shot stream: use it with --method mutual "
+                       "--shots 0")
+    if a.expected_anomaly_rate is not None and a.protocol != "stream":
+        raise CliError("--expected-anomaly-rate sets the stream's thresholds: add --protocol stream")
     set_torch_threads(a.torch_threads)
     try:
         split = load_split(a.data, a.defect_types.split(",") if a.defect_types else None)
@@ -239,18 +272,32 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     plots = Path(a.plots) if a.plots else (json_path.parent if json_path else None)
     config = {**settings.to_dict(), "backbone": settings.resolved_backbone, "shots": a.shots,
               "device": a.device}
-    print(f"{split.name} ({split.layout}): {len(split.test)} test images, "
-          f"{sum(s.defect for s in split.test)} defective; {settings.method} on "
-          f"{settings.resolved_backbone}, {a.shots}-shot, seeds 0..{a.seeds - 1}", file=sys.stderr)
+    if a.protocol == "stream":
+        from linewatch.evaluate import describe_stream, stream_frames
+
+        print(f"{split.name} ({split.layout}), zero-shot stream: {describe_stream(stream_frames(split))}; "
+              f"{settings.method} on {settings.resolved_backbone}, orders 0..{a.seeds - 1}", file=sys.stderr)
+    else:
+        print(f"{split.name} ({split.layout}): {len(split.test)} test images, "
+              f"{sum(s.defect for s in split.test)} defective; {settings.method} on "
+              f"{settings.resolved_backbone}, {a.shots}-shot"
+              + (" (batch: the test set scores itself; the same for every seed)"
+                 if a.shots == 0 and settings.method == "mutual" else
+                 f", seeds 0..{a.seeds - 1}"), file=sys.stderr)
     try:
         summary = run_evaluation(scorer, split, shots=a.shots, seeds=range(a.seeds), config=config,
                                  json_path=json_path, plots_dir=plots, batch_size=a.batch_size,
-                                 eval_size=a.eval_size, progress=not a.no_progress)
+                                 eval_size=a.eval_size, progress=not a.no_progress,
+                                 protocol=a.protocol,
+                                 expected_anomaly_rate=a.expected_anomaly_rate or STREAM_DEFECT_RATE)
     except (DatasetError, ImageReadError) as exc:
         raise CliError(str(exc)) from None
     print(table(summary))
     for k, v in summary.get("plots", {}).items():
         print(f"{k}: {v}")
+    if "stream" in summary:
+        print(f"stream: {summary['stream']}; metrics over the frames after the first "
+              f"{summary['warmup_frames']} (the warm-up)")
     if json_path:
         print(f"json: {json_path}")
     return 0
@@ -269,6 +316,11 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     settings = scorer_settings(a)
     if settings.method == "noop":
         raise CliError("'noop' scores nothing; calibrate patch-knn, winclip or winclip+")
+    if settings.method == "mutual":
+        raise CliError("mutual scoring needs no profile: start `linewatch worker --method mutual` with "
+                       "no references; its thresholds come from each camera's own scores until "
+                       "operators confirm normals. To calibrate a few-shot profile from normal "
+                       "images, use patch-knn")
     if not 0 < a.false_alarm_rate < a.review_rate < 1:
         raise CliError("need 0 < --false-alarm-rate < --review-rate < 1")
     set_torch_threads(a.torch_threads)

@@ -10,6 +10,8 @@ from typing import Any
 from linewatch.cli._common import FMT, CliError, common_kafka, install_stop_signals, metrics_arg
 from linewatch.wire import DEFAULT_MAX_FRAME_BYTES, DEFAULT_TOPIC_PREFIX
 
+DEMO_SHOTS = 4  # the demo's reference frames, unless --zero-shot
+
 
 def add_commands(sub: Any) -> None:
     b = sub.add_parser("broker", formatter_class=FMT,
@@ -87,7 +89,15 @@ def add_commands(sub: Any) -> None:
                         "(default: %(default)s)")
     d.add_argument("--defect-rate", type=float, default=0.15, help="default: %(default)s")
     d.add_argument("--texture", default="brick", choices=["brick", "gravel", "grass"])
-    d.add_argument("--shots", type=int, default=4, help="normal reference frames (default: %(default)s)")
+    d.add_argument("--shots", type=int, default=None,
+                   help=f"normal reference frames (default: {DEMO_SHOTS})")
+    d.add_argument("--zero-shot", action="store_true",
+                   help="start with no references and no held-out normals at all: the workers score "
+                        "each camera's frames against its own recent frames (--method mutual), with "
+                        "uncalibrated thresholds, and turn few-shot as the operator confirms normals")
+    d.add_argument("--expected-anomaly-rate", type=float, default=None, metavar="RATE",
+                   help="with --zero-shot: the stated maximum share of defective frames "
+                        "(default: the feed's --defect-rate)")
     d.add_argument("--marking-rate", type=float, default=0.2,
                    help="share of parts with a printed lot code the references lack: the recurring "
                         "false alarm to teach away on the review page (default: %(default)s)")
@@ -236,6 +246,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
                        f"{PARTITIONS} partitions; a worker beyond that would get none)")
     if a.cameras < 1:
         raise CliError(f"--cameras {a.cameras}: give 1 or more")
+    if a.expected_anomaly_rate is not None and not a.zero_shot:
+        raise CliError("--expected-anomaly-rate sets zero-shot thresholds: add --zero-shot")
+    if a.zero_shot and a.shots is not None:
+        raise CliError("--shots counts reference frames, and --zero-shot uses none: drop one of them")
+    a.shots = DEMO_SHOTS if a.shots is None else a.shots
     if a.workers > a.cameras:
         raise CliError(f"--workers {a.workers} with --cameras {a.cameras}: a camera's frames all go "
                        f"to one partition (they are keyed by camera), so {a.workers - a.cameras} "

@@ -29,7 +29,8 @@ def add_commands(sub: Any) -> None:
     w = sub.add_parser("worker", formatter_class=FMT,
                        help="score frames as a member of a consumer group",
                        description="Consume PREFIX.frames as a member of a consumer group, score "
-                                   "micro-batches few-shot against normal reference images, route "
+                                   "micro-batches few-shot against normal reference images (or "
+                                   "zero-shot with --method mutual: no references), route "
                                    "to scores/alerts/review/deadletter, flush, then commit "
                                    "(at-least-once). SIGTERM finishes the batch in hand and exits.")
     common_kafka(w)
@@ -56,6 +57,13 @@ def add_commands(sub: Any) -> None:
     w.add_argument("--review-rate", type=float, default=None,
                    help="target rate of normal frames sent to review "
                         f"(default: {f['review_rate']}; not with --profile)")
+    w.add_argument("--expected-anomaly-rate", type=float, default=None, metavar="RATE",
+                   help="--method mutual (zero-shot): the most frames you expect to be defective, "
+                        "e.g. 0.05; each camera's alert threshold is set from its own recent scores "
+                        "so that no more than this share alert. Shown as UNCALIBRATED until "
+                        "operators confirm enough normals for conformal thresholds (needs "
+                        "LINEWATCH_LABEL_KEY) (default: "
+                        f"{f['expected_anomaly_rate']})")
     w.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for the model (default: torch's choice; set 1-2 per worker "
                         "when several workers share a machine)")
@@ -124,6 +132,7 @@ def setup_from_args(a: argparse.Namespace):
         review_threshold=a.review_threshold, drift_window=a.drift_window,
         drift_thresholds=tuple(a.drift_threshold), learn_from_labels=a.learn_from_labels,
         max_learned_normals=a.max_learned_normals, torch_threads=a.torch_threads,
+        expected_anomaly_rate=a.expected_anomaly_rate,
         inject_faults=a.inject_faults)
     config = WorkerConfig(
         bootstrap=a.bootstrap_servers, topics=Topics(a.topic_prefix), group_id=a.group_id,

@@ -209,6 +209,11 @@ class Score(_JsonMessage):
     # set when this frame's partition changed owner just before it was read and it lies
     # within one batch of the committed offset: a previous owner may have scored it already
     maybe_duplicate: bool = False
+    # zero-shot (mutual) scorers: how the frame was scored ("warm-up": its camera had too few
+    # frames, and it went to review; "mutual"; "few-shot"), and whether the thresholds that
+    # decided it were calibrated on normal frames
+    mode: str | None = field(default=None, metadata={"max_len": 16})
+    calibrated: bool = True
     schema: int = RESULT_SCHEMA
 
     @property

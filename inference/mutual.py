@@ -1,0 +1,231 @@
+"""Zero-shot scoring by mutual scoring of unlabeled frames (after MuSc, ICLR 2024).
+
+A new product on the line has no references, but it has a stream: most frames
+are normal, and a defect looks like nothing at the same place in the other
+frames. So every frame is scored against other unlabeled frames:
+
+1. Patch features of each backbone layer, averaged over r x r neighbourhoods
+   for each r in ``sizes`` (MuSc's LNAMD; PatchCore's local aggregation): r = 1
+   finds small defects, larger r finds larger ones.
+2. For a patch of frame i and another frame j, the distance to its nearest
+   patch anywhere in j (cosine distance of unit-norm features).
+3. The patch's score is the mean of the lowest ``keep`` fraction of those
+   distances over the other frames: a few frames with the same defect at the same
+   place (which would make the patch look normal against them) are outvoted, while
+   the frames that show it normal decide. Then the mean over layers and sizes.
+4. The image score is the mean of the top ``top_fraction`` of its patch scores.
+
+Two ways to use it: :meth:`MutualScorer.score_batch` scores a set of frames
+against each other (the paper's protocol: the whole test set as the unlabeled
+set), and :meth:`MutualScorer.score` scores each frame against a bounded
+rolling bank of its own stream's recent frames (``stream`` keys, e.g. cameras), as
+a worker does. A stream whose bank holds fewer than ``warmup`` frames is in
+warm-up: its frames are scored against what there is (bank and the other
+frames of the same call), and marked so (``ScoreResult.mode == "warm-up"``),
+because a score from two or three comparisons is not yet a verdict.
+
+Operator-confirmed normals (:meth:`add_normals`) turn the scorer few-shot:
+once ``few_shot_after`` of them are in its memory, frames are scored by their
+nearest patch in those references, on the same features (AnomalyDINO), and
+the banks are no longer consulted. Nothing here is trained.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from inference.backbones import DinoV2Backbone, PatchBackbone
+from inference.scoring import PatchKNNScorer, ScoreResult, aggregate_patches
+from inference.settings import MUTUAL_MODES as MODES
+
+
+@dataclass
+class FrameFeatures:
+    """One frame's features for mutual scoring: (V, P, D) unit-norm rows, V = layers x sizes."""
+
+    variants: torch.Tensor
+    grid: tuple[int, int]  # (h, w) patches, P = h * w
+    embedding: np.ndarray
+
+
+class MutualScorer:
+    """Zero-shot scoring of frames by the other frames of their stream (see module doc)."""
+
+    name = "mutual"
+
+    def __init__(self, backbone: PatchBackbone | None = None, *, sizes: tuple[int, ...] = (1, 3, 5),
+                 keep: float = 0.3, bank_size: int = 32, warmup: int = 8, few_shot_after: int = 1,
+                 top_fraction: float = 0.01, tiling: bool = True, max_streams: int = 256,
+                 device: str | torch.device = "cpu") -> None:
+        if not 0 < keep <= 1:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        if not 2 <= warmup <= bank_size:
+            raise ValueError(f"need 2 <= warmup <= bank_size, got warmup {warmup}, bank {bank_size}")
+        # one extractor for tiles and layers, so frames are cut exactly as patch-knn cuts them
+        self._extract = PatchKNNScorer(backbone or DinoV2Backbone(), device=device, tiling=tiling)
+        self.backbone = self._extract.backbone
+        self.device = self._extract.device
+        self.sizes, self.keep, self.top_fraction = tuple(sizes), keep, top_fraction
+        self.bank_size, self.warmup, self.few_shot_after = bank_size, warmup, few_shot_after
+        self.max_streams = max_streams
+        self._banks: OrderedDict[Hashable, deque[FrameFeatures]] = OrderedDict()
+        self._references: list[FrameFeatures] = []
+        self._memory: torch.Tensor | None = None  # (V, M, D) reference patches
+        self.map_gate: float | None = None  # unused; the worker sets it on every scorer
+
+    # -- features ------------------------------------------------------------------------
+    def features(self, images: Sequence[np.ndarray]) -> list[FrameFeatures]:
+        """Each frame's (V, P, D) variants: per layer, per neighbourhood size."""
+        out: list[FrameFeatures | None] = [None] * len(images)
+        n_layers = len(self.backbone.layers) if hasattr(self.backbone, "layers") else 1
+        for idx, f in self._extract._grouped_features(images):  # (n, H, W, L*D)
+            n, h, w, d = f.shape
+            per_layer = [torch.nn.functional.normalize(p, dim=-1)
+                         for p in f.split(d // n_layers, dim=-1)]
+            variants = [aggregate_patches(p, (r,)) for p in per_layer for r in self.sizes]
+            v = torch.stack(variants, dim=1).reshape(n, len(variants), h * w, -1)  # (n, V, P, D)
+            emb = torch.nn.functional.normalize(f.reshape(n, h * w, d).mean(dim=1), dim=-1)
+            for k, i in enumerate(idx):
+                out[i] = FrameFeatures(v[k].contiguous(), (h, w), emb[k].float().cpu().numpy())
+        return out  # type: ignore[return-value]
+
+    # -- the core: nearest-patch distances to other frames -------------------------------
+    @staticmethod
+    def _distances(query: torch.Tensor, others: Sequence[FrameFeatures]) -> torch.Tensor:
+        """(V, P, J): for each variant and query patch, the distance to its nearest patch in
+        each of the J other frames."""
+        cols = []
+        by_p: dict[int, list[int]] = {}
+        for j, o in enumerate(others):
+            by_p.setdefault(o.variants.shape[1], []).append(j)
+        order: list[int] = []
+        for p, js in by_p.items():
+            bank = torch.cat([others[j].variants for j in js], dim=1)  # (V, len(js)*p, D)
+            sims = torch.bmm(query, bank.transpose(1, 2))  # (V, P, len(js)*p)
+            v, q = sims.shape[:2]
+            cols.append(1.0 - sims.reshape(v, q, len(js), p).amax(dim=-1))
+            order += js
+        d = torch.cat(cols, dim=-1).clamp_min_(0.0)
+        if order != sorted(order):
+            d = d[..., torch.as_tensor(np.argsort(order))]
+        return d
+
+    def _patch_scores(self, query: FrameFeatures, others: Sequence[FrameFeatures]) -> torch.Tensor:
+        """(P,) mutual score: mean over variants of the mean of the lowest ``keep`` fraction
+        of the per-frame nearest distances."""
+        d = self._distances(query.variants, others)
+        k = max(1, round(self.keep * d.shape[-1]))
+        low = d.topk(k, dim=-1, largest=False).values.mean(dim=-1)  # (V, P)
+        return low.mean(dim=0)
+
+    def _result(self, f: FrameFeatures, patch: torch.Tensor, mode: str,
+                stream: Hashable = None) -> ScoreResult:
+        assert mode in MODES
+        k = max(1, round(self.top_fraction * patch.numel()))
+        score = float(patch.topk(k).values.mean())
+        amap = patch.reshape(f.grid).cpu().numpy().astype(np.float32)
+        return ScoreResult(score=score, anomaly_map=amap, embedding=f.embedding, mode=mode,
+                           stream_state=(stream, f))
+
+    # -- the batch protocol ---------------------------------------------------------------
+    def score_batch(self, images: Sequence[np.ndarray]) -> list[ScoreResult]:
+        """Score a set of unlabeled frames against each other (at least 2)."""
+        if len(images) < 2:
+            raise ValueError("mutual scoring needs at least 2 frames to compare")
+        feats = self.features(images)
+        return self.score_features(feats)
+
+    def score_features(self, feats: Sequence[FrameFeatures], mode: str = "mutual") -> list[ScoreResult]:
+        """Mutual scores of frames whose features are computed (each against all the others)."""
+        return [self._result(f, self._patch_scores(f, [o for j, o in enumerate(feats) if j != i]), mode)
+                for i, f in enumerate(feats)]
+
+    # -- the stream protocol ---------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """``few-shot`` once enough confirmed normals are in the memory, else ``mutual``."""
+        return "few-shot" if len(self._references) >= self.few_shot_after else "mutual"
+
+    def bank_len(self, stream: Hashable) -> int:
+        bank = self._banks.get(stream)
+        return 0 if bank is None else len(bank)
+
+    def score(self, images: Sequence[np.ndarray],
+              streams: Sequence[Hashable] | None = None) -> list[ScoreResult]:
+        """Score frames against their stream's bank (or, few-shot, the confirmed normals).
+        Frames do not enter the bank here: call :meth:`admit` with those that should (a
+        worker leaves out frames that alerted)."""
+        if len(images) == 0:
+            return []
+        streams = list(streams) if streams is not None else [None] * len(images)
+        if len(streams) != len(images):
+            raise ValueError(f"{len(streams)} stream keys for {len(images)} frames")
+        feats = self.features(images)
+        if self.mode == "few-shot":
+            return [self._few_shot(f, s) for f, s in zip(feats, streams, strict=True)]
+        out: list[ScoreResult | None] = [None] * len(images)
+        for key in dict.fromkeys(streams):
+            idx = [i for i, s in enumerate(streams) if s == key]
+            bank = list(self._banks.get(key, ()))
+            if len(bank) >= self.warmup:
+                for i in idx:
+                    out[i] = self._result(feats[i], self._patch_scores(feats[i], bank), "mutual", key)
+                continue
+            for i in idx:  # warm-up: whatever there is, the bank and this call's other frames
+                others = bank + [feats[j] for j in idx if j != i]
+                if others:
+                    out[i] = self._result(feats[i], self._patch_scores(feats[i], others), "warm-up", key)
+                else:  # nothing at all to compare with: no evidence either way
+                    out[i] = ScoreResult(0.0, np.zeros(feats[i].grid, np.float32),
+                                         embedding=feats[i].embedding, mode="warm-up",
+                                         stream_state=(key, feats[i]))
+        return out  # type: ignore[return-value]
+
+    def admit(self, results: Sequence[ScoreResult]) -> None:
+        """Put scored frames into their streams' banks: the caller passes the results of
+        :meth:`score` it wants remembered (a worker leaves out frames that alerted). Banks
+        hold the newest ``bank_size`` frames; at most ``max_streams`` streams are kept, the
+        least recently fed forgotten (stream keys come from outside: cameras)."""
+        for r in results:
+            if r.stream_state is None:
+                raise ValueError("admit() takes results of MutualScorer.score()")
+            key, f = r.stream_state  # type: ignore[misc]
+            bank = self._banks.get(key)
+            if bank is None:
+                bank = self._banks[key] = deque(maxlen=self.bank_size)
+                while len(self._banks) > self.max_streams:
+                    self._banks.popitem(last=False)
+            self._banks.move_to_end(key)
+            bank.append(f)
+
+    def forget(self, streams: Sequence[Hashable]) -> None:
+        """Drop streams' banks (their partitions moved to another worker)."""
+        for s in streams:
+            self._banks.pop(s, None)
+
+    # -- few-shot: operator-confirmed normals -----------------------------------------------
+    def fit(self, normals: Sequence[np.ndarray]) -> None:
+        """Start over with ``normals`` as confirmed references (none: pure zero-shot)."""
+        self._references, self._memory = [], None
+        self.add_normals(normals)
+
+    def add_normals(self, normals: Sequence[np.ndarray]) -> None:
+        if len(normals) == 0:
+            return
+        self._references += self.features(normals)
+        self._memory = torch.cat([f.variants for f in self._references], dim=1)
+
+    @property
+    def memory_size(self) -> int:
+        return len(self._references)
+
+    def _few_shot(self, f: FrameFeatures, stream: Hashable) -> ScoreResult:
+        assert self._memory is not None
+        sims = torch.bmm(f.variants, self._memory.transpose(1, 2))  # (V, P, M)
+        patch = (1.0 - sims.amax(dim=-1)).clamp_min_(0.0).mean(dim=0)
+        return self._result(f, patch, "few-shot", stream)
