@@ -116,17 +116,28 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
         # thresholds given by hand stay as given; calibrated ones are recalibrated. Either way
         # the held-out frames are rescored, so drift's score reference follows the memory
         recalibrate = setup.alert_threshold is None
-        learner = ReferenceLearner(scorer, b.refs, b.holdout, config.worker_id,
-                                   setup.max_learned_normals, _folder(setup, "false_alarm_rate"),
-                                   _folder(setup, "review_rate"), recalibrate=recalibrate,
-                                   calibrate_from_verdicts=b.stream_thresholds is not None)
+        try:
+            learner = ReferenceLearner(scorer, b.refs, b.holdout, config.worker_id,
+                                       setup.max_learned_normals, _folder(setup, "false_alarm_rate"),
+                                       _folder(setup, "review_rate"), recalibrate=recalibrate,
+                                       calibrate_from_verdicts=b.stream_thresholds is not None)
+        except ValueError as exc:
+            raise SetupError(str(exc)) from None
         if b.stream_thresholds is not None:
-            log.warning("thresholds are uncalibrated until operators confirm %d normal frames: "
-                        "every second confirmed normal is kept out of the memory to calibrate on",
-                        2 * learner.calibration_needed)
+            # few-shot from the moment its thresholds can be calibrated: until then mutual
+            # scoring measured better than few-shot on the same confirmed normals (README)
+            b.scorer.few_shot_after = learner.calibration_needed  # the scorer, not a fault wrapper
+            log.warning("thresholds are uncalibrated until operators confirm %d normal frames "
+                        "(every second one is kept out of the memory to calibrate on); then this "
+                        "worker scores few-shot against the other %d, with calibrated thresholds",
+                        2 * learner.calibration_needed, learner.calibration_needed)
         elif not (b.holdout and recalibrate):
             log.info("operator verdicts grow the reference memory; thresholds stay fixed (they "
                      "are recalibrated only when calibrated from --holdout)")
+    elif b.stream_thresholds is not None:
+        log.warning("zero-shot without learning from verdicts: thresholds stay uncalibrated and "
+                    "scoring stays mutual (set %s to let operators' verdicts calibrate them)",
+                    "LINEWATCH_LABEL_KEY")
     if b.drift is None:
         log.warning("drift monitoring is off: it needs --holdout (the calibration frames are its "
                     "reference)%s", "" if setup.drift_window else " and a --drift-window above 0")
@@ -196,28 +207,22 @@ class StartingBeliefs:
                    overrides: dict[str, float]) -> StartingBeliefs:
         """Mutual scoring: no references needed, thresholds from each camera's own scores."""
         from inference.calibration import WARM_UP, StreamThresholds
-        from linewatch.images import load_folder
 
-        for name in ("holdout", "alert_threshold", "review_threshold"):
+        for name in ("references", "shots", "holdout", "alert_threshold", "review_threshold"):
             if getattr(setup, name) is not None:
-                raise SetupError(f"{flag_name(name)} does not go with --method mutual: its thresholds "
-                                 "come from each camera's own scores (--expected-anomaly-rate) until "
-                                 "operators confirm normals; use patch-knn to calibrate from --holdout")
-        if setup.shots is not None and not setup.references:
-            raise SetupError("--shots counts --references images; mutual needs none (add --references "
-                             "DIR to start few-shot, or drop --shots)")
+                raise SetupError(f"{flag_name(name)} does not go with --method mutual, which starts "
+                                 "from nothing: each camera is scored by its own recent frames, with "
+                                 "thresholds from its own scores (--expected-anomaly-rate), until "
+                                 "operators confirm normals. A line with normal images and a holdout "
+                                 "is patch-knn's (few-shot, calibrated thresholds)")
         scorer = settings.build(setup.device)
-        refs = (load_folder(setup.references, limit=_folder(setup, "shots"), what="--references")
-                if setup.references else [])
-        scorer.fit(refs)
+        scorer.fit([])
         rate = _folder(setup, "expected_anomaly_rate")
         stream = StreamThresholds(rate)
-        log.warning("zero-shot (mutual): %s; each camera's frames go to review until %d of its "
-                    "frames are in its bank and %d scores set its UNCALIBRATED thresholds "
-                    "(expected anomaly rate %g)",
-                    f"{len(refs)} references, so few-shot at once" if refs else "no references",
-                    settings.warmup, stream.min_scores, rate)
-        return cls(settings, scorer, WARM_UP, refs, None, None, overrides, stream_thresholds=stream)
+        log.warning("zero-shot (mutual), no references: each camera's frames go to review until %d "
+                    "of its frames are in its bank and %d scores set its UNCALIBRATED thresholds "
+                    "(expected anomaly rate %g)", settings.warmup, stream.min_scores, rate)
+        return cls(settings, scorer, WARM_UP, [], None, None, overrides, stream_thresholds=stream)
 
     @classmethod
     def _from_profile(cls, setup: WorkerSetup, overrides: dict[str, float]) -> StartingBeliefs:

@@ -178,6 +178,10 @@ class ReferenceLearner:
         self._confirmed = 0  # normal verdicts learned so far (which half each goes to)
         # conformal needs n with ceil((n + 1)(1 - rate)) <= n to bound the false-alarm rate
         self.calibration_needed = math.ceil((1 - false_alarm_rate) / false_alarm_rate - 1e-9)
+        if calibrate_from_verdicts and self.calibration_needed > max_learned:
+            raise ValueError(f"a false-alarm rate of {false_alarm_rate:g} needs {self.calibration_needed} "
+                             f"confirmed normals to calibrate on, more than --max-learned-normals "
+                             f"{max_learned} keeps: raise it or the rate")
         self._waiting: list[tuple[str, np.ndarray]] = []  # verified, not yet in the memory
         self._stale = False  # the memory grew but the thresholds were not recalibrated yet
         self._first_waiting: float | None = None

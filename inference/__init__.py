@@ -10,7 +10,8 @@ The public surface is small on purpose::
 
 Methods: ``patch-knn`` (nearest patch on any visual backbone), ``mutual`` (zero-shot:
 frames scored by the other frames of their stream, no references; few-shot once
-operators confirm normals), ``winclip``
+operators confirm normals), ``anomalyclip`` (zero-shot with learned object-agnostic
+prompts, needs a CLIP backbone and a prompt file), ``winclip``
 (zero-shot, needs a CLIP backbone), ``winclip+`` (zero- plus few-shot), and
 ``noop`` (scores nothing; only for measuring pipeline overhead). Backbones:
 ``dinov2-s`` and ``efficientnet-lite0`` (installable from the package registry)
@@ -121,6 +122,10 @@ def _build(s: ScorerSettings, device: str) -> Scorer:
 
         scorer = MutualScorer(bb, sizes=s.aggregate, bank_size=s.bank_size, warmup=s.warmup,
                               tiling=s.tiling, device=device)
+    elif s.method == "anomalyclip":
+        from inference.anomalyclip import AnomalyCLIPScorer, load_prompts
+
+        scorer = AnomalyCLIPScorer(bb, load_prompts(bb, s.prompts), device=device)
     else:
         from inference.winclip import WinCLIPScorer
 

@@ -58,7 +58,7 @@ class MutualScorer:
 
     name = "mutual"
 
-    def __init__(self, backbone: PatchBackbone | None = None, *, sizes: tuple[int, ...] = (1, 3, 5),
+    def __init__(self, backbone: PatchBackbone | None = None, *, sizes: tuple[int, ...] = (1,),
                  keep: float = 0.3, bank_size: int = 32, warmup: int = 8, few_shot_after: int = 1,
                  top_fraction: float = 0.01, tiling: bool = True, max_streams: int = 256,
                  device: str | torch.device = "cpu") -> None:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-METHODS = ("patch-knn", "mutual", "winclip", "winclip+", "noop")
+METHODS = ("patch-knn", "mutual", "winclip", "winclip+", "anomalyclip", "noop")
 VISUAL_BACKBONES = ("dinov2-s", "efficientnet-lite0")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 AUGMENTS = ("none", "rotate", "rotate+flip")
@@ -30,7 +30,7 @@ MUTUAL_MODES = ("warm-up", "mutual", "few-shot")
 BACKBONE_DEFAULTS: dict[str, tuple[int, tuple[int, ...]]] = {
     "dinov2-s": (224, (5, 8)), "efficientnet-lite0": (256, (2, 3))}
 DEFAULT_BACKBONE = {"patch-knn": "dinov2-s", "mutual": "dinov2-s", "winclip": "openclip:ViT-B-16-plus-240",
-                    "winclip+": "openclip:ViT-B-16-plus-240"}
+                    "winclip+": "openclip:ViT-B-16-plus-240", "anomalyclip": "openclip:ViT-B-16-plus-240"}
 
 
 # Named sets of settings, for where the defaults' budget (2 CPU cores, ~70 ms a frame) is not
@@ -74,6 +74,7 @@ class ScorerSettings:
     zoom_top_k: int = 2
     zoom_crop: float = 0.35
     adapt_steps: int = 0  # patch-knn only
+    prompts: str | None = None  # anomalyclip only, required: learned prompts (linewatch train-prompts)
     class_name: str = "object"  # CLIP text prompts and defect words
     vocabulary: tuple[str, ...] | None = field(default=None)  # defect words; None: the default list
 
@@ -154,11 +155,13 @@ class ScorerSettings:
             "aggregate": None if m in ("patch-knn", "mutual") else "neighbourhood aggregation is "
                                                                    "implemented for patch-knn and mutual",
             "bank_size": None if m == "mutual" else "the frame bank is mutual scoring's",
+            "prompts": None if m == "anomalyclip" else "learned prompts are AnomalyCLIP's",
             "warmup": None if m == "mutual" else "the warm-up is mutual scoring's",
             "adapt_steps": None if m == "patch-knn" else "adaptation is implemented for patch-knn",
             "zoom_top_k": None if self.zoom else "it sets how ROI zoom works; add --zoom",
             "zoom_crop": None if self.zoom else "it sets how ROI zoom works; add --zoom",
-            "class_name": None if self.clip else f"{bb} has no text model to put it in a prompt",
+            "class_name": (f"{bb} has no text model to put it in a prompt" if not self.clip else
+                           "AnomalyCLIP's prompts are object-agnostic" if m == "anomalyclip" else None),
             "vocabulary": None if self.clip else f"{bb} has no text model to score defect words",
         }
         for name in self._changed():
@@ -181,6 +184,9 @@ class ScorerSettings:
                 or any(r < 1 or r > 7 or r % 2 == 0 for r in self.aggregate)):
             raise SettingsError(f"--aggregate {','.join(map(str, self.aggregate))}: give distinct odd "
                                 "neighbourhood sizes from 1 to 7, e.g. 1,3")
+        if m == "anomalyclip" and not self.prompts:
+            raise SettingsError("anomalyclip needs --prompts FILE: learned prompts from `linewatch "
+                                "train-prompts` (or a converted AnomalyCLIP checkpoint)")
         if not 2 <= self.warmup <= self.bank_size:
             raise SettingsError(f"--warmup {self.warmup} / --bank-size {self.bank_size}: need "
                                 "2 <= warmup <= bank size (a frame needs others to be compared with)")
@@ -255,7 +261,7 @@ class ScorerSettings:
 _TYPES: dict[str, Any] = {
     "method": str, "backbone": str, "weights": str, "image_size": int, "layers": int,
     "random_init": bool, "precision": str, "reference_augment": str, "aggregate": int, "tiling": bool,
-    "bank_size": int, "warmup": int,
+    "bank_size": int, "warmup": int, "prompts": str,
     "zoom": bool,
     "zoom_top_k": int, "zoom_crop": int | float, "adapt_steps": int, "class_name": str,
     "vocabulary": str}
@@ -265,7 +271,7 @@ def _type_name(kind: Any) -> str:
 
 
 _LISTS = ("layers", "aggregate", "vocabulary")
-_OPTIONAL = ("backbone", "weights", "image_size", "layers", "vocabulary")
+_OPTIONAL = ("backbone", "weights", "image_size", "layers", "vocabulary", "prompts")
 DEFAULTS = ScorerSettings()
 # what a setting added later meant for a profile written before it: that profile's thresholds
 # were measured with squashed frames, so it keeps being scored that way

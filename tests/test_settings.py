@@ -145,7 +145,7 @@ def test_a_setting_given_to_calibrate_reaches_the_profile_workers_scorer(
     if settings.method == "mutual":
         from consumers.assembly import StartingBeliefs, WorkerSetup
 
-        setup = WorkerSetup(scorer=given, references=str(normals), shots=2, drift_window=0)
+        setup = WorkerSetup(scorer=given, drift_window=0)  # mutual starts with no references
         got = observe(StartingBeliefs.build(setup, "w-settings").scorer, None)
     else:
         out = tmp_path / "line"

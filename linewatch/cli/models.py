@@ -26,6 +26,7 @@ from inference.settings import (
 from linewatch.cli._common import FMT, CliError
 
 _NOT_GIVEN = argparse.SUPPRESS
+ZERO_SHOT = ("mutual", "winclip", "anomalyclip")  # methods that evaluate with --shots 0
 
 
 def _default(name: str) -> str:
@@ -45,7 +46,7 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
                    help="patch-knn: nearest-patch few-shot on a visual backbone; mutual: zero-shot "
                         "with no references and no text model, each frame scored by its camera's "
                         "other recent frames (MuSc), few-shot once operators confirm normals; "
-                        "winclip: zero-shot "
+                        "anomalyclip: zero-shot with learned prompts (--prompts); winclip: zero-shot "
                         "from text prompts; winclip+: zero- plus few-shot (both need an openclip: "
                         "backbone); noop: scores nothing, only for measuring pipeline overhead "
                         f"({_default('method')})")
@@ -65,6 +66,9 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
     g.add_argument("--random-init", action="store_true", default=_NOT_GIVEN,
                    help="openclip: backbones only: random weights (for speed and correctness runs, "
                         "never for quality)")
+    g.add_argument("--prompts", default=_NOT_GIVEN, metavar="FILE",
+                   help="anomalyclip: learned object-agnostic prompts (safetensors) from `linewatch "
+                        "train-prompts` for the same openclip: backbone (required)")
     g.add_argument("--class-name", default=_NOT_GIVEN,
                    help="what the camera sees, for CLIP's text prompts and defect words, e.g. "
                         f"'bottle' ({_default('class_name')})")
@@ -217,6 +221,40 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(run=cmd_evaluate)
 
+    t = sub.add_parser("train-prompts", formatter_class=FMT,
+                       help="learn AnomalyCLIP's object-agnostic prompts on a dataset with masks",
+                       description="Learn the two prompt contexts of AnomalyCLIP (normal: '[ctx] "
+                                   "object.', abnormal: '[ctx] damaged object.') on an auxiliary "
+                                   "dataset with defect masks, CLIP frozen: the image-level "
+                                   "cross-entropy plus the pixel-level focal and dice losses. Train on "
+                                   "other products than the ones you will inspect: the prompts are "
+                                   "meant to be object-agnostic. Writes a safetensors prompt file "
+                                   "for `--method anomalyclip --prompts FILE`. --convert instead "
+                                   "turns a torch checkpoint of prompts into one (read weights-only: "
+                                   "no code in it runs).",
+                       epilog="example:\n  linewatch train-prompts --data /data/visa/pcb1 --backbone "
+                              "openclip:ViT-B-16-plus-240 --weights vit_b16_plus.bin --out prompts."
+                              "safetensors")
+    t.add_argument("--data", metavar="DIR",
+                   help="auxiliary dataset with masks (an MVTec AD category layout or magnetic tile): "
+                        "every test image, normal and defective, is a training sample")
+    t.add_argument("--backbone", required=True, metavar="openclip:ARCH")
+    t.add_argument("--weights", default=None, metavar="PATH", help="the CLIP weights file")
+    t.add_argument("--random-init", action="store_true",
+                   help="random CLIP weights (tests and mechanism checks, never for quality)")
+    t.add_argument("--out", required=True, metavar="FILE", help="prompt file to write (.safetensors)")
+    t.add_argument("--convert", metavar="CHECKPOINT", default=None,
+                   help="convert this torch checkpoint of prompt contexts instead of training")
+    t.add_argument("--steps", type=int, default=200, help="default: %(default)s")
+    t.add_argument("--lr", type=float, default=1e-3, help="default: %(default)s")
+    t.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
+    t.add_argument("--context", type=int, default=12, metavar="TOKENS",
+                   help="learned tokens per prompt (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--torch-threads", type=int, default=None)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(run=cmd_train_prompts)
+
     c = sub.add_parser("calibrate", formatter_class=FMT,
                        help="build a line profile from normal images (references + thresholds)",
                        description="Split normal images (seeded) into --shots references, a "
@@ -254,9 +292,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     settings = scorer_settings(a)
     if settings.method == "noop":
         raise CliError("evaluating 'noop' measures nothing; pick patch-knn, winclip or winclip+")
-    if a.shots < 0 or (a.shots == 0 and settings.method not in ("winclip", "mutual")):
-        raise CliError(f"--shots must be >= 1 for {settings.method} (0 is zero-shot: --method mutual "
-                       "or winclip)")
+    if a.shots < 0 or (a.shots == 0 and settings.method not in ZERO_SHOT):
+        raise CliError(f"--shots must be >= 1 for {settings.method} (0 is zero-shot: --method "
+                       f"{', '.join(ZERO_SHOT)})")
+    if a.shots > 0 and settings.method in ("winclip", "anomalyclip"):
+        raise CliError(f"{settings.method} is zero-shot and would ignore references: --shots 0")
     if a.protocol == "stream" and not (settings.method == "mutual" and a.shots == 0):
         raise CliError("--protocol stream is the zero-shot stream: use it with --method mutual "
                        "--shots 0")
@@ -300,6 +340,58 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
               f"{summary['warmup_frames']} (the warm-up)")
     if json_path:
         print(f"json: {json_path}")
+    return 0
+
+
+def cmd_train_prompts(a: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from inference.anomalyclip import PromptError, convert_checkpoint, save_prompts, train_prompts
+    from inference.clip import ClipUnavailable, OpenCLIPBackbone
+    from linewatch.evaluate import DatasetError, load_split, read_mask
+    from linewatch.images import ImageReadError, read_rgb
+
+    if not a.backbone.startswith("openclip:"):
+        raise CliError(f"--backbone {a.backbone}: AnomalyCLIP prompts are learned for a CLIP model "
+                       "(openclip:ARCH)")
+    if (a.data is None) == (a.convert is None):
+        raise CliError("give --data DIR to train, or --convert CHECKPOINT to convert (one of them)")
+    if a.steps < 1 or a.context < 1:
+        raise CliError("--steps and --context must be at least 1")
+    set_torch_threads(a.torch_threads)
+    try:
+        bb = OpenCLIPBackbone(a.backbone.removeprefix("openclip:"), a.weights, random_init=a.random_init)
+    except ClipUnavailable as exc:
+        raise CliError(str(exc)) from None
+    if a.convert:
+        try:
+            convert_checkpoint(a.convert, a.out, bb)
+        except PromptError as exc:
+            raise CliError(str(exc)) from None
+        print(f"prompts: {a.out} (converted from {a.convert})")
+        return 0
+    try:
+        split = load_split(a.data)
+        samples = split.test
+        images = [read_rgb(s.path) for s in samples]
+        masks = [read_mask(s, im.shape[:2]) for s, im in zip(samples, images, strict=True)]
+    except (DatasetError, ImageReadError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"{split.name}: {len(images)} images, {sum(s.defect for s in samples)} with defect masks; "
+          f"{a.steps} steps on {a.backbone}", file=sys.stderr)
+    bar = tqdm(total=a.steps, unit="step", desc="prompts", disable=a.no_progress)
+
+    def step(_i: int, loss: float) -> None:
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.update(1)
+
+    learner, report = train_prompts(bb, images, masks, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
+                                    n_ctx=a.context, seed=a.seed, on_step=step)
+    bar.close()
+    save_prompts(learner, a.out, bb.arch)
+    first, last = np.mean(report.losses[:10]), np.mean(report.losses[-10:])
+    print(f"loss {first:.4f} (first 10 steps) -> {last:.4f} (last 10)\nprompts: {a.out}")
     return 0
 
 
