@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from consumers.config import WorkerConfig
 from inference import set_torch_threads
+from inference.calibration import DEFAULT_EXPECTED_ANOMALY_RATE
 from inference.settings import ScorerSettings, SettingsError, flag_name
 
 if TYPE_CHECKING:  # kept light: the command line reads WorkerSetup's defaults for its --help
@@ -62,7 +63,7 @@ class WorkerSetup:
 
 # settings a worker set up from folders uses; a profile holds its own
 FOLDER_DEFAULTS: dict[str, Any] = {"shots": 4, "false_alarm_rate": 0.01, "review_rate": 0.1,
-                                   "expected_anomaly_rate": 0.05}
+                                   "expected_anomaly_rate": DEFAULT_EXPECTED_ANOMALY_RATE}
 _FOLDERS_ONLY = ("references", "holdout", "alert_threshold", "review_threshold", *FOLDER_DEFAULTS)
 
 
@@ -78,6 +79,7 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
     from inference.clip import ClipUnavailable
     from inference.profile import ProfileError
     from linewatch.images import ImageReadError
+    from linewatch.wire import LABEL_KEY_ENV
     from monitoring import metrics
     from monitoring.drift import DriftConfigError
 
@@ -100,6 +102,11 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
         scorer.map_gate = th.review
         log.info("full anomaly maps only for frames scoring >= %.4f (the review threshold)", th.review)
     describe = describer(b.settings, scorer)
+    if b.stream_thresholds is not None:  # banks and thresholds are per camera: as many as it tracks
+        scorer.max_streams = b.stream_thresholds.max_streams = config.max_cameras
+        if setup.inject_faults:
+            raise SetupError("--inject-faults wraps the scorer in one that knows nothing of cameras' "
+                             "banks; it is implemented for the scorers with references, not mutual")
     if setup.inject_faults:
         from inference.faults import FaultyScorer
 
@@ -124,9 +131,9 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
         except ValueError as exc:
             raise SetupError(str(exc)) from None
         if b.stream_thresholds is not None:
-            # few-shot from the moment its thresholds can be calibrated: until then mutual
-            # scoring measured better than few-shot on the same confirmed normals (README)
-            b.scorer.few_shot_after = learner.calibration_needed  # the scorer, not a fault wrapper
+            # few-shot from the moment its thresholds can be calibrated (the learner says when):
+            # until then mutual scoring measured better than few-shot on those normals (README)
+            scorer.few_shot_after = None
             log.warning("thresholds are uncalibrated until operators confirm %d normal frames "
                         "(every second one is kept out of the memory to calibrate on); then this "
                         "worker scores few-shot against the other %d, with calibrated thresholds",
@@ -135,9 +142,14 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
             log.info("operator verdicts grow the reference memory; thresholds stay fixed (they "
                      "are recalibrated only when calibrated from --holdout)")
     elif b.stream_thresholds is not None:
+        given = [n for n in ("false_alarm_rate", "review_rate") if getattr(setup, n) is not None]
+        if given:
+            raise SetupError(f"{flag_name(given[0])} sets the thresholds operators' confirmed normals "
+                             f"calibrate, and this zero-shot worker does not learn from verdicts "
+                             f"({LABEL_KEY_ENV} is not set, or --no-learn-from-labels): remove it")
         log.warning("zero-shot without learning from verdicts: thresholds stay uncalibrated and "
                     "scoring stays mutual (set %s to let operators' verdicts calibrate them)",
-                    "LINEWATCH_LABEL_KEY")
+                    LABEL_KEY_ENV)
     if b.drift is None:
         log.warning("drift monitoring is off: it needs --holdout (the calibration frames are its "
                     "reference)%s", "" if setup.drift_window else " and a --drift-window above 0")
@@ -183,6 +195,9 @@ class StartingBeliefs:
         if setup.profile:
             return cls._from_profile(setup, overrides)
         settings = ScorerSettings(**setup.scorer)
+        if setup.expected_anomaly_rate is not None and settings.method != "mutual":
+            raise SetupError("--expected-anomaly-rate sets zero-shot thresholds: it is for --method "
+                             "mutual; this worker calibrates from --holdout or takes thresholds")
         if (setup.alert_threshold is None) != (setup.review_threshold is None):
             raise SetupError("give both --alert-threshold and --review-threshold, or neither (then "
                              "both are calibrated from --holdout)")
@@ -197,9 +212,6 @@ class StartingBeliefs:
             return cls(settings, scorer, th, [], holdout, drift, overrides)
         if settings.method == "mutual":
             return cls._zero_shot(setup, settings, overrides)
-        if setup.expected_anomaly_rate is not None:
-            raise SetupError("--expected-anomaly-rate sets zero-shot thresholds: it is for --method "
-                             "mutual; this worker calibrates from --holdout or takes thresholds")
         return cls._from_folders(setup, settings, overrides)
 
     @classmethod

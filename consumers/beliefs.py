@@ -96,6 +96,10 @@ class Beliefs:
                  new.thresholds.alert, new.thresholds.review)
 
     def _publish(self, th: Thresholds) -> None:
+        if th.uncalibrated:  # zero-shot: each camera has its own; the worker has none to show
+            for kind in ("alert", "review"):
+                metrics.remove_series(metrics.THRESHOLD, self.cfg.worker_id, kind)
+            return
         metrics.THRESHOLD.labels(worker=self.cfg.worker_id, kind="alert").set(th.alert)
         metrics.THRESHOLD.labels(worker=self.cfg.worker_id, kind="review").set(th.review)
 

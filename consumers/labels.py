@@ -239,11 +239,13 @@ class ReferenceLearner:
         fresh = list(self._waiting)
         try:
             if fresh:
-                to_memory = fresh
-                if self.calibrate_from_verdicts:
-                    to_memory = self._set_aside(fresh)
+                to_memory, aside = fresh, []
+                if self.calibrate_from_verdicts:  # split first, keep only once the memory took its half
+                    to_memory, aside = self._split(fresh)
                 if to_memory:
                     self._grow(to_memory)
+                if self.calibrate_from_verdicts:
+                    self._set_aside(len(fresh), aside)
                 self._waiting.clear()
                 self._first_waiting = None
                 self._stale = bool(self.holdout)
@@ -268,28 +270,37 @@ class ReferenceLearner:
         metrics.REFERENCE_IMAGES.labels(worker=self.worker_id).set(len(self.references) + len(self.learned))
         return result
 
-    def _set_aside(self, fresh: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
-        """Zero-shot: every second confirmed normal becomes a calibration frame (never in the
-        memory, so its score is a fair sample of a normal frame's); the holdout, once there
-        are enough. Returns the ones for the memory."""
-        to_memory = []
-        for item in fresh:
-            self._confirmed += 1
-            if self._confirmed % 2:
+    def _split(self, fresh: list[tuple[str, np.ndarray]]
+               ) -> tuple[list[tuple[str, np.ndarray]], list[np.ndarray]]:
+        """Zero-shot: every second confirmed normal is a calibration frame (never in the
+        memory, so its score is a fair sample of a normal frame's): (for the memory, aside)."""
+        to_memory, aside = [], []
+        for k, item in enumerate(fresh, start=self._confirmed + 1):
+            if k % 2:
                 to_memory.append(item)
             else:
-                self.calibration.append(item[1])
+                aside.append(item[1])
+        return to_memory, aside
+
+    def _set_aside(self, n_fresh: int, aside: list[np.ndarray]) -> None:
+        """Keep the calibration frames; once there are enough, they are the holdout, and the
+        scorer turns few-shot (its thresholds can be calibrated from now on)."""
+        self._confirmed += n_fresh
+        self.calibration.extend(aside)
         n, need = len(self.calibration), self.calibration_needed
         if n >= need:
             if self.holdout is None:
-                log.info("%d operator-confirmed normal frames set aside: thresholds are calibrated "
-                         "(conformal, false-alarm rate %g) from now on", n, self.false_alarm_rate)
+                log.warning("%d operator-confirmed normal frames set aside: thresholds are calibrated "
+                            "(conformal, false-alarm rate %g) and scoring is few-shot from now on",
+                            n, self.false_alarm_rate)
+                start = getattr(self.scorer, "start_few_shot", None)
+                if start is not None:
+                    start()
             self.holdout = CalibrationFrames(list(self.calibration))
-        elif len(to_memory) < len(fresh):
+        elif aside:
             log.info("thresholds stay uncalibrated: %d of the %d confirmed normals needed for "
                      "calibration set aside (every second confirmed normal), %d more confirmations "
                      "to go", n, need, 2 * (need - n))
-        return to_memory
 
     def _grow(self, fresh: list[tuple[str, np.ndarray]]) -> None:
         learned = deque(self.learned)

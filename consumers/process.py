@@ -119,6 +119,9 @@ class FrameProcessor:
         self.retry = retry or RetryPolicy()
         self.pause = pause
         self.stream_thresholds = stream_thresholds
+        # zero-shot: frames for their cameras' banks and scores for their thresholds, kept
+        # until the batch is committed (a batch read again must not meet itself in the bank)
+        self._uncommitted: tuple[list[ScoreResult], list[tuple[tuple[str, str, str], float]]] = ([], [])
         self._last_good: np.ndarray | None = None  # the probe of scorers without references
         self.stats = BatchStats()
         self.clock = metrics.StepClock(worker_id)
@@ -150,6 +153,7 @@ class FrameProcessor:
         by_record = {i: [self._dead(rec, err)] for i, rec, err in invalid}
         decided_ns = time.time_ns()
         remember: list[ScoreResult] = []  # zero-shot: frames for their camera's bank
+        observed: list[tuple[tuple[str, str, str], float]] = []  # and scores for its thresholds
         for (i, rec, meta, rgb), res in zip(valid, results, strict=True):
             if isinstance(res, BaseException):
                 by_record[i] = [self._dead(rec, WireError(
@@ -160,8 +164,9 @@ class FrameProcessor:
                 by_record[i] = self._route(rec, meta, rgb, res, decided_ns, maybe_duplicate(rec), th)
                 if streams is not None and th.decide(res.score) != "alert":
                     remember.append(res)  # an alert stays out: the bank is what normal looks like
-        if remember:
-            self.scorer.admit(remember)  # type: ignore[attr-defined]
+                if self.stream_thresholds is not None and res.mode not in (None, "warm-up"):
+                    observed.append(((meta.line, meta.camera, res.mode), res.score))  # type: ignore[arg-type]
+        self._uncommitted = (remember, observed)
         self._unpublished = True
         self.publish_drift()
         return [o for i in sorted(by_record) for o in by_record[i]]
@@ -204,9 +209,22 @@ class FrameProcessor:
             return self.thresholds
         key = (meta.line, meta.camera, res.mode)
         th = None if res.mode == "warm-up" else self.stream_thresholds.thresholds(key)
-        if res.mode != "warm-up":
-            self.stream_thresholds.observe(key, res.score)
         return th or WARM_UP
+
+    def committed(self) -> None:
+        """The last processed batch is committed: its frames join their cameras' banks and its
+        scores their thresholds' windows (before, a batch read again would meet itself)."""
+        remember, observed = self._uncommitted
+        self._uncommitted = ([], [])
+        if remember and self._streams:
+            self.scorer.admit(remember)  # type: ignore[attr-defined]
+        if self.stream_thresholds is not None:
+            for key, score in observed:
+                self.stream_thresholds.observe(key, score)
+
+    def abandoned(self) -> None:
+        """The last processed batch will be read again: it leaves no trace in banks or windows."""
+        self._uncommitted = ([], [])
 
     def forget_streams(self, cameras: Sequence[tuple[str, str]]) -> None:
         """Drop silent cameras' banks and score windows (a camera that comes back warms up)."""

@@ -77,13 +77,15 @@ def locate(rgb: np.ndarray, result: ScoreResult, th: Thresholds, max_side: int =
            ) -> tuple[str, list[list[int]], np.ndarray, np.ndarray]:
     """Where the anomaly is: words, boxes in frame pixels, the view image and its map."""
     view, amap, scale = _view(rgb, result, max_side)
-    found = regions(amap, th.review)
+    # a warm-up sends every frame to review (threshold 0): the map's own hottest 2% then
+    cut = float(np.quantile(amap, 0.98)) if th is WARM_UP else th.review
+    found = regions(amap, cut)
     h, w = rgb.shape[:2]
     boxes = [[round(c / scale) for c in box] for box, _ in found]
     if not boxes:
         return "diffuse: no compact region above the review threshold", [], view, amap
     x0, y0, x1, y1 = boxes[0]
-    area = int((amap[found[0][0][1]:found[0][0][3], found[0][0][0]:found[0][0][2]] >= th.review).sum()
+    area = int((amap[found[0][0][1]:found[0][0][3], found[0][0][0]:found[0][0][2]] >= cut).sum()
                / (scale * scale))
     return describe_location((x0, y0, x1, y1), w, h, area), boxes, view, amap
 
@@ -125,7 +127,9 @@ def route(meta: FrameMeta, ref: FrameRef, rgb: np.ndarray, result: ScoreResult, 
                       where=where, boxes=boxes, ref=ref, words=words)
         out.append(Outbound(topics.alerts, meta.key, alert.to_bytes()))
         return score, out
-    over = view if amap is None else overlay(view, amap, vmin=0.5 * th.review, vmax=th.alert)
+    lo, hi = ((float(np.median(amap)), float(amap.max()) + 1e-6) if amap is not None and th is WARM_UP
+              else (0.5 * th.review, th.alert))  # warm-up: the map's own range, no thresholds yet
+    over = view if amap is None else overlay(view, amap, vmin=lo, vmax=hi)
     explanation = ((f"Uncalibrated: {th.uncalibrated}. " if th.uncalibrated else "")
                    + f"Score {result.score:.3f} is in the review band "
                    f"[{th.review:.3f}, {th.alert:.3f}). Most anomalous area: {where}. "

@@ -6,7 +6,9 @@ goes through three ordered steps; the next starts only when the last succeeded:
    dead-lettered with a reason; 2. **deliver** every output and check that Kafka
 acknowledged each (:mod:`consumers.delivery`); 3. **commit** the batch's offsets,
 per (topic, partition). A crash before step 3 means the batch is read again by
-the partitions' next owner: at-least-once, never lost. A failure that is not the
+the partitions' next owner: at-least-once, never lost. Only then (a zero-shot
+scorer) do the frames join their cameras' banks, so a batch read again never
+meets itself there. A failure that is not the
 frame's fault (the model, the broker) never turns into a dead letter.
 
 **Rebalances.** kafka-python runs rebalance listeners on its network thread, where
@@ -253,7 +255,9 @@ class Worker:
                 self._deliver(outputs)      # step 2: every outcome is in Kafka
             with self.processor.clock("commit"):
                 self._commit(batch)         # step 3: only now are the input offsets released
+            self.processor.committed()      # step 4: zero-shot banks learn only committed frames
         except BatchAbandoned as exc:
+            self.processor.abandoned()
             self.stats.abandoned_batches += 1
             for rec in batch:
                 self._give_up(rec)

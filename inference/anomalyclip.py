@@ -60,6 +60,12 @@ class PromptLearner(torch.nn.Module):
         x_id = backbone.tokenizer(["X"])[0, 1]
         if not bool((tokens[:, 1:1 + n_ctx] == x_id).all()):
             raise PromptError("this tokenizer does not give one token per context placeholder")
+        words = backbone.tokenizer([t.format("") for t in TEMPLATES])  # SOT, the words, EOT
+        for row, w in zip(tokens, words, strict=True):
+            tail = w[1:int((w != 0).sum())]
+            if not torch.equal(row[1 + n_ctx:1 + n_ctx + len(tail)], tail):
+                raise PromptError(f"{n_ctx} context tokens leave no room for the prompt's words in "
+                                  f"CLIP's {tokens.shape[1]}-token context: use fewer")
         self.register_buffer("tokens", tokens, persistent=False)
         self.n_ctx = n_ctx
 
@@ -151,6 +157,7 @@ def train_prompts(backbone: OpenCLIPBackbone, images: Sequence[np.ndarray], mask
         raise ValueError(f"train_prompts: {len(images)} images and {len(masks)} masks")
     import cv2
 
+    backbone.model.requires_grad_(False)  # frozen: gradients reach only the two contexts
     learner = PromptLearner(backbone, n_ctx=n_ctx, seed=seed)
     g, p = [], []
     for i in range(0, len(images), batch_size):
@@ -202,9 +209,16 @@ def load_prompts(backbone: OpenCLIPBackbone, path: str | Path) -> PromptLearner:
     try:
         with safe_open(str(path), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            meta = f.metadata() or {}
     except Exception as exc:
         raise PromptError(f"--prompts {path} is not a safetensors file ({exc}); convert a torch "
                           "checkpoint with `linewatch train-prompts --convert`") from None
+    if meta.get("format") != "linewatch-anomalyclip-1":
+        raise PromptError(f"--prompts {path} is not a linewatch prompt file (format "
+                          f"{meta.get('format')!r})")
+    if meta.get("arch") != backbone.arch:
+        raise PromptError(f"--prompts {path} was learned for openclip:{meta.get('arch')}, not "
+                          f"openclip:{backbone.arch}: prompts live in one model's text space")
     return _learner_from(backbone, tensors, str(path))
 
 
@@ -239,11 +253,17 @@ def convert_checkpoint(src: str | Path, dst: str | Path, backbone: OpenCLIPBackb
     except Exception as exc:
         raise PromptError(f"{src}: not a weights-only torch checkpoint "
                           f"({type(exc).__name__}: {exc})") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    for wrapper in ("prompt_learner", "state_dict"):  # AnomalyCLIP saves {"prompt_learner": ...}
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
     if not isinstance(sd, dict):
         raise PromptError(f"{src}: expected a mapping of tensors")
-    deep = sorted(k for k in sd if "compound_prompts" in k)
+
+    def names(d: dict, prefix: str = "") -> list[str]:
+        return [n for k, v in d.items() for n in
+                (names(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])]
+
+    deep = sorted(k for k in names(sd) if "compound_prompts" in k)
     if deep:
         raise PromptError(f"{src} carries deep text-layer prompts ({deep[0]}, ...), which linewatch's "
                           "AnomalyCLIP does not implement; loading only the input contexts would "
@@ -254,6 +274,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, backbone: OpenCLIPBackb
         if key is None:
             raise PromptError(f"{src}: no {' / '.join(aliases)} tensor (found {sorted(sd)[:8]})")
         t = sd[key]
+        if not isinstance(t, torch.Tensor):
+            raise PromptError(f"{src}: {key} is a {type(t).__name__}, not a tensor")
         while t.ndim > 2 and t.shape[0] == 1:
             t = t[0]
         out[name] = t.float()
@@ -277,7 +299,7 @@ class AnomalyCLIPScorer:
                  device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device)
-        self.prompts = prompts.to(self.device)
+        self.prompts = prompts.to(self.device).requires_grad_(False)
         with torch.no_grad():
             self.text = prompts(backbone)
         self.map_gate: float | None = None  # every map is computed: they cost nothing extra

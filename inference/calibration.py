@@ -123,6 +123,9 @@ class CalibrationFrames:
         return [r.score for r in self.results(scorer)]
 
 
+DEFAULT_EXPECTED_ANOMALY_RATE = 0.05  # a zero-shot worker's --expected-anomaly-rate
+
+
 class StreamThresholds:
     """Uncalibrated thresholds for a line with no labelled normal frame (zero-shot).
 
@@ -138,7 +141,8 @@ class StreamThresholds:
     scores has no thresholds (None): its frames need a person.
     """
 
-    def __init__(self, expected_anomaly_rate: float = 0.05, window: int = 512, min_scores: int = 32,
+    def __init__(self, expected_anomaly_rate: float = DEFAULT_EXPECTED_ANOMALY_RATE, window: int = 512,
+                 min_scores: int = 32,
                  spread: float = 4.0, max_streams: int = 256) -> None:
         if not 0 < expected_anomaly_rate < 0.3:
             raise ValueError(f"expected anomaly rate {expected_anomaly_rate}: give a share of frames "
@@ -174,7 +178,10 @@ class StreamThresholds:
         alert = max(float(np.quantile(s, 1.0 - self.rate)), floor)
         review = min(alert, max(float(np.quantile(s, 1.0 - min(0.5, 3 * self.rate))),
                                 med + 0.5 * (floor - med)))
-        return Thresholds(alert=float(np.nextafter(alert, np.inf)), review=review,
+        # just above: a camera whose scores are all equal (a frozen feed) sends nothing to review
+        alert = float(np.nextafter(alert, np.inf))
+        review = min(alert, float(np.nextafter(review, np.inf)))
+        return Thresholds(alert=alert, review=review,
                           n_normals=0, guaranteed=False, uncalibrated=(
                               f"uncalibrated thresholds, from this camera's last {len(s)} scores and "
                               f"an expected anomaly rate of at most {self.rate:g}"))

@@ -41,6 +41,7 @@ import torch
 
 from inference.backbones import DinoV2Backbone, PatchBackbone
 from inference.scoring import PatchKNNScorer, ScoreResult, aggregate_patches
+from inference.settings import DEFAULTS
 from inference.settings import MUTUAL_MODES as MODES
 
 
@@ -48,7 +49,7 @@ from inference.settings import MUTUAL_MODES as MODES
 class FrameFeatures:
     """One frame's features for mutual scoring: (V, P, D) unit-norm rows, V = layers x sizes."""
 
-    variants: torch.Tensor
+    variants: torch.Tensor  # float16 in banks and memories (half the memory), float32 for scoring
     grid: tuple[int, int]  # (h, w) patches, P = h * w
     embedding: np.ndarray
 
@@ -59,7 +60,8 @@ class MutualScorer:
     name = "mutual"
 
     def __init__(self, backbone: PatchBackbone | None = None, *, sizes: tuple[int, ...] = (1,),
-                 keep: float = 0.3, bank_size: int = 32, warmup: int = 8, few_shot_after: int = 1,
+                 keep: float = 0.3, bank_size: int = DEFAULTS.bank_size, warmup: int = DEFAULTS.warmup,
+                 few_shot_after: int | None = 1,
                  top_fraction: float = 0.01, tiling: bool = True, max_streams: int = 256,
                  device: str | torch.device = "cpu") -> None:
         if not 0 < keep <= 1:
@@ -105,8 +107,8 @@ class MutualScorer:
             by_p.setdefault(o.variants.shape[1], []).append(j)
         order: list[int] = []
         for p, js in by_p.items():
-            bank = torch.cat([others[j].variants for j in js], dim=1)  # (V, len(js)*p, D)
-            sims = torch.bmm(query, bank.transpose(1, 2))  # (V, P, len(js)*p)
+            bank = torch.cat([others[j].variants for j in js], dim=1).float()  # (V, len(js)*p, D)
+            sims = torch.bmm(query.float(), bank.transpose(1, 2))  # (V, P, len(js)*p)
             v, q = sims.shape[:2]
             cols.append(1.0 - sims.reshape(v, q, len(js), p).amax(dim=-1))
             order += js
@@ -148,8 +150,16 @@ class MutualScorer:
     # -- the stream protocol ---------------------------------------------------------------
     @property
     def mode(self) -> str:
-        """``few-shot`` once enough confirmed normals are in the memory, else ``mutual``."""
+        """``few-shot`` once ``few_shot_after`` confirmed normals are in the memory (None:
+        only after :meth:`start_few_shot`), else ``mutual``."""
+        if self.few_shot_after is None or not self._references:
+            return "mutual"
         return "few-shot" if len(self._references) >= self.few_shot_after else "mutual"
+
+    def start_few_shot(self) -> None:
+        """Score few-shot from now on, whatever the memory's size (a worker calls this when
+        operators' confirmed normals can calibrate thresholds for it)."""
+        self.few_shot_after = 1
 
     def bank_len(self, stream: Hashable) -> int:
         bank = self._banks.get(stream)
@@ -201,7 +211,7 @@ class MutualScorer:
                 while len(self._banks) > self.max_streams:
                     self._banks.popitem(last=False)
             self._banks.move_to_end(key)
-            bank.append(f)
+            bank.append(FrameFeatures(f.variants.half(), f.grid, f.embedding))
 
     def forget(self, streams: Sequence[Hashable]) -> None:
         """Drop streams' banks (their partitions moved to another worker)."""
@@ -217,8 +227,9 @@ class MutualScorer:
     def add_normals(self, normals: Sequence[np.ndarray]) -> None:
         if len(normals) == 0:
             return
-        self._references += self.features(normals)
-        self._memory = torch.cat([f.variants for f in self._references], dim=1)
+        self._references += [FrameFeatures(f.variants.half(), f.grid, f.embedding)
+                             for f in self.features(normals)]
+        self._memory = torch.cat([f.variants for f in self._references], dim=1).float()
 
     @property
     def memory_size(self) -> int:

@@ -131,9 +131,9 @@ class ScorerSettings:
         if not (bb in VISUAL_BACKBONES or (bb.startswith("openclip:") and len(bb) > 9)):
             raise SettingsError(f"unknown backbone {bb!r}; choose dinov2-s, efficientnet-lite0 or "
                                 "openclip:ARCH")
-        if m == "mutual" and self.clip:
-            raise SettingsError(f"mutual scoring is implemented for the visual backbones "
-                                f"({', '.join(VISUAL_BACKBONES)}), not {bb!r}")
+        if m == "mutual" and bb != "dinov2-s":
+            raise SettingsError(f"mutual scoring is implemented for dinov2-s (each block scored "
+                                f"on its own), not {bb!r}")
         if m not in ("patch-knn", "mutual") and not self.clip:
             raise SettingsError(f"{m} needs a CLIP backbone with a text encoder (openclip:ARCH), "
                                 f"not {bb!r}; use patch-knn for visual-only backbones")

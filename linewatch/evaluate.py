@@ -281,7 +281,9 @@ def summarise(runs: list[SeedRun], split: Split, config: dict) -> dict:
     out: dict = {"dataset": split.name, "layout": split.layout, **config,
                  "n_images": len(split.test), "n_defective": sum(s.defect for s in split.test),
                  "seeds": [r.seed for r in runs]}
-    keys = [k for k in runs[0].metrics]
+    # per-defect-kind keys exist for the kinds each run saw: a stream's warm-up may swallow a rare
+    # kind's only image in one order, so a kind is summarised only where every run has it
+    keys = [k for k in runs[0].metrics if all(k in r.metrics for r in runs)]
     for k in keys:
         vals = np.array([r.metrics[k] for r in runs])
         out[k] = float(vals.mean())

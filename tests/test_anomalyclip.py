@@ -92,9 +92,10 @@ def test_prompt_files_are_safetensors_and_checkpoints_are_read_weights_only(
     out = tmp_path / "converted.safetensors"
     convert_checkpoint(ckpt, out, backbone)
     assert load_prompts(backbone, out).normal_ctx.shape == (4, width)
-    deep = tmp_path / "deep.pth"
-    torch.save({"ctx_pos": torch.randn(1, 1, 4, width), "ctx_neg": torch.randn(1, 1, 4, width),
-                "compound_prompts_text.0": torch.randn(4, width)}, deep)
+    deep = tmp_path / "deep.pth"  # AnomalyCLIP's train.py layout: {"prompt_learner": state_dict}
+    torch.save({"prompt_learner": {"ctx_pos": torch.randn(1, 1, 4, width),
+                                   "ctx_neg": torch.randn(1, 1, 4, width),
+                                   "compound_prompts_text.0": torch.randn(4, width)}}, deep)
     with pytest.raises(PromptError, match="deep text-layer prompts"):
         convert_checkpoint(deep, tmp_path / "x.safetensors", backbone)
     evil = tmp_path / "evil.pth"
@@ -107,6 +108,12 @@ def test_prompt_files_are_safetensors_and_checkpoints_are_read_weights_only(
         convert_checkpoint(wrong, tmp_path / "z.safetensors", backbone)
     with pytest.raises(PromptError, match="not a safetensors file"):
         load_prompts(backbone, ckpt)
+    elsewhere = tmp_path / "other-arch.safetensors"
+    save_prompts(learner, elsewhere, "ViT-B-32")  # the same width could load, into the wrong space
+    with pytest.raises(PromptError, match="learned for openclip:ViT-B-32"):
+        load_prompts(backbone, elsewhere)
+    with pytest.raises(PromptError, match="no room"):
+        train_prompts(backbone, images, masks, steps=1, n_ctx=75)
 
 
 class _Unpicklable:

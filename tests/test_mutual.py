@@ -154,7 +154,7 @@ def test_confirmed_normals_turn_a_zero_shot_line_few_shot_then_calibrated():
     learner = labels.ReferenceLearner(s, [], None, "w-zero", false_alarm_rate=0.25, review_rate=0.5,
                                       calibrate_from_verdicts=True)
     assert learner.calibration_needed == 3
-    s.few_shot_after = learner.calibration_needed  # what consumers.assembly does
+    s.few_shot_after = None  # what consumers.assembly does: the learner says when
 
     def confirm(first: int, n: int) -> labels.LearnResult:
         learner.apply([labels.Verdict(Label(item_id=f"c:{i}", camera="c", line="l", seq=i,
@@ -198,7 +198,7 @@ def test_a_zero_shot_worker_warms_up_then_decides_each_camera_by_its_own_frames(
         wait_for(lambda: ready.exists() or proc.poll() is not None, 120, "the worker to start")
         assert proc.poll() is None, log.read_text()
         text = log.read_text()
-        assert "zero-shot (mutual): no references" in text and "UNCALIBRATED" in text
+        assert "zero-shot (mutual), no references" in text and "UNCALIBRATED" in text
         cam = Camera(broker, topics, frames=50, fps=0, camera="cam-zero", defect_rate=0.1)
         tally = collect(broker, topics, lambda t: cam.done.is_set() and cam.sent <= t.accounted).tally
         scores = sorted(tally.scores.values(), key=lambda s: s.seq)

@@ -56,6 +56,8 @@ CASES: dict[str, tuple[dict[str, Any], Any]] = {
     "bank_size": ({"method": "mutual", "image_size": 56, "bank_size": 16},
                   lambda s, d: s.bank_size),
     "warmup": ({"method": "mutual", "image_size": 56, "warmup": 4}, lambda s, d: s.warmup),
+    "prompts": ({**CLIP, "method": "anomalyclip", "prompts": "PROMPTS"},
+                lambda s, d: round(float(s.prompts.normal_ctx.detach().sum()), 4)),
     "class_name": ({**CLIP, "class_name": "bottle"}, lambda s, d: s.class_name),
     "vocabulary": ({**CLIP, "vocabulary": ("dent", "burr", "hole")},
                    lambda s, d: tuple(d.vocabulary.words)),
@@ -92,6 +94,18 @@ def normals(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """AnomalyCLIP prompts for the tiny random CLIP (untrained: this is about plumbing)."""
+    from inference.anomalyclip import PromptLearner, save_prompts
+    from inference.clip import OpenCLIPBackbone
+
+    bb = OpenCLIPBackbone(TINY.removeprefix("openclip:"), random_init=True)
+    path = tmp_path_factory.mktemp("prompts") / "p.safetensors"
+    save_prompts(PromptLearner(bb, seed=3), path, bb.arch)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def other_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
     """EfficientNet-Lite0 weights that differ from the packaged ones (first tensor halved)."""
     import torch
@@ -124,20 +138,21 @@ def _direct(settings: ScorerSettings, refs: list[np.ndarray]) -> tuple[Any, Any]
 
 @pytest.mark.parametrize("option", list(CASES))
 def test_a_setting_given_to_calibrate_reaches_the_profile_workers_scorer(
-        option: str, normals: Path, other_weights: str, tmp_path: Path) -> None:
+        option: str, normals: Path, other_weights: str, prompt_file: str, tmp_path: Path) -> None:
     from linewatch.cli import main
     from linewatch.images import load_folder
 
     given, observe = CASES[option]
-    given = {k: (other_weights if v == "WEIGHTS" else v) for k, v in given.items()}
+    given = {k: ({"WEIGHTS": other_weights, "PROMPTS": prompt_file}.get(v, v) if isinstance(v, str) else v)
+             for k, v in given.items()}
     settings = ScorerSettings(**given)
     # the same settings with only this option at its default: the option must show
-    baseline = dataclasses.replace(
+    baseline = None if option == "prompts" else dataclasses.replace(  # no prompts: no anomalyclip
         settings, **{option: ScorerSettings.__dataclass_fields__[option].default})
     if option in ("backbone",):
         baseline = ScorerSettings()  # dinov2-s at its default size
-    if option == "random_init":
-        baseline = None  # a CLIP backbone without weights or random_init does not build here
+    if option in ("random_init", "prompts"):
+        baseline = None  # a CLIP backbone without weights, or anomalyclip without prompts, does not build
     if option == "method":
         baseline = dataclasses.replace(settings, method="winclip")
 

@@ -27,6 +27,10 @@ from linewatch.cli._common import FMT, CliError
 
 _NOT_GIVEN = argparse.SUPPRESS
 ZERO_SHOT = ("mutual", "winclip", "anomalyclip")  # methods that evaluate with --shots 0
+# train-prompts' training flags: (flag, type, default, help)
+TRAIN_PROMPT_FLAGS = (("--steps", int, 200, "optimiser steps"), ("--lr", float, 1e-3, "Adam's step size"),
+                      ("--batch-size", int, 8, "images per step"),
+                      ("--context", int, 12, "learned tokens per prompt"), ("--seed", int, 0, "seed"))
 
 
 def _default(name: str) -> str:
@@ -214,7 +218,9 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
     e.add_argument("--plots", metavar="DIR", default=None,
                    help="write the ROC plot and overlay grid here (default: beside --json)")
-    e.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
+    e.add_argument("--batch-size", type=int, default=8,
+                   help="frames per backbone call; --protocol stream scores one at a time, as a "
+                        "paced camera delivers them (default: %(default)s)")
     e.add_argument("--eval-size", type=int, default=256,
                    help="pixel metrics at this longer side (default: %(default)s)")
     e.add_argument("--torch-threads", type=int, default=None)
@@ -245,12 +251,8 @@ def add_commands(sub: Any) -> None:
     t.add_argument("--out", required=True, metavar="FILE", help="prompt file to write (.safetensors)")
     t.add_argument("--convert", metavar="CHECKPOINT", default=None,
                    help="convert this torch checkpoint of prompt contexts instead of training")
-    t.add_argument("--steps", type=int, default=200, help="default: %(default)s")
-    t.add_argument("--lr", type=float, default=1e-3, help="default: %(default)s")
-    t.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
-    t.add_argument("--context", type=int, default=12, metavar="TOKENS",
-                   help="learned tokens per prompt (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0)
+    for flag, kind, default, what in TRAIN_PROMPT_FLAGS:
+        t.add_argument(flag, type=kind, default=None, help=f"{what} (default: {default})")
     t.add_argument("--torch-threads", type=int, default=None)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(run=cmd_train_prompts)
@@ -308,6 +310,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     except DatasetError as exc:
         raise CliError(str(exc)) from None
     scorer = build_scorer(settings, a.device)
+    if settings.method == "mutual" and a.shots == 0 and a.protocol == "batch" and a.seeds > 1:
+        print(f"batch protocol: every image against all the others, the same for every seed; one "
+              f"run, not {a.seeds}", file=sys.stderr)
+        a.seeds = 1
     json_path = Path(a.json) if a.json else None
     plots = Path(a.plots) if a.plots else (json_path.parent if json_path else None)
     config = {**settings.to_dict(), "backbone": settings.resolved_backbone, "shots": a.shots,
@@ -329,7 +335,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                                  json_path=json_path, plots_dir=plots, batch_size=a.batch_size,
                                  eval_size=a.eval_size, progress=not a.no_progress,
                                  protocol=a.protocol,
-                                 expected_anomaly_rate=a.expected_anomaly_rate or STREAM_DEFECT_RATE)
+                                 expected_anomaly_rate=(STREAM_DEFECT_RATE if a.expected_anomaly_rate is None
+                                                        else a.expected_anomaly_rate))
     except (DatasetError, ImageReadError) as exc:
         raise CliError(str(exc)) from None
     print(table(summary))
@@ -357,8 +364,14 @@ def cmd_train_prompts(a: argparse.Namespace) -> int:
                        "(openclip:ARCH)")
     if (a.data is None) == (a.convert is None):
         raise CliError("give --data DIR to train, or --convert CHECKPOINT to convert (one of them)")
-    if a.steps < 1 or a.context < 1:
-        raise CliError("--steps and --context must be at least 1")
+    given = [flag for flag, *_ in TRAIN_PROMPT_FLAGS if getattr(a, flag[2:].replace("-", "_")) is not None]
+    if a.convert and given:
+        raise CliError(f"{given[0]} sets training; --convert trains nothing: remove it")
+    for flag, _, default, _ in TRAIN_PROMPT_FLAGS:
+        name = flag[2:].replace("-", "_")
+        setattr(a, name, default if getattr(a, name) is None else getattr(a, name))
+    if a.steps < 1 or a.context < 1 or a.batch_size < 1 or a.lr <= 0:
+        raise CliError("--steps, --context and --batch-size must be at least 1, --lr above 0")
     set_torch_threads(a.torch_threads)
     try:
         bb = OpenCLIPBackbone(a.backbone.removeprefix("openclip:"), a.weights, random_init=a.random_init)

@@ -11,6 +11,7 @@ from linewatch.cli._common import FMT, CliError, common_kafka, install_stop_sign
 from linewatch.wire import DEFAULT_MAX_FRAME_BYTES, DEFAULT_TOPIC_PREFIX
 
 DEMO_SHOTS = 4  # the demo's reference frames, unless --zero-shot
+DEMO_HOLDOUT = 100  # and its held-out normal frames for thresholds
 
 
 def add_commands(sub: Any) -> None:
@@ -108,8 +109,8 @@ def add_commands(sub: Any) -> None:
                         "page to you (default: on)")
     d.add_argument("--operator-delay", type=float, default=2.0, metavar="SECONDS",
                    help="how long the simulated operator looks at an item (default: %(default)s)")
-    d.add_argument("--holdout", type=int, default=100,
-                   help="held-out normal frames for thresholds (default: %(default)s)")
+    d.add_argument("--holdout", type=int, default=None,
+                   help=f"held-out normal frames for thresholds (default: {DEMO_HOLDOUT})")
     d.add_argument("--false-alarm-rate", type=float, default=0.025, help="default: %(default)s")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--dim-after", type=int, default=None, metavar="N",
@@ -248,9 +249,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
         raise CliError(f"--cameras {a.cameras}: give 1 or more")
     if a.expected_anomaly_rate is not None and not a.zero_shot:
         raise CliError("--expected-anomaly-rate sets zero-shot thresholds: add --zero-shot")
-    if a.zero_shot and a.shots is not None:
-        raise CliError("--shots counts reference frames, and --zero-shot uses none: drop one of them")
+    for name in ("shots", "holdout"):
+        if a.zero_shot and getattr(a, name) is not None:
+            raise CliError(f"--{name} counts normal frames the worker starts with, and --zero-shot "
+                           "starts with none: drop one of them")
     a.shots = DEMO_SHOTS if a.shots is None else a.shots
+    a.holdout = DEMO_HOLDOUT if a.holdout is None else a.holdout
     if a.workers > a.cameras:
         raise CliError(f"--workers {a.workers} with --cameras {a.cameras}: a camera's frames all go "
                        f"to one partition (they are keyed by camera), so {a.workers - a.cameras} "
