@@ -296,7 +296,10 @@ class ReferenceLearner:
                 start = getattr(self.scorer, "start_few_shot", None)
                 if start is not None:
                     start()
-            self.holdout = CalibrationFrames(list(self.calibration))
+            if self.holdout is not None and len(self.holdout) + len(aside) <= self.max_learned:
+                self.holdout.extend(aside)  # only the new frames through the backbone
+            else:  # the first time, or the oldest fell out of the bounded set
+                self.holdout = CalibrationFrames(list(self.calibration))
         elif aside:
             log.info("thresholds stay uncalibrated: %d of the %d confirmed normals needed for "
                      "calibration set aside (every second confirmed normal), %d more confirmations "

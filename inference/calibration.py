@@ -114,6 +114,18 @@ class CalibrationFrames:
             return list(self._prepared.results)
         return score_frames(scorer, self.frames, self.batch_size, on_batch)
 
+    def extend(self, frames: Sequence[np.ndarray]) -> None:
+        """More calibration frames; prepared frames stay prepared when the scorer's prepared
+        form can grow (``extend``), so only the new ones go through the backbone."""
+        frames = list(frames)
+        self.frames += frames
+        if not frames or self._prepared is None:
+            return
+        if hasattr(self._prepared, "extend"):
+            self._prepared.extend(self._owner.prepare(frames, self.batch_size))  # type: ignore[union-attr]
+        else:
+            self._prepared, self._owner = None, None
+
     def scores(self, scorer: object) -> list[float]:
         """The frames' scores under ``scorer``'s memory as it is now."""
         if self._prepared is not None and self._owner is scorer:

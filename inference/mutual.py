@@ -33,7 +33,7 @@ the banks are no longer consulted. Nothing here is trained.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +52,19 @@ class FrameFeatures:
     variants: torch.Tensor  # float16 in banks and memories (half the memory), float32 for scoring
     grid: tuple[int, int]  # (h, w) patches, P = h * w
     embedding: np.ndarray
+
+
+@dataclass
+class PreparedMutual:
+    """Calibration frames kept ready to be scored few-shot again as the memory grows, with
+    no backbone pass (their float16 features); see :class:`inference.calibration.CalibrationFrames`."""
+
+    features: list[FrameFeatures]
+    results: list[ScoreResult]
+
+    def extend(self, other: PreparedMutual) -> None:
+        self.features += other.features
+        self.results += other.results
 
 
 class MutualScorer:
@@ -235,8 +248,32 @@ class MutualScorer:
     def memory_size(self) -> int:
         return len(self._references)
 
+    def prepare(self, images: Sequence[np.ndarray], batch_size: int = 8,
+                on_batch: Callable[[int], object] | None = None) -> PreparedMutual:
+        """Score frames as :meth:`score` does with no stream, keeping their features for
+        :meth:`rescore` (operator-confirmed calibration frames are rescored after every
+        verdict: without this, each time through the backbone)."""
+        feats: list[FrameFeatures] = []
+        results: list[ScoreResult] = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            got = self.features(chunk)
+            results += ([self._few_shot(f, None) for f in got] if self.mode == "few-shot"
+                        else self.score(chunk))
+            feats += [FrameFeatures(f.variants.half(), f.grid, f.embedding) for f in got]
+            if on_batch is not None:
+                on_batch(len(chunk))
+        return PreparedMutual(feats, results)
+
+    def rescore(self, prepared: PreparedMutual) -> list[float] | None:
+        """Few-shot scores of prepared frames under the memory as it is now; None in mutual
+        mode (those scores depend on the banks: score the frames again)."""
+        if self.mode != "few-shot":
+            return None
+        return [self._few_shot(f, None).score for f in prepared.features]
+
     def _few_shot(self, f: FrameFeatures, stream: Hashable) -> ScoreResult:
         assert self._memory is not None
-        sims = torch.bmm(f.variants, self._memory.transpose(1, 2))  # (V, P, M)
+        sims = torch.bmm(f.variants.float(), self._memory.transpose(1, 2))  # (V, P, M)
         patch = (1.0 - sims.amax(dim=-1)).clamp_min_(0.0).mean(dim=0)
         return self._result(f, patch, "few-shot", stream)

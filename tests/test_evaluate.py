@@ -83,22 +83,26 @@ def test_bottle_one_shot_meets_the_quality_bar(tmp_path):
     assert "image_auroc" in r.stdout and "roc:" in r.stdout
 
 
-def test_zero_shot_stream_protocol_via_the_cli(tmp_path):
+def test_zero_shot_stream_protocol_via_the_cli(tmp_path, capsys):
     """`--method mutual --shots 0 --protocol stream`: the frames in a random order per seed,
     each against those before it; the stream is printed, the warm-up left out of the metrics.
     One defect type at 112 px keeps it quick: a mechanism check, not the README's figures."""
     root = shared_data("mvtec_ad", "bottle")
+    from linewatch.cli import main
+
     out = tmp_path / "stream.json"
-    r = _evaluate("--data", str(root), "--method", "mutual", "--shots", "0", "--protocol", "stream",
-                  "--defect-types", "broken_large", "--image-size", "112", "--seeds", "2",
-                  "--json", str(out))
-    assert r.returncode == 0, r.stderr
+    rc = main(["evaluate", "--no-progress", "--data", str(root), "--method", "mutual", "--shots", "0",
+               "--protocol", "stream", "--defect-types", "broken_large", "--image-size", "112",
+               "--seeds", "2", "--json", str(out)])
+    r = capsys.readouterr()
+    assert rc == 0, r.err
     res = json.loads(out.read_text())
     assert res["stream"].startswith("40 frames: 20 normal, 20 defective") and res["warmup_frames"] == 8
     assert res["n_images"] == 32 and len(res["per_seed"]) == 2
-    assert "zero-shot stream: 40 frames" in r.stderr and "after the first 8" in r.stdout
+    assert "zero-shot stream: 40 frames" in r.err and "after the first 8" in r.out
     assert res["image_auroc"] > 0.9, res["image_auroc"]  # broken_large is plain even at 112 px
-    bad = _evaluate("--data", str(root), "--method", "patch-knn", "--shots", "0")
-    assert bad.returncode == 2 and "--shots must be >= 1 for patch-knn" in bad.stderr
-    bad = _evaluate("--data", str(root), "--method", "mutual", "--shots", "1", "--protocol", "stream")
-    assert bad.returncode == 2 and "--method mutual --shots 0" in bad.stderr
+    assert main(["evaluate", "--data", str(root), "--method", "patch-knn", "--shots", "0"]) == 2
+    assert "--shots must be >= 1 for patch-knn" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(root), "--method", "mutual", "--shots", "1",
+                 "--protocol", "stream"]) == 2
+    assert "--method mutual --shots 0" in capsys.readouterr().err

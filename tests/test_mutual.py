@@ -68,11 +68,12 @@ def test_a_defect_repeated_in_a_few_other_frames_still_scores_high(backbone, bot
     defect = images[8]  # broken_large
     others = [*images[:8], defect.copy(), defect.copy()]
     scores = {}
+    s = MutualScorer(backbone)
+    feats = s.features([defect, *others])
+    normal = s._result(feats[1], s._patch_scores(feats[1], feats[2:9]), "mutual").score
     for keep in (0.3, 0.05):
-        s = MutualScorer(backbone, keep=keep)
-        feats = s.features([defect, *others])
+        s.keep = keep
         scores[keep] = float(s._result(feats[0], s._patch_scores(feats[0], feats[1:]), "mutual").score)
-        normal = s._result(feats[1], s._patch_scores(feats[1], feats[2:9]), "mutual").score
     assert scores[0.05] < 1e-4  # its copies are at distance 0: plain nearest-frame scoring misses it
     assert scores[0.3] > 2 * normal, (scores, normal)
 
@@ -170,6 +171,10 @@ def test_confirmed_normals_turn_a_zero_shot_line_few_shot_then_calibrated():
     assert s.memory_size == 3 and s.mode == "few-shot" and got.thresholds is not None
     assert got.thresholds.n_normals == 3 and got.thresholds.guaranteed
     assert got.thresholds.uncalibrated is None
+    prepared = learner.holdout._prepared  # the calibration frames' features, kept
+    got = confirm(6, 2)  # more verdicts: only the new calibration frame goes through the backbone
+    assert learner.holdout._prepared is prepared and len(prepared.features) == 4
+    assert got.thresholds is not None and got.thresholds.n_normals == 4 and s.memory_size == 4
 
 
 def test_a_zero_shot_worker_warms_up_then_decides_each_camera_by_its_own_frames(
