@@ -32,6 +32,7 @@ the banks are no longer consulted. Nothing here is trained.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ class PreparedMutual:
         self.results += other.results
 
 
+log = logging.getLogger(__name__)
+
+
 class MutualScorer:
     """Zero-shot scoring of frames by the other frames of their stream (see module doc)."""
 
@@ -89,6 +93,7 @@ class MutualScorer:
         self.bank_size, self.warmup, self.few_shot_after = bank_size, warmup, few_shot_after
         self.max_streams = max_streams
         self._banks: OrderedDict[Hashable, deque[FrameFeatures]] = OrderedDict()
+        self.banks_forgotten = 0  # streams whose bank was dropped for a newer one (max_streams)
         self._references: list[FrameFeatures] = []
         self._memory: torch.Tensor | None = None  # (V, M, D) reference patches
         self.map_gate: float | None = None  # unused; the worker sets it on every scorer
@@ -222,7 +227,13 @@ class MutualScorer:
             if bank is None:
                 bank = self._banks[key] = deque(maxlen=self.bank_size)
                 while len(self._banks) > self.max_streams:
-                    self._banks.popitem(last=False)
+                    gone, _ = self._banks.popitem(last=False)
+                    self.banks_forgotten += 1
+                    if self.banks_forgotten % 100 == 1:  # the first, then every 100th: not a flood
+                        log.warning("more than %d cameras feed banks here: forgot the bank of %r "
+                                    "(%d forgotten so far); its frames warm up again. Raise "
+                                    "--max-cameras or spread the cameras over more workers",
+                                    self.max_streams, gone, self.banks_forgotten)
             self._banks.move_to_end(key)
             bank.append(FrameFeatures(f.variants.half(), f.grid, f.embedding))
 

@@ -78,7 +78,7 @@ def test_a_defect_repeated_in_a_few_other_frames_still_scores_high(backbone, bot
     assert scores[0.3] > 2 * normal, (scores, normal)
 
 
-def test_stream_banks_warm_up_bound_and_turn_few_shot():
+def test_stream_banks_warm_up_bound_and_turn_few_shot(caplog):
     """Per-stream banks: the first frame has nothing to compare with (score 0, warm-up), frames
     of one call compare with each other while warming up, banks keep the newest bank_size
     frames, streams beyond max_streams are forgotten oldest first, and confirmed normals make
@@ -102,6 +102,7 @@ def test_stream_banks_warm_up_bound_and_turn_few_shot():
     assert s.bank_len("a") == 4  # the newest 4
     s.admit(s.score(frames[:1], ["b"]) + s.score(frames[:1], ["c"]))
     assert s.bank_len("a") == 0 and s.bank_len("b") == s.bank_len("c") == 1  # a was oldest
+    assert s.banks_forgotten == 1 and "forgot the bank of 'a'" in caplog.text  # said, not silent
     with pytest.raises(ValueError, match="stream keys"):
         s.score(frames[:2], ["a"])
     s.add_normals(frames[:1])
