@@ -54,6 +54,10 @@ class FrameFeatures:
     grid: tuple[int, int]  # (h, w) patches, P = h * w
     embedding: np.ndarray
 
+    def stored(self) -> FrameFeatures:
+        """The float16 copy kept in banks, memories and prepared calibration frames."""
+        return FrameFeatures(self.variants.half(), self.grid, self.embedding)
+
 
 @dataclass
 class PreparedMutual:
@@ -235,7 +239,7 @@ class MutualScorer:
                                     "--max-cameras or spread the cameras over more workers",
                                     self.max_streams, gone, self.banks_forgotten)
             self._banks.move_to_end(key)
-            bank.append(FrameFeatures(f.variants.half(), f.grid, f.embedding))
+            bank.append(f.stored())
 
     def forget(self, streams: Sequence[Hashable]) -> None:
         """Drop streams' banks (their partitions moved to another worker)."""
@@ -251,8 +255,7 @@ class MutualScorer:
     def add_normals(self, normals: Sequence[np.ndarray]) -> None:
         if len(normals) == 0:
             return
-        self._references += [FrameFeatures(f.variants.half(), f.grid, f.embedding)
-                             for f in self.features(normals)]
+        self._references += [f.stored() for f in self.features(normals)]
         self._memory = torch.cat([f.variants for f in self._references], dim=1).float()
 
     @property
@@ -271,7 +274,7 @@ class MutualScorer:
             got = self.features(chunk)
             results += ([self._few_shot(f, None) for f in got] if self.mode == "few-shot"
                         else self.score(chunk))
-            feats += [FrameFeatures(f.variants.half(), f.grid, f.embedding) for f in got]
+            feats += [f.stored() for f in got]
             if on_batch is not None:
                 on_batch(len(chunk))
         return PreparedMutual(feats, results)
