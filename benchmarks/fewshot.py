@@ -37,7 +37,7 @@ import torch
 
 from inference import eval_metrics as em
 from inference.backbones import DinoV2Backbone
-from inference.scoring import PatchKNNScorer, _nearest, aggregate_patches
+from inference.scoring import PatchKNNScorer, _nearest, aggregate_patches, novel_rows
 from inference.visualize import upsample_map
 from linewatch.evaluate import Split, _eval_shape, load_split, read_mask
 from linewatch.images import read_rgb
@@ -243,6 +243,56 @@ def knn_scaling(frames_in_memory: tuple[int, ...] = (1, 4, 16, 64, 204), repeats
     return out
 
 
+def memory_growth(name: str, seed: int, learned: tuple[int, ...], tolerances: tuple[float, ...],
+                  progress: Callable[[str], None]) -> list[dict]:
+    """A line that learns: the references of draw ``seed`` plus n normals an operator
+    confirmed (drawn from the rest of the normal pool), the memory built as the scorer builds
+    it (``novel_rows``, frame by frame) at each ``--memory-tolerance``; its rows, the exact
+    nearest-patch ms per frame against it, and the test set's quality. 224 px, squashed."""
+    p = prepare(name, [seed], None)
+    feats = Features(224)
+    test = feats([read_rgb(p.split.test[i].path) for i in p.tests]).float()
+    refs = p.split.references(p.shots, seed)
+    pool = [c for c in p.split.candidates if c not in refs]
+    order = np.random.default_rng(100 + seed).permutation(len(pool))[:max(learned)]
+    normals = feats([read_rgb(x) for x in refs + [pool[i] for i in order]]).float()
+    frames = [f.reshape(-1, f.shape[-1]) for f in normals]
+    b, g, gw, d = test.shape
+    pix_true = np.concatenate([m.ravel() for m in p.masks])
+    rows = []
+    for n in learned:
+        for tol in tolerances:
+            t0 = time.perf_counter()
+            memory = novel_rows(None, frames[:p.shots + n], tol)
+            build_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            dist = _nearest(test.reshape(b, g * gw, d), memory).reshape(b, g, gw).numpy()
+            match_ms = 1000 * (time.perf_counter() - t0) / b
+            scores = _image_scores(Variant("memory"), dist, None)
+            maps = [upsample_map(m, w, h, sigma=4.0 * max(h, w) / 256) for m, (h, w) in zip(dist, p.shapes,
+                                                                                          strict=True)]
+            row = {"dataset": name, "shots": p.shots, "seed": seed, "learned": n, "tolerance": tol,
+                   "memory_rows": int(memory.shape[0]), "match_ms": match_ms, "build_s": build_s,
+                   "image_auroc": em.auroc(p.labels, scores),
+                   "pixel_auroc": em.auroc(pix_true, np.concatenate([m.ravel() for m in maps])),
+                   "pixel_pro": em.pro_auc(p.masks, maps)}
+            rows.append(row)
+            progress(f"  {name} +{n} learned, tolerance {tol}: {row['memory_rows']} rows, "
+                     f"{match_ms:.1f} ms, image {row['image_auroc']:.3f} pixel {row['pixel_auroc']:.3f} "
+                     f"PRO {row['pixel_pro']:.3f}")
+    return rows
+
+
+def memory_table(rows: list[dict]) -> str:
+    out = ["| data | learned normals | --memory-tolerance | memory rows | nearest-patch ms/frame "
+           "| image AUROC | pixel AUROC | PRO |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['dataset']} {r['shots']}-shot | {r['learned']} | {r['tolerance']:g} | "
+                   f"{r['memory_rows']} | {r['match_ms']:.1f} | {r['image_auroc']:.3f} | "
+                   f"{r['pixel_auroc']:.3f} | {r['pixel_pro']:.3f} |")
+    return "\n".join(out)
+
+
 def table(rows: list[dict]) -> str:
     out = ["| data | technique | px | image AUROC | pixel AUROC | PRO | ms/frame |",
            "|---|---|---|---|---|---|---|"]
@@ -261,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sizes", default=None, help="only these resolutions, e.g. 224,336 (default: all)")
     ap.add_argument("--torch-threads", type=int, default=None)
+    ap.add_argument("--memory", action="store_true",
+                    help="only the learning-line table: memory rows, ms and quality as operators "
+                         "confirm 16/64/200 normals, at each --memory-tolerance (seed 0; about "
+                         "15 min on 2 cores); written to benchmarks/results/memory.json")
     ap.add_argument("--json", default=None,
                     help="where to write the rows (default: benchmarks/results/fewshot.json; "
                          "none with --quick)")
@@ -273,6 +327,16 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--datasets: unknown {n!r}; choose from {', '.join(SETS)}")
         if not SETS[n][0].is_dir():
             ap.error(f"{SETS[n][0]} is missing: the benchmark reads ../shared/data beside the repository")
+    if a.memory:
+        mem = [r for n in names for r in memory_growth(
+            n, 0, (0, 16, 64, 200), (0.0, 0.02, 0.05, 0.1),
+            lambda m: print(m, file=sys.stderr, flush=True))]
+        print(memory_table(mem))
+        path = Path(a.json or "benchmarks/results/memory.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "rows": mem}, indent=2))
+        print(f"wrote {path}", file=sys.stderr)
+        return 0
     seeds = [0] if a.quick else list(range(a.seeds))
     sizes = sorted({s for v in VARIANTS for s in v.sizes})
     if a.quick:

@@ -109,13 +109,15 @@ def _build(s: ScorerSettings, device: str) -> Scorer:
         check_int8_device(device)
     bb = _backbone(s)
     if s.method == "patch-knn":
+        tolerance = float(s.resolved().memory_tolerance or 0.0)
         scorer = PatchKNNScorer(bb, device=device, augment=s.reference_augment,
-                                adapt_steps=s.adapt_steps, tiling=s.tiling, aggregate=s.aggregate)
+                                adapt_steps=s.adapt_steps, tiling=s.tiling, aggregate=s.aggregate,
+                                memory_tolerance=tolerance)
         if s.zoom:
             from inference.zoom import ZoomScorer
 
             crop = PatchKNNScorer(bb, device=device, augment=s.reference_augment, tiling=s.tiling,
-                                  aggregate=s.aggregate)
+                                  aggregate=s.aggregate, memory_tolerance=tolerance)
             scorer = ZoomScorer(scorer, crop, top_k=s.zoom_top_k, crop_frac=s.zoom_crop)
     elif s.method == "mutual":
         from inference.mutual import MutualScorer

@@ -191,6 +191,7 @@ class PatchKNNScorer:
         adapt_steps: int = 0,
         tiling: bool = True,
         aggregate: tuple[int, ...] = (1,),
+        memory_tolerance: float = 0.0,
     ) -> None:
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
@@ -203,6 +204,9 @@ class PatchKNNScorer:
         self.augment = augment
         self.tiling = tiling  # frames far from square are cut into tiles (tile_grid)
         self.aggregate = tuple(aggregate)  # neighbourhood sizes (aggregate_patches)
+        if not 0.0 <= memory_tolerance < 1.0:
+            raise ValueError(f"memory_tolerance must be in [0, 1), got {memory_tolerance}")
+        self.memory_tolerance = memory_tolerance  # novelty filter on added frames (add_normals)
         self._memory: torch.Tensor | None = None  # (M, D), unit norm
         self._memory_epoch = 0  # +1 each time fit() replaces the memory (rows only append between)
         self._feature_epoch = 0  # +1 each time fit() trains a new head
@@ -260,11 +264,24 @@ class PatchKNNScorer:
         self.add_normals(normals)
 
     def add_normals(self, normals: Sequence[np.ndarray]) -> None:
+        """Append the normals' patches (every view) to the memory. With ``memory_tolerance``
+        > 0, frame by frame, only patches farther than it (cosine distance) from every patch
+        already kept are appended: a line that learns hundreds of normals keeps what is new
+        in them, not 256 rows a frame that mostly repeat the references (see
+        :func:`novel_rows` for what that does to scores)."""
         if len(normals) == 0:
             return
-        groups = self._grouped_features([v for im in normals for v in augmented_views(im, self.augment)])
-        flat = torch.cat([f.reshape(-1, f.shape[-1]) for _, f in groups])
-        self._memory = flat if self._memory is None else torch.cat([self._memory, flat])
+        views = [v for im in normals for v in augmented_views(im, self.augment)]
+        if self.memory_tolerance <= 0.0:
+            groups = self._grouped_features(views)
+            flat = torch.cat([f.reshape(-1, f.shape[-1]) for _, f in groups])
+            self._memory = flat if self._memory is None else torch.cat([self._memory, flat])
+            return
+        per_view: list[torch.Tensor] = [torch.empty(0)] * len(views)
+        for idx, f in self._grouped_features(views):
+            for j, i in enumerate(idx):
+                per_view[i] = f[j].reshape(-1, f.shape[-1])
+        self._memory = novel_rows(self._memory, per_view, self.memory_tolerance)
 
     def score(self, images: Sequence[np.ndarray]) -> list[ScoreResult]:
         if self._memory is None:
@@ -338,6 +355,33 @@ class PatchKNNScorer:
                 scores[i] = v
         prepared.memory_rows, prepared.memory_epoch = self.memory_size, self._memory_epoch
         return scores
+
+
+def novel_rows(memory: torch.Tensor | None, frames: Sequence[torch.Tensor], tolerance: float,
+               consolidate: int = 16) -> torch.Tensor:
+    """``memory`` grown by each (P, D) frame of ``frames`` in turn, keeping only its rows
+    whose cosine distance to the nearest row kept so far exceeds ``tolerance`` (a frame added
+    to an empty memory is kept whole).
+
+    Why this is safe for the thresholds: every dropped row lies within ``tolerance`` of a kept
+    one, so a query's nearest distance can only grow, and by at most what the triangle
+    inequality on unit vectors allows: sqrt(d_kept) <= sqrt(d_all) + sqrt(tolerance). A
+    defect never scores lower than with the whole memory, and calibration frames are
+    scored against the same kept memory, so thresholds measure exactly what decides.
+    The search over the kept rows stays exact (no approximate index). New rows are gathered
+    in parts, merged every ``consolidate`` frames, so refitting 200 frames copies little."""
+    parts: list[torch.Tensor] = [] if memory is None else [memory]
+    for rows in frames:
+        if parts and tolerance > 0:  # 0 keeps every row: no search
+            dist = torch.stack([_nearest(rows[None], part)[0] for part in parts]).amin(dim=0)
+            rows = rows[dist > tolerance]
+        if len(rows):
+            parts.append(rows)
+        if len(parts) > consolidate:
+            parts = [torch.cat(parts)]
+    if not parts:
+        raise ValueError("novel_rows() needs at least one frame or a memory")
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _nearest(features: torch.Tensor, memory: torch.Tensor, chunk: int = 2048) -> torch.Tensor:

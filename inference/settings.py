@@ -29,6 +29,10 @@ MUTUAL_MODES = ("warm-up", "mutual", "few-shot")
 # a visual backbone's resolution and compared layers when not given (DINOv2 blocks, timm stages)
 BACKBONE_DEFAULTS: dict[str, tuple[int, tuple[int, ...]]] = {
     "dinov2-s": (224, (5, 8)), "efficientnet-lite0": (256, (2, 3))}
+# patch-knn's novelty filter on a learned normal's patches (scoring.novel_rows) when not given:
+# a cosine distance, so it means something different on each backbone's feature space; measured
+# for dinov2-s only (README: "A line that learns"), exact (0: every patch kept) elsewhere
+MEMORY_TOLERANCE_DEFAULTS: dict[str, float] = {"dinov2-s": 0.02}
 DEFAULT_BACKBONE = {"patch-knn": "dinov2-s", "mutual": "dinov2-s", "winclip": "openclip:ViT-B-16-plus-240",
                     "winclip+": "openclip:ViT-B-16-plus-240", "anomalyclip": "openclip:ViT-B-16-plus-240"}
 
@@ -70,6 +74,10 @@ class ScorerSettings:
     tiling: bool = True  # patch-knn and mutual: frames far from square scored as tiles (scoring.tile_grid)
     bank_size: int = 32  # mutual only: recent frames per camera each frame is scored against
     warmup: int = 8  # mutual only: a camera's frames go to review until its bank holds this many
+    # patch-knn only: a learned normal's patches within this cosine distance of the memory
+    # are not added (scoring.novel_rows); 0 keeps every patch; None: the backbone's default
+    # (MEMORY_TOLERANCE_DEFAULTS)
+    memory_tolerance: float | None = None
     zoom: bool = False  # patch-knn only
     zoom_top_k: int = 2
     zoom_crop: float = 0.35
@@ -105,8 +113,11 @@ class ScorerSettings:
         if self.method == "noop" or bb is None:
             return self
         size, layers = BACKBONE_DEFAULTS.get(bb, (None, None))
+        tolerance = self.memory_tolerance
+        if tolerance is None and self.method == "patch-knn":
+            tolerance = MEMORY_TOLERANCE_DEFAULTS.get(bb, 0.0)
         return dataclasses.replace(self, backbone=bb, image_size=self.image_size or size,
-                                   layers=self.layers or layers)
+                                   layers=self.layers or layers, memory_tolerance=tolerance)
 
     @property
     def clip(self) -> bool:
@@ -158,6 +169,8 @@ class ScorerSettings:
             "prompts": None if m == "anomalyclip" else "learned prompts are AnomalyCLIP's",
             "warmup": None if m == "mutual" else "the warm-up is mutual scoring's",
             "adapt_steps": None if m == "patch-knn" else "adaptation is implemented for patch-knn",
+            "memory_tolerance": None if m == "patch-knn" else "the novelty filter on the memory is "
+                                                              "implemented for patch-knn",
             "zoom_top_k": None if self.zoom else "it sets how ROI zoom works; add --zoom",
             "zoom_crop": None if self.zoom else "it sets how ROI zoom works; add --zoom",
             "class_name": (f"{bb} has no text model to put it in a prompt" if not self.clip else
@@ -190,6 +203,9 @@ class ScorerSettings:
         if not 2 <= self.warmup <= self.bank_size:
             raise SettingsError(f"--warmup {self.warmup} / --bank-size {self.bank_size}: need "
                                 "2 <= warmup <= bank size (a frame needs others to be compared with)")
+        if self.memory_tolerance is not None and not 0.0 <= self.memory_tolerance <= 0.5:
+            raise SettingsError(f"--memory-tolerance {self.memory_tolerance}: give a cosine distance "
+                                "from 0 (keep every patch) to 0.5")
         if self.adapt_steps < 0:
             raise SettingsError(f"--adapt-steps {self.adapt_steps}: must be >= 0")
         if self.vocabulary is not None and len([w for w in self.vocabulary if w.strip()]) < 2:
@@ -261,7 +277,7 @@ class ScorerSettings:
 _TYPES: dict[str, Any] = {
     "method": str, "backbone": str, "weights": str, "image_size": int, "layers": int,
     "random_init": bool, "precision": str, "reference_augment": str, "aggregate": int, "tiling": bool,
-    "bank_size": int, "warmup": int, "prompts": str,
+    "bank_size": int, "warmup": int, "prompts": str, "memory_tolerance": int | float,
     "zoom": bool,
     "zoom_top_k": int, "zoom_crop": int | float, "adapt_steps": int, "class_name": str,
     "vocabulary": str}
@@ -271,8 +287,8 @@ def _type_name(kind: Any) -> str:
 
 
 _LISTS = ("layers", "aggregate", "vocabulary")
-_OPTIONAL = ("backbone", "weights", "image_size", "layers", "vocabulary", "prompts")
+_OPTIONAL = ("backbone", "weights", "image_size", "layers", "vocabulary", "prompts", "memory_tolerance")
 DEFAULTS = ScorerSettings()
 # what a setting added later meant for a profile written before it: that profile's thresholds
 # were measured with squashed frames, so it keeps being scored that way
-_BEFORE_THEY_EXISTED: dict[str, Any] = {"tiling": False}
+_BEFORE_THEY_EXISTED: dict[str, Any] = {"tiling": False, "memory_tolerance": 0.0}

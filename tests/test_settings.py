@@ -52,6 +52,8 @@ CASES: dict[str, tuple[dict[str, Any], Any]] = {
     "zoom_top_k": ({**EFF, "zoom": True, "zoom_top_k": 3}, lambda s, d: s.top_k),
     "zoom_crop": ({**EFF, "zoom": True, "zoom_crop": 0.5}, lambda s, d: s.crop_frac),
     "adapt_steps": ({**EFF, "adapt_steps": 3}, lambda s, d: (s.adapt_steps, s.head is not None)),
+    "memory_tolerance": ({**EFF, "memory_tolerance": 0.3},  # the second reference: only what is new
+                         lambda s, d: (s.memory_tolerance, s.memory_size)),
     # mutual scoring has no profile (calibrate refuses it): these reach a worker built from flags
     "bank_size": ({"method": "mutual", "image_size": 56, "bank_size": 16},
                   lambda s, d: s.bank_size),
@@ -192,6 +194,7 @@ def test_a_setting_given_to_calibrate_reaches_the_profile_workers_scorer(
     (["--zoom", "--zoom-crop", "0.95"], "--zoom-crop"),
     (["--bank-size", "16"], "--bank-size"),  # patch-knn has no bank
     (["--scorer", "mutual", "--zoom"], "--zoom"),
+    (["--scorer", "mutual", "--memory-tolerance", "0.02"], "--memory-tolerance"),
     (["--scorer", "mutual", "--warmup", "40"], "--warmup"),  # above the bank of 32
     (["--scorer", "mutual", "--backbone", TINY, "--random-init"], "mutual scoring is implemented"),
     (["--scorer", "mutual"], "needs no profile"),
@@ -307,8 +310,10 @@ def test_a_schema_1_profile_loads_without_the_options_its_scorer_ignored(
                       "zoom_crop": 0.35, "precision": "fp32"}
     jpath.write_text(json.dumps(meta))
     p = LineProfile.load(out)
-    # tiling came later: the profile's thresholds were measured on squashed frames
-    assert p.scorer == ScorerSettings(backbone="efficientnet-lite0", image_size=64, tiling=False)
+    # tiling and the memory's novelty filter came later: the profile's thresholds were
+    # measured on squashed frames against a whole memory
+    assert p.scorer == ScorerSettings(backbone="efficientnet-lite0", image_size=64, tiling=False,
+                                      memory_tolerance=0.0)
     assert "class_name" in caplog.text
 
 
@@ -317,9 +322,11 @@ def test_settings_round_trip_and_refuse_unknown_keys() -> None:
     assert ScorerSettings.from_dict(s.to_dict()) == s
     with pytest.raises(SettingsError, match="unknown scorer setting"):
         ScorerSettings.from_dict({**s.to_dict(), "temperature": 0.1})
-    old = {k: v for k, v in ScorerSettings().to_dict().items() if k != "tiling"}
+    old = {k: v for k, v in ScorerSettings().to_dict().items() if k not in ("tiling", "memory_tolerance")}
     assert ScorerSettings.from_dict(old).tiling is False  # written before tiling: squashed, as calibrated
     assert ScorerSettings.from_legacy_dict(old)[0].tiling is False
+    # and before the memory's novelty filter: its verdicts were learned whole
+    assert ScorerSettings.from_dict(old).memory_tolerance == 0.0
     with pytest.raises(SettingsError, match="mapping"):
         ScorerSettings.from_legacy_dict(["patch-knn"])  # type: ignore[arg-type]
     for bad in ({"layers": "abc"}, {"vocabulary": 5}, {"zoom": True, "zoom_top_k": "3"},
@@ -327,7 +334,8 @@ def test_settings_round_trip_and_refuse_unknown_keys() -> None:
                 {"backbone": TINY, "random_init": True, "vocabulary": "ab"},
                 {"backbone": TINY, "random_init": True, "class_name": 5}, {"aggregate": [2]},
                 {"aggregate": [1, 1]}, {"aggregate": []}, {"aggregate": "1,3"}, {"tiling": "yes"},
-                {"zoom": True, "zoom_crop": "0.5"}, {"zoom": True, "zoom_crop": True}):
+                {"zoom": True, "zoom_crop": "0.5"}, {"zoom": True, "zoom_crop": True},
+                {"memory_tolerance": "0.1"}, {"memory_tolerance": -0.1}, {"memory_tolerance": 0.9}):
         with pytest.raises(SettingsError):  # a profile's wrong types: a named error, not a crash
             ScorerSettings.from_dict({"backbone": "efficientnet-lite0", **bad})
 

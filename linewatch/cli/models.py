@@ -16,6 +16,7 @@ from inference import set_torch_threads
 from inference.settings import (
     AUGMENTS,
     DEFAULTS,
+    MEMORY_TOLERANCE_DEFAULTS,
     METHODS,
     PRECISIONS,
     PRESETS,
@@ -114,6 +115,14 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
                    help=f"with --zoom: regions per frame ({_default('zoom_top_k')})")
     g.add_argument("--zoom-crop", type=float, default=_NOT_GIVEN,
                    help=f"with --zoom: crop size as a fraction of the frame side ({_default('zoom_crop')})")
+    g.add_argument("--memory-tolerance", type=float, default=_NOT_GIVEN, metavar="DIST",
+                   help="patch-knn: a normal added to the memory (an operator's verdict, a "
+                        "reference after the first) keeps only its patches farther than DIST "
+                        "(cosine distance) from every patch already there, so a line that learns "
+                        "hundreds of normals stays fast; scores can only rise, by little (see the "
+                        "README's memory table); 0 keeps every patch (default: "
+                        + ", ".join(f"{v:g} for {k}" for k, v in MEMORY_TOLERANCE_DEFAULTS.items())
+                        + ", 0 for other backbones)")
     g.add_argument("--adapt-steps", type=int, default=_NOT_GIVEN, metavar="N",
                    help="patch-knn: train a small contrastive head on pseudo-anomalies of the "
                         "references for N steps before fitting (0 = off, the default: it did not "
