@@ -20,6 +20,7 @@ and ``openclip:ARCH`` with a local ``weights`` file.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from inference.settings import METHODS, VISUAL_BACKBONES, ScorerSettings, SettingsError
@@ -110,6 +111,9 @@ def _build(s: ScorerSettings, device: str) -> Scorer:
     bb = _backbone(s)
     if s.method == "patch-knn":
         tolerance = float(s.resolved().memory_tolerance or 0.0)
+        # spelled out, so a profile keeps the tolerance its thresholds were measured with
+        # even if the backbone's default changes later
+        s = dataclasses.replace(s, memory_tolerance=tolerance)
         scorer = PatchKNNScorer(bb, device=device, augment=s.reference_augment,
                                 adapt_steps=s.adapt_steps, tiling=s.tiling, aggregate=s.aggregate,
                                 memory_tolerance=tolerance)

@@ -204,8 +204,9 @@ class PatchKNNScorer:
         self.augment = augment
         self.tiling = tiling  # frames far from square are cut into tiles (tile_grid)
         self.aggregate = tuple(aggregate)  # neighbourhood sizes (aggregate_patches)
-        if not 0.0 <= memory_tolerance < 1.0:
-            raise ValueError(f"memory_tolerance must be in [0, 1), got {memory_tolerance}")
+        if not 0.0 <= memory_tolerance <= 0.5:
+            raise ValueError(f"memory_tolerance must be a cosine distance in [0, 0.5], got "
+                             f"{memory_tolerance}")
         self.memory_tolerance = memory_tolerance  # novelty filter on added frames (add_normals)
         self._memory: torch.Tensor | None = None  # (M, D), unit norm
         self._memory_epoch = 0  # +1 each time fit() replaces the memory (rows only append between)
@@ -265,10 +266,11 @@ class PatchKNNScorer:
 
     def add_normals(self, normals: Sequence[np.ndarray]) -> None:
         """Append the normals' patches (every view) to the memory. With ``memory_tolerance``
-        > 0, frame by frame, only patches farther than it (cosine distance) from every patch
-        already kept are appended: a line that learns hundreds of normals keeps what is new
-        in them, not 256 rows a frame that mostly repeat the references (see
-        :func:`novel_rows` for what that does to scores)."""
+        > 0, view by view, only patches farther than it (cosine distance) from every patch
+        already kept are appended (a view's own patches are not compared with each other):
+        a line that learns hundreds of normals keeps what is new in them, not 256 rows a
+        frame that mostly repeat the references (see :func:`novel_rows` for what that does
+        to scores)."""
         if len(normals) == 0:
             return
         views = [v for im in normals for v in augmented_views(im, self.augment)]

@@ -52,8 +52,7 @@ CASES: dict[str, tuple[dict[str, Any], Any]] = {
     "zoom_top_k": ({**EFF, "zoom": True, "zoom_top_k": 3}, lambda s, d: s.top_k),
     "zoom_crop": ({**EFF, "zoom": True, "zoom_crop": 0.5}, lambda s, d: s.crop_frac),
     "adapt_steps": ({**EFF, "adapt_steps": 3}, lambda s, d: (s.adapt_steps, s.head is not None)),
-    "memory_tolerance": ({**EFF, "memory_tolerance": 0.3},  # the second reference: only what is new
-                         lambda s, d: (s.memory_tolerance, s.memory_size)),
+    "memory_tolerance": ({**EFF, "memory_tolerance": 0.3}, lambda s, d: s.memory_tolerance),
     # mutual scoring has no profile (calibrate refuses it): these reach a worker built from flags
     "bank_size": ({"method": "mutual", "image_size": 56, "bank_size": 16},
                   lambda s, d: s.bank_size),
@@ -327,6 +326,13 @@ def test_settings_round_trip_and_refuse_unknown_keys() -> None:
     assert ScorerSettings.from_legacy_dict(old)[0].tiling is False
     # and before the memory's novelty filter: its verdicts were learned whole
     assert ScorerSettings.from_dict(old).memory_tolerance == 0.0
+    # what a profile stores from now on is the tolerance spelled out, so a later change of
+    # the backbone's default does not change the memory its thresholds were measured with
+    built = ScorerSettings(backbone="efficientnet-lite0", image_size=64).build()
+    assert built.settings.to_dict()["memory_tolerance"] == built.memory_tolerance == 0.0
+    from inference.settings import MEMORY_TOLERANCE_DEFAULTS
+    assert ScorerSettings().resolved().memory_tolerance == MEMORY_TOLERANCE_DEFAULTS["dinov2-s"] > 0
+    assert ScorerSettings(method="mutual").resolved().memory_tolerance is None  # not mutual's
     with pytest.raises(SettingsError, match="mapping"):
         ScorerSettings.from_legacy_dict(["patch-knn"])  # type: ignore[arg-type]
     for bad in ({"layers": "abc"}, {"vocabulary": 5}, {"zoom": True, "zoom_top_k": "3"},

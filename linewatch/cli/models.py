@@ -116,11 +116,14 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
     g.add_argument("--zoom-crop", type=float, default=_NOT_GIVEN,
                    help=f"with --zoom: crop size as a fraction of the frame side ({_default('zoom_crop')})")
     g.add_argument("--memory-tolerance", type=float, default=_NOT_GIVEN, metavar="DIST",
-                   help="patch-knn: a normal added to the memory (an operator's verdict, a "
-                        "reference after the first) keeps only its patches farther than DIST "
-                        "(cosine distance) from every patch already there, so a line that learns "
-                        "hundreds of normals stays fast; scores can only rise, by little (see the "
-                        "README's memory table); 0 keeps every patch (default: "
+                   help="patch-knn: each frame added to the memory after the first (references, "
+                        "their rotated views, zoom crops, operators' verdicts) keeps only its "
+                        "patches farther than DIST (cosine distance) from every patch already "
+                        "there, so a line that learns hundreds of normals of an object stays "
+                        "fast; scores can only rise, by little. Textures' patches are all new: "
+                        "they keep everything and pay a search per learned frame (a refit of 200: "
+                        "~30 s on 2 cores); see the README's memory table. 0 keeps every patch "
+                        "(default: "
                         + ", ".join(f"{v:g} for {k}" for k, v in MEMORY_TOLERANCE_DEFAULTS.items())
                         + ", 0 for other backbones)")
     g.add_argument("--adapt-steps", type=int, default=_NOT_GIVEN, metavar="N",
@@ -325,7 +328,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         a.seeds = 1
     json_path = Path(a.json) if a.json else None
     plots = Path(a.plots) if a.plots else (json_path.parent if json_path else None)
-    config = {**settings.to_dict(), "backbone": settings.resolved_backbone, "shots": a.shots,
+    config = {**scorer.settings.to_dict(), "backbone": settings.resolved_backbone, "shots": a.shots,
               "device": a.device}
     if a.protocol == "stream":
         from linewatch.evaluate import describe_stream, stream_frames
