@@ -93,8 +93,8 @@ class Features:
     """The scorer's own patch features (``PatchKNNScorer.raw_patch_features``: DINOv2-S blocks
     5+8, each unit norm, concatenated), of squashed frames, kept in float16."""
 
-    def __init__(self, size: int) -> None:
-        self.scorer = PatchKNNScorer(DinoV2Backbone(image_size=size, layers=LAYERS), tiling=False)
+    def __init__(self, size: int, layers: tuple[int, ...] = LAYERS) -> None:
+        self.scorer = PatchKNNScorer(DinoV2Backbone(image_size=size, layers=layers), tiling=False)
 
     def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
         return torch.cat([self.scorer.raw_patch_features(images[i:i + 8]).half()
@@ -183,8 +183,9 @@ def prepare(name: str, seeds: list[int], limit: int | None) -> Prepared:
     return Prepared(split, shots, seeds, masks, shapes, labels, idx)
 
 
-def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[[str], None]) -> list[dict]:
-    feats = Features(size)
+def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[[str], None],
+            layers: tuple[int, ...] = LAYERS) -> list[dict]:
+    feats = Features(size, layers)
     images = [read_rgb(p.split.test[i].path) for i in p.tests]
     t0 = time.perf_counter()
     test = feats(images).float()
@@ -214,7 +215,8 @@ def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[
                 "pixel_auroc": em.auroc(np.concatenate([m.ravel() for m in p.masks]),
                                         np.concatenate([m.ravel() for m in maps])),
                 "pixel_pro": em.pro_auc(p.masks, maps), "match_ms": match_ms})
-        row = {"dataset": p.split.name, "shots": p.shots, "technique": v.name, "image_size": size,
+        row = {"dataset": p.split.name, "shots": p.shots, "image_size": size, "layers": list(layers),
+               "technique": v.name if layers == LAYERS else f"blocks {'+'.join(map(str, layers))}",
                "seeds": p.seeds, **{k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]},
                "backbone_ms": backbone_ms}
         row["ms_per_frame"] = row["backbone_ms"] + row["match_ms"]
@@ -311,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sizes", default=None, help="only these resolutions, e.g. 224,336 (default: all)")
     ap.add_argument("--torch-threads", type=int, default=None)
+    ap.add_argument("--blocks", default=None, metavar="SETS",
+                    help="only the baseline, once per set of DINOv2 blocks compared, e.g. "
+                         "5+8,4+7,3+6,5 (224 px, all seeds); written to benchmarks/results/blocks.json")
     ap.add_argument("--memory", action="store_true",
                     help="only the learning-line table: memory rows, ms and quality as operators "
                          "confirm 16/64/200 normals, at each --memory-tolerance (seed 0; about "
@@ -338,6 +343,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}", file=sys.stderr)
         return 0
     seeds = [0] if a.quick else list(range(a.seeds))
+    if a.blocks:
+        sets = [tuple(int(b) for b in x.split("+")) for x in a.blocks.split(",")]
+        rows = []
+        for n in names:
+            p = prepare(n, seeds, None)
+            for layers in sets:
+                rows += measure(p, 224, [VARIANTS[0]], lambda m: print(m, file=sys.stderr, flush=True),
+                                layers=layers)
+        print(table(rows))
+        path = Path(a.json or "benchmarks/results/blocks.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        return 0
     sizes = sorted({s for v in VARIANTS for s in v.sizes})
     if a.quick:
         sizes = [224]
