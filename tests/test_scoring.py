@@ -90,6 +90,14 @@ def test_novel_rows_keep_every_dropped_row_near_a_kept_one_and_scores_only_rise(
     assert (d_kept >= d_all - 1e-6).all()
     assert (d_kept.sqrt() <= d_all.sqrt() + tol ** 0.5 + 1e-5).all()
     assert (d_kept > d_all + 1e-4).any()  # the filter really changed some scores
+    # a texture: 8 searched frames in a row with (nearly) every row new (after the first,
+    # which starts the memory), and the rest of the call is appended without a search; a copy
+    # of the first frame after them is then kept whole, where a search (which the repetitive
+    # frames above never stop) would have dropped all of it
+    noise = [torch.nn.functional.normalize(torch.randn(64, 32, generator=gen), dim=-1) for _ in range(9)]
+    assert novel_rows(None, [*noise, noise[0]], tol).shape[0] == 10 * 64
+    assert novel_rows(None, [*noise, noise[0]], tol, give_up_after=100).shape[0] == 9 * 64
+    assert torch.equal(novel_rows(None, frames, tol, consolidate=4, give_up_after=100), kept)
 
 
 def test_a_tolerant_memory_learns_real_normals_in_fewer_rows_at_nearly_the_same_scores():

@@ -121,8 +121,8 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
                         "patches farther than DIST (cosine distance) from every patch already "
                         "there, so a line that learns hundreds of normals of an object stays "
                         "fast; scores can only rise, by little. Textures' patches are all new: "
-                        "they keep everything and pay a search per learned frame (a refit of 200: "
-                        "~30 s on 2 cores); see the README's memory table. 0 keeps every patch "
+                        "they keep everything (a refit stops searching once 8 frames in a row were "
+                        "90%% new); see the README's memory table. 0 keeps every patch "
                         "(default: "
                         + ", ".join(f"{v:g} for {k}" for k, v in MEMORY_TOLERANCE_DEFAULTS.items())
                         + ", 0 for other backbones)")
