@@ -305,6 +305,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _write(path: Path, result: dict, say: bool = True) -> None:
+    """Write ``result`` (with the torch threads it was measured with) as JSON to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"torch_threads": torch.get_num_threads(), **result}, indent=2))
+    if say:
+        print(f"wrote {path}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.fewshot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -337,10 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             n, 0, (0, 16, 64, 200), (0.0, 0.02, 0.05, 0.1),
             lambda m: print(m, file=sys.stderr, flush=True))]
         print(memory_table(mem))
-        path = Path(a.json or "benchmarks/results/memory.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "rows": mem}, indent=2))
-        print(f"wrote {path}", file=sys.stderr)
+        _write(Path(a.json or "benchmarks/results/memory.json"), {"rows": mem})
         return 0
     seeds = [0] if a.quick else list(range(a.seeds))
     if a.blocks:
@@ -352,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += measure(p, 224, [VARIANTS[0]], lambda m: print(m, file=sys.stderr, flush=True),
                                 layers=layers)
         print(table(rows))
-        path = Path(a.json or "benchmarks/results/blocks.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        _write(Path(a.json or "benchmarks/results/blocks.json"), {"rows": rows})
         return 0
     sizes = sorted({s for v in VARIANTS for s in v.sizes})
     if a.quick:
@@ -366,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:  # after every block: a long run stopped part-way keeps what it measured
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2))
+            _write(out, result, say=False)
 
     for n in names:
         p = prepare(n, seeds, 12 if a.quick else None)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from inference.backbones import DinoV2Backbone, PatchBackbone
+from inference.settings import MAX_MEMORY_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -204,9 +205,9 @@ class PatchKNNScorer:
         self.augment = augment
         self.tiling = tiling  # frames far from square are cut into tiles (tile_grid)
         self.aggregate = tuple(aggregate)  # neighbourhood sizes (aggregate_patches)
-        if not 0.0 <= memory_tolerance <= 0.5:
-            raise ValueError(f"memory_tolerance must be a cosine distance in [0, 0.5], got "
-                             f"{memory_tolerance}")
+        if not 0.0 <= memory_tolerance <= MAX_MEMORY_TOLERANCE:
+            raise ValueError(f"memory_tolerance must be a cosine distance in [0, "
+                             f"{MAX_MEMORY_TOLERANCE}], got {memory_tolerance}")
         self.memory_tolerance = memory_tolerance  # novelty filter on added frames (add_normals)
         self._memory: torch.Tensor | None = None  # (M, D), unit norm
         self._memory_epoch = 0  # +1 each time fit() replaces the memory (rows only append between)
@@ -274,11 +275,6 @@ class PatchKNNScorer:
         if len(normals) == 0:
             return
         views = [v for im in normals for v in augmented_views(im, self.augment)]
-        if self.memory_tolerance <= 0.0:
-            groups = self._grouped_features(views)
-            flat = torch.cat([f.reshape(-1, f.shape[-1]) for _, f in groups])
-            self._memory = flat if self._memory is None else torch.cat([self._memory, flat])
-            return
         per_view: list[torch.Tensor] = [torch.empty(0)] * len(views)
         for idx, f in self._grouped_features(views):
             for j, i in enumerate(idx):
@@ -375,7 +371,7 @@ def novel_rows(memory: torch.Tensor | None, frames: Sequence[torch.Tensor], tole
 
     When ``give_up_after`` frames in a row each keep at least ``give_up_kept`` of their rows
     (a texture: every patch is new), the rest of this call appends without searching: the
-    search would only cost time (a refit of 200 textured frames: ~27 s on 2 cores), and
+    search would only cost time (a refit of 204 magnetic-tile frames: 23-27 s on 2 cores), and
     keeping a row never loosens the bound."""
     parts: list[torch.Tensor] = [] if memory is None else [memory]
     novel_streak = 0

@@ -33,6 +33,7 @@ BACKBONE_DEFAULTS: dict[str, tuple[int, tuple[int, ...]]] = {
 # a cosine distance, so it means something different on each backbone's feature space; measured
 # for dinov2-s only (README: "A line that learns"), exact (0: every patch kept) elsewhere
 MEMORY_TOLERANCE_DEFAULTS: dict[str, float] = {"dinov2-s": 0.02}
+MAX_MEMORY_TOLERANCE = 0.5  # beyond, "near" covers patches that have little in common
 DEFAULT_BACKBONE = {"patch-knn": "dinov2-s", "mutual": "dinov2-s", "winclip": "openclip:ViT-B-16-plus-240",
                     "winclip+": "openclip:ViT-B-16-plus-240", "anomalyclip": "openclip:ViT-B-16-plus-240"}
 
@@ -203,9 +204,9 @@ class ScorerSettings:
         if not 2 <= self.warmup <= self.bank_size:
             raise SettingsError(f"--warmup {self.warmup} / --bank-size {self.bank_size}: need "
                                 "2 <= warmup <= bank size (a frame needs others to be compared with)")
-        if self.memory_tolerance is not None and not 0.0 <= self.memory_tolerance <= 0.5:
+        if self.memory_tolerance is not None and not 0.0 <= self.memory_tolerance <= MAX_MEMORY_TOLERANCE:
             raise SettingsError(f"--memory-tolerance {self.memory_tolerance}: give a cosine distance "
-                                "from 0 (keep every patch) to 0.5")
+                                f"from 0 (keep every patch) to {MAX_MEMORY_TOLERANCE}")
         if self.adapt_steps < 0:
             raise SettingsError(f"--adapt-steps {self.adapt_steps}: must be >= 0")
         if self.vocabulary is not None and len([w for w in self.vocabulary if w.strip()]) < 2:
