@@ -7,8 +7,8 @@ routing, commits).
 
 - throughput: a backlog of N frames is produced first; frames/s = N / time for
   the worker to account for all of them (from its readiness);
-- latency: frames paced at ``--paced-fps`` (below capacity), p50/p99 of
-  capture -> decision, and the worker's busy frames/s at that pace (batches of one);
+- latency: then, to the same worker (idle, warm), frames paced at ``--paced-fps`` (below
+  capacity), p50/p99 of capture -> decision, and its busy frames/s at that pace (batches of one);
 - where the time goes: the worker's ``linewatch_worker_step_seconds_total`` by step,
   each step's share of the model's time, and their total (the pipeline's overhead).
 
@@ -40,10 +40,11 @@ from producers.sources import SyntheticConveyor
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _produce(broker: EmbeddedBroker, topics: Topics, n: int, fps: float, seed: int) -> set:
+def _produce(broker: EmbeddedBroker, topics: Topics, n: int, fps: float, seed: int,
+             start_seq: int = 0) -> set:
     sent: set = set()
     cfg = ProducerConfig(bootstrap=broker.bootstrap, topics=topics, camera="bench", line="bench",
-                         fps=fps, max_frames=n, start_seq=0)
+                         fps=fps, max_frames=n, start_seq=start_seq)
     run_producer(cfg, iter(SyntheticConveyor(seed=seed, defect_rate=0.1)), None,
                  lambda m: sent.add((m.camera, str(m.seq))))
     return sent
@@ -67,53 +68,48 @@ def _start_worker(broker, topics, refs: Path, scorer: str, workdir: Path, name: 
     return proc
 
 
-def _drain(broker, topics, expected: set, timeout_s: float = 600) -> tuple[float, object]:
-    reader = TallyReader(broker.bootstrap, topics)
+def _await(reader: TallyReader, expected: set, timeout_s: float = 600) -> float:
+    """Seconds until every frame in ``expected`` is accounted for (scored or dead-lettered)."""
     t0 = time.monotonic()
     while not expected <= reader.tally.accounted:
         if time.monotonic() - t0 > timeout_s:
-            raise RuntimeError("benchmark timed out")
+            raise RuntimeError(f"benchmark timed out: {len(expected - reader.tally.accounted)} frames "
+                               f"not accounted for after {timeout_s:.0f} s")
         reader.poll(100)
-    elapsed = time.monotonic() - t0
-    reader.close()
-    return elapsed, reader.tally
+    return time.monotonic() - t0
 
 
 def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fps: float,
               workdir: Path, precision: str = "fp32") -> dict:
+    """One worker, two phases on the same topics: a backlog drained as fast as it can
+    (throughput), then frames paced below capacity (latency). The paced phase reuses the
+    worker the backlog warmed up, as a camera meets a worker that has been running; one start
+    and one group join per scorer instead of two."""
     extra = ("--precision", precision) if precision != "fp32" else ()
     label = scorer if precision == "fp32" else f"{scorer}-{precision}"
-    # throughput: backlog first, then the worker
-    t_topics = Topics(f"bench-{label}-tp")
-    create_topics(broker.bootstrap, t_topics, partitions=4)
-    sent = _produce(broker, t_topics, frames, 0, seed=1)
+    topics = Topics(f"bench-{label}")
+    create_topics(broker.bootstrap, topics, partitions=4)
+    sent = _produce(broker, topics, frames, 0, seed=1)
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
-    proc = _start_worker(broker, t_topics, refs, scorer, workdir, f"{label}-tp", extra, port)
-    before = read_step_seconds(url)  # start-up (calibration) is not the pipeline
-    t0 = time.monotonic()
-    reader = TallyReader(broker.bootstrap, t_topics)
-    while not sent <= reader.tally.accounted:
-        reader.poll(100)
-    throughput_s = time.monotonic() - t0
-    steps = {k: v - before.get(k, 0.0) for k, v in read_step_seconds(url).items()}
-    dup = reader.tally.duplicates
-    reader.close()
-    proc.terminate()
-    proc.wait(30)
-    # latency: worker first, then paced frames
-    l_topics = Topics(f"bench-{label}-lat")
-    create_topics(broker.bootstrap, l_topics, partitions=4)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/metrics"
-    proc = _start_worker(broker, l_topics, refs, scorer, workdir, f"{label}-lat", extra, port)
-    before = read_step_seconds(url)
-    sent = _produce(broker, l_topics, paced, paced_fps, seed=2)
-    _, tally = _drain(broker, l_topics, sent)
-    paced_steps = {k: v - before.get(k, 0.0) for k, v in read_step_seconds(url).items()}
-    proc.terminate()
-    proc.wait(30)
-    lat = np.array([s.latency_s * 1000 for s in tally.scores.values()])
+    proc = _start_worker(broker, topics, refs, scorer, workdir, label, extra, port)
+    try:
+        # throughput: the backlog is waiting when the worker becomes ready
+        before = read_step_seconds(url)  # start-up (calibration) is not the pipeline
+        reader = TallyReader(broker.bootstrap, topics)
+        throughput_s = _await(reader, sent)
+        steps = {k: v - before.get(k, 0.0) for k, v in read_step_seconds(url).items()}
+        # latency: the same worker, now idle, meets frames paced below its capacity
+        before = read_step_seconds(url)
+        paced_sent = _produce(broker, topics, paced, paced_fps, seed=2, start_seq=frames)
+        _await(reader, paced_sent)
+        paced_steps = {k: v - before.get(k, 0.0) for k, v in read_step_seconds(url).items()}
+        dup = reader.tally.duplicates
+        lat = np.array([s.latency_s * 1000 for k, s in reader.tally.scores.items() if k in paced_sent])
+        reader.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
     return {"scorer": label, "frames": frames,
             "frames_per_second": round(frames / throughput_s, 2),
             "paced_fps": paced_fps, "paced_frames": paced,
@@ -214,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  pipeline overhead, all steps but the model: {100 * shares['total']:.1f}% of model time")
         in_worker = real["step_ms_per_frame"].get("score", 0.0)
         print(f"the model alone, in this process without Kafka: {alone:.2f} ms a frame; inside the "
-              f"worker: {in_worker:.2f} ms ({100 * (in_worker / alone - 1):+.1f}%; what sharing the "
-              f"cores with Kafka's threads and the broker costs the model, within the VM's ~10% "
-              f"drift between runs)")
+              f"worker: {in_worker:.2f} ms ({100 * (in_worker / alone - 1):+.1f}%: what sharing the "
+              f"cores with Kafka's threads and the broker costs the model; on a VM that drifts "
+              f"~10% between runs a difference under that is not measured)")
         paced_ms = real["paced_step_ms_per_frame"]
         print(f"paced at {a.paced_fps:g} frames/s (batches of one), ms per frame: "
               + "  ".join(f"{k} {v:g}" for k, v in sorted(paced_ms.items(), key=lambda kv: -kv[1])))

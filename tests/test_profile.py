@@ -109,12 +109,16 @@ def test_profile_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_calibrate_measures_the_false_alarm_rate_it_targets(tmp_path: Path) -> None:
-    """Magnetic-tile MT_Free (952 real normals): 4 references, 474 calibration, 474 test."""
+    """Magnetic-tile MT_Free (952 real normals): 4 references, 474 calibration, 474 test.
+
+    At 112 px: what is checked is the split and the order statistics, which hold at any
+    resolution, and 112 px scores the 952 frames in 40% of the default's time (suite budget)."""
     normals = shared_data("magnetic_tile", "MT_Free")
     out = subprocess.run(
         [sys.executable, "-m", "linewatch", "calibrate", "--normals", str(normals), "--shots", "4",
          "--out", str(tmp_path / "mt"), "--false-alarm-rate", "0.05", "--review-rate", "0.15",
-         "--pseudo", "30", "--json", str(tmp_path / "rates.json"), "--no-progress"],
+         "--pseudo", "30", "--image-size", "112", "--json", str(tmp_path / "rates.json"),
+         "--no-progress"],
         capture_output=True, text=True, cwd=REPO, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rates = json.loads((tmp_path / "rates.json").read_text())
@@ -172,7 +176,8 @@ def test_worker_reloads_a_changed_profile_without_losing_frames(broker: Embedded
         url = re.search(r"metrics on (http://\S+/metrics)", log.read_text()).group(1)
         assert _info_profile(url) == first_fp[:12]  # the dashboard names the profile file in use
         cam = Camera(broker, topics, frames=90, fps=6, camera="cam-p")
-        time.sleep(5)  # frames flow, scored under the first profile
+        # frames flow, scored under the first profile, before the file changes
+        collect(broker, topics, lambda t: len(t.scores) >= 10, timeout_s=120)
         new = dataclasses.replace(profile, thresholds=Thresholds(0.9, 0.8, 99, True))
         new.save(path)
         cam.thread.join(timeout=60)
