@@ -10,9 +10,14 @@ Two measurements, one run:
 * **bank size**: magnetic tile, zero-shot stream protocol (``linewatch.evaluate.
   evaluate_stream``: MT_Free with 5% defects, each frame against the frames before it), for
   several bank sizes; image / pixel AUROC and PRO.
+* **few-shot memory** (``--memory``): a line whose operators confirmed N normals scores
+  few-shot against them; the memory's novelty filter (``--memory-tolerance``) at several
+  tolerances: rows kept, ms of matching a frame, and the test set's quality (``linewatch
+  evaluate``'s metrics), bottle and magnetic tile, draw 0 of the normal pool.
 
-    python -m benchmarks.mutual                 # both, writes benchmarks/results/mutual.json
+    python -m benchmarks.mutual                 # speed and bank size, writes benchmarks/results/mutual.json
     python -m benchmarks.mutual --quick         # speed only, B = 4 and 16, 3 query frames
+    python -m benchmarks.mutual --memory        # the few-shot memory, writes .../mutual_memory.json
 
 Ratios are within this run: same machine, same frames.
 """
@@ -27,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks._markdown import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mutual.json"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -105,6 +112,52 @@ def bank_sizes(banks: tuple[int, ...], seeds: int) -> list[dict]:
     return rows
 
 
+def few_shot_memory(datasets: tuple[str, ...], learned: int, tolerances: tuple[float, ...]) -> list[dict]:
+    """Few-shot scoring of each test set against ``learned`` confirmed normals, memory built
+    at each tolerance; the test frames' features are computed once and matched per row."""
+    from inference.backbones import DinoV2Backbone
+    from inference.mutual import MutualScorer
+    from linewatch.evaluate import _seed_run, load_split
+    from linewatch.images import read_rgb
+
+    backbone = DinoV2Backbone()
+    roots = {"bottle": DATA / "mvtec_ad" / "bottle", "magnetic_tile": DATA / "magnetic_tile"}
+    rows = []
+    for name in datasets:
+        split = load_split(roots[name])
+        probe = MutualScorer(backbone)
+        images = [read_rgb(s.path) for s in split.test]
+        with torch.no_grad():
+            test = [f for i in range(0, len(images), 8) for f in probe.features(images[i:i + 8])]
+            normals = [read_rgb(p) for p in split.references(learned, 0)]
+            for tol in tolerances:
+                scorer = MutualScorer(backbone, memory_tolerance=tol)
+                t0 = time.perf_counter()
+                scorer.fit(normals)
+                build_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                results = [scorer._few_shot(f, None) for f in test]  # the matching alone
+                match = time.perf_counter() - t0
+                run = _seed_run(0, [], split.test, results, [im.shape[:2] for im in images], match, 256)
+                row = {"dataset": name, "learned": learned, "memory_tolerance": tol,
+                       "memory_rows": scorer.memory_rows, "match_ms": 1000 * match / len(test),
+                       "fit_s": build_s, **{k: run.metrics[k] for k in ("image_auroc", "pixel_auroc",
+                                                                        "pixel_pro")}}
+                rows.append(row)
+                print(f"{name} {learned} confirmed, tolerance {tol:g}: {row['memory_rows']} rows, "
+                      f"{row['match_ms']:.1f} ms; image {row['image_auroc']:.3f} pixel "
+                      f"{row['pixel_auroc']:.3f} PRO {row['pixel_pro']:.3f}", flush=True)
+    return rows
+
+
+def memory_table(rows: list[dict]) -> str:
+    return markdown_table(
+        ["data", "confirmed normals", "--memory-tolerance", "memory rows (per layer)", "matching ms/frame",
+         "image AUROC", "pixel AUROC", "PRO"],
+        [[r["dataset"], r["learned"], f"{r['memory_tolerance']:g}", r["memory_rows"], f"{r['match_ms']:.1f}",
+          f"{r['image_auroc']:.3f}", f"{r['pixel_auroc']:.3f}", f"{r['pixel_pro']:.3f}"] for r in rows])
+
+
 def table(result: dict) -> str:
     out = ["| bank frames | mutual ms/frame | patch-knn ms/frame (same frames as references) | "
            "ratio | backbone alone |", "|---|---|---|---|---|"]
@@ -128,11 +181,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quality-banks", default="8,16,32,64",
                     help="bank sizes for magnetic-tile quality, '' for none (default: %(default)s)")
     ap.add_argument("--seeds", type=int, default=3, help="stream orders per bank size (default: %(default)s)")
+    ap.add_argument("--memory", action="store_true",
+                    help="only the few-shot memory's novelty filter (see above)")
+    ap.add_argument("--learned", type=int, default=64,
+                    help="with --memory: confirmed normals in the memory (default: %(default)s)")
+    ap.add_argument("--tolerances", default="0,0.02,0.05",
+                    help="with --memory: --memory-tolerance values (default: %(default)s)")
+    ap.add_argument("--datasets", default="bottle,magnetic_tile",
+                    help="with --memory: bottle, magnetic_tile (default: %(default)s)")
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--json", default=None, help=f"default: {RESULTS} (none with --quick)")
     a = ap.parse_args(argv)
+    defaults = ap.parse_args([])
+    memory_only = ("learned", "tolerances", "datasets")
+    given = [k for k in ("quick", "banks", "quality_banks", "seeds", *memory_only)
+             if getattr(a, k) != getattr(defaults, k)]
+    wrong = [k for k in given if (k in memory_only) != a.memory]
+    if wrong:
+        ap.error(f"--{wrong[0].replace('_', '-')} " + ("is not used by --memory" if a.memory
+                                                       else "sets the --memory table: add --memory"))
+    unknown = set(a.datasets.split(",")) - {"bottle", "magnetic_tile"}
+    if unknown:
+        ap.error(f"--datasets: unknown {', '.join(sorted(unknown))}; choose from bottle, magnetic_tile")
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
+    if a.memory:
+        rows = few_shot_memory(tuple(a.datasets.split(",")), a.learned,
+                               tuple(float(x) for x in a.tolerances.split(",")))
+        print(memory_table(rows))
+        path = Path(a.json) if a.json else RESULTS.with_name("mutual_memory.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"rows": rows, "torch_threads": torch.get_num_threads()}, indent=2) + "\n")
+        print(f"json: {path}")
+        return 0
     if a.quick:
         result = {"speed": speed((4, 16), 3), "bank_sizes": []}
     else:

@@ -93,11 +93,14 @@ def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fp
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     proc = _start_worker(broker, topics, refs, scorer, workdir, label, extra, port)
+    reader = None
     try:
         # throughput: the backlog is waiting when the worker becomes ready
+        t0 = time.monotonic()
         before = read_step_seconds(url)  # start-up (calibration) is not the pipeline
         reader = TallyReader(broker.bootstrap, topics)
-        throughput_s = _await(reader, sent)
+        _await(reader, sent)
+        throughput_s = time.monotonic() - t0
         steps = {k: v - before.get(k, 0.0) for k, v in read_step_seconds(url).items()}
         # latency: the same worker, now idle, meets frames paced below its capacity
         before = read_step_seconds(url)
@@ -106,10 +109,15 @@ def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fp
         paced_steps = {k: v - before.get(k, 0.0) for k, v in read_step_seconds(url).items()}
         dup = reader.tally.duplicates
         lat = np.array([s.latency_s * 1000 for k, s in reader.tally.scores.items() if k in paced_sent])
-        reader.close()
     finally:
+        if reader is not None:
+            reader.close()
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     return {"scorer": label, "frames": frames,
             "frames_per_second": round(frames / throughput_s, 2),
             "paced_fps": paced_fps, "paced_frames": paced,

@@ -147,6 +147,10 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
             raise SetupError(f"{flag_name(given[0])} sets the thresholds operators' confirmed normals "
                              f"calibrate, and this zero-shot worker does not learn from verdicts "
                              f"({LABEL_KEY_ENV} is not set, or --no-learn-from-labels): remove it")
+        if setup.scorer.get("memory_tolerance") is not None:
+            raise SetupError(f"--memory-tolerance filters the memory operators' confirmed normals "
+                             f"fill, and this zero-shot worker does not learn from verdicts "
+                             f"({LABEL_KEY_ENV} is not set, or --no-learn-from-labels): remove it")
         log.warning("zero-shot without learning from verdicts: thresholds stay uncalibrated and "
                     "scoring stays mutual (set %s to let operators' verdicts calibrate them)",
                     LABEL_KEY_ENV)

@@ -109,11 +109,12 @@ def _build(s: ScorerSettings, device: str) -> Scorer:
 
         check_int8_device(device)
     bb = _backbone(s)
-    if s.method == "patch-knn":
+    if s.method in ("patch-knn", "mutual"):
         tolerance = float(s.resolved().memory_tolerance or 0.0)
         # spelled out, so a profile keeps the tolerance its thresholds were measured with
         # even if the backbone's default changes later
         s = dataclasses.replace(s, memory_tolerance=tolerance)
+    if s.method == "patch-knn":
         scorer = PatchKNNScorer(bb, device=device, augment=s.reference_augment,
                                 adapt_steps=s.adapt_steps, tiling=s.tiling, aggregate=s.aggregate,
                                 memory_tolerance=tolerance)
@@ -127,7 +128,7 @@ def _build(s: ScorerSettings, device: str) -> Scorer:
         from inference.mutual import MutualScorer
 
         scorer = MutualScorer(bb, sizes=s.aggregate, bank_size=s.bank_size, warmup=s.warmup,
-                              tiling=s.tiling, device=device)
+                              tiling=s.tiling, memory_tolerance=tolerance, device=device)
     elif s.method == "anomalyclip":
         from inference.anomalyclip import AnomalyCLIPScorer, load_prompts
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from inference.backbones import DinoV2Backbone, PatchBackbone
-from inference.scoring import PatchKNNScorer, ScoreResult, aggregate_patches
+from inference.scoring import PatchKNNScorer, ScoreResult, aggregate_patches, novel_rows
 from inference.settings import DEFAULTS
 from inference.settings import MUTUAL_MODES as MODES
 
@@ -84,13 +84,15 @@ class MutualScorer:
                  keep: float = 0.3, bank_size: int = DEFAULTS.bank_size, warmup: int = DEFAULTS.warmup,
                  few_shot_after: int | None = 1,
                  top_fraction: float = 0.01, tiling: bool = True, max_streams: int = 256,
-                 device: str | torch.device = "cpu") -> None:
+                 memory_tolerance: float = 0.0, device: str | torch.device = "cpu") -> None:
         if not 0 < keep <= 1:
             raise ValueError(f"keep must be in (0, 1], got {keep}")
         if not 2 <= warmup <= bank_size:
             raise ValueError(f"need 2 <= warmup <= bank_size, got warmup {warmup}, bank {bank_size}")
         # one extractor for tiles and layers, so frames are cut exactly as patch-knn cuts them
-        self._extract = PatchKNNScorer(backbone or DinoV2Backbone(), device=device, tiling=tiling)
+        self._extract = PatchKNNScorer(backbone or DinoV2Backbone(), device=device, tiling=tiling,
+                                       memory_tolerance=memory_tolerance)  # validates it
+        self.memory_tolerance = memory_tolerance  # novelty filter on confirmed normals (add_normals)
         self.backbone = self._extract.backbone
         self.device = self._extract.device
         self.sizes, self.keep, self.top_fraction = tuple(sizes), keep, top_fraction
@@ -98,7 +100,7 @@ class MutualScorer:
         self.max_streams = max_streams
         self._banks: OrderedDict[Hashable, deque[FrameFeatures]] = OrderedDict()
         self.banks_forgotten = 0  # streams whose bank was dropped for a newer one (max_streams)
-        self._references: list[FrameFeatures] = []
+        self._confirmed = 0  # confirmed normals in the memory
         self._memory: torch.Tensor | None = None  # (V, M, D) reference patches
         self.map_gate: float | None = None  # unused; the worker sets it on every scorer
 
@@ -174,9 +176,9 @@ class MutualScorer:
     def mode(self) -> str:
         """``few-shot`` once ``few_shot_after`` confirmed normals are in the memory (None:
         only after :meth:`start_few_shot`), else ``mutual``."""
-        if self.few_shot_after is None or not self._references:
+        if self.few_shot_after is None or not self._confirmed:
             return "mutual"
-        return "few-shot" if len(self._references) >= self.few_shot_after else "mutual"
+        return "few-shot" if self._confirmed >= self.few_shot_after else "mutual"
 
     def start_few_shot(self) -> None:
         """Score few-shot from now on, whatever the memory's size (a worker calls this when
@@ -249,18 +251,30 @@ class MutualScorer:
     # -- few-shot: operator-confirmed normals -----------------------------------------------
     def fit(self, normals: Sequence[np.ndarray]) -> None:
         """Start over with ``normals`` as confirmed references (none: pure zero-shot)."""
-        self._references, self._memory = [], None
+        self._confirmed, self._memory = 0, None
         self.add_normals(normals)
 
     def add_normals(self, normals: Sequence[np.ndarray]) -> None:
+        """Add confirmed normals' patches to the memory. With ``memory_tolerance`` > 0 a
+        patch is added only where, in some layer, it is farther than that (cosine distance)
+        from every patch kept (:func:`inference.scoring.novel_rows`: scores only rise, by a
+        bounded amount, and the search stays exact); a line that confirms hundreds of normals
+        that repeat each other keeps what is new in them."""
         if len(normals) == 0:
             return
-        self._references += [f.stored() for f in self.features(normals)]
-        self._memory = torch.cat([f.variants for f in self._references], dim=1).float()
+        frames = [f.stored().variants.float() for f in self.features(normals)]
+        self._memory = novel_rows(self._memory, frames, self.memory_tolerance)
+        self._confirmed += len(normals)
 
     @property
     def memory_size(self) -> int:
-        return len(self._references)
+        """Confirmed normals in the memory (frames, not rows: see :attr:`memory_rows`)."""
+        return self._confirmed
+
+    @property
+    def memory_rows(self) -> int:
+        """Patches kept in the memory (per layer)."""
+        return 0 if self._memory is None else int(self._memory.shape[1])
 
     def prepare(self, images: Sequence[np.ndarray], batch_size: int = 8,
                 on_batch: Callable[[int], object] | None = None) -> PreparedMutual:

@@ -369,6 +369,10 @@ def novel_rows(memory: torch.Tensor | None, frames: Sequence[torch.Tensor], tole
     The search over the kept rows stays exact (no approximate index). New rows are gathered
     in parts, merged every ``consolidate`` frames, so refitting 200 frames copies little.
 
+    Frames may also be (V, P, D): V feature variants of the same P patches, each matched in
+    its own (V, M, D) memory (mutual scoring's layers). A patch is then dropped only where
+    every variant has a kept row within ``tolerance``, so the bound holds variant by variant.
+
     When ``give_up_after`` frames in a row each keep at least ``give_up_kept`` of their rows
     (a texture: every patch is new), the rest of this call appends without searching: the
     search would only cost time (a refit of 204 magnetic-tile frames: 23-27 s on 2 cores), and
@@ -377,17 +381,26 @@ def novel_rows(memory: torch.Tensor | None, frames: Sequence[torch.Tensor], tole
     novel_streak = 0
     for rows in frames:
         if parts and tolerance > 0 and novel_streak < give_up_after:  # 0 keeps every row
-            dist = torch.stack([_nearest(rows[None], part)[0] for part in parts]).amin(dim=0)
-            kept = rows[dist > tolerance]
-            novel_streak = novel_streak + 1 if len(kept) >= give_up_kept * len(rows) else 0
-            rows = kept
-        if len(rows):
+            keep = _novelty(rows, parts) > tolerance
+            novel_streak = novel_streak + 1 if int(keep.sum()) >= give_up_kept * len(keep) else 0
+            rows = rows[..., keep, :]
+        if rows.shape[-2]:
             parts.append(rows)
         if len(parts) > consolidate:
-            parts = [torch.cat(parts)]
+            parts = [torch.cat(parts, dim=-2)]
     if not parts:
         raise ValueError("novel_rows() needs at least one frame or a memory")
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+
+
+def _novelty(rows: torch.Tensor, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(P,): each row's cosine distance to its nearest row in ``parts``; for (V, P, D) rows,
+    the largest over the variants of that distance (a patch is as new as its newest view)."""
+    if rows.dim() == 2:
+        return torch.stack([_nearest(rows[None], part)[0] for part in parts]).amin(dim=0)
+    per_variant = [torch.stack([_nearest(rows[v][None], part[v])[0] for part in parts]).amin(dim=0)
+                   for v in range(rows.shape[0])]
+    return torch.stack(per_variant).amax(dim=0)
 
 
 def _nearest(features: torch.Tensor, memory: torch.Tensor, chunk: int = 2048) -> torch.Tensor:

@@ -29,9 +29,10 @@ MUTUAL_MODES = ("warm-up", "mutual", "few-shot")
 # a visual backbone's resolution and compared layers when not given (DINOv2 blocks, timm stages)
 BACKBONE_DEFAULTS: dict[str, tuple[int, tuple[int, ...]]] = {
     "dinov2-s": (224, (5, 8)), "efficientnet-lite0": (256, (2, 3))}
-# patch-knn's novelty filter on a learned normal's patches (scoring.novel_rows) when not given:
-# a cosine distance, so it means something different on each backbone's feature space; measured
-# for dinov2-s only (README: "A line that learns"), exact (0: every patch kept) elsewhere
+# the novelty filter on a learned normal's patches (scoring.novel_rows; patch-knn's memory and
+# mutual scoring's few-shot one) when not given: a cosine distance, so it means something
+# different on each backbone's feature space; measured for dinov2-s only (README: "A line that
+# learns", and mutual's few-shot memory), exact (0: every patch kept) elsewhere
 MEMORY_TOLERANCE_DEFAULTS: dict[str, float] = {"dinov2-s": 0.02}
 MAX_MEMORY_TOLERANCE = 0.5  # beyond, "near" covers patches that have little in common
 DEFAULT_BACKBONE = {"patch-knn": "dinov2-s", "mutual": "dinov2-s", "winclip": "openclip:ViT-B-16-plus-240",
@@ -75,9 +76,9 @@ class ScorerSettings:
     tiling: bool = True  # patch-knn and mutual: frames far from square scored as tiles (scoring.tile_grid)
     bank_size: int = 32  # mutual only: recent frames per camera each frame is scored against
     warmup: int = 8  # mutual only: a camera's frames go to review until its bank holds this many
-    # patch-knn only: a learned normal's patches within this cosine distance of the memory
-    # are not added (scoring.novel_rows); 0 keeps every patch; None: the backbone's default
-    # (MEMORY_TOLERANCE_DEFAULTS)
+    # patch-knn and mutual (its few-shot memory): a learned normal's patches within this cosine
+    # distance of the memory are not added (scoring.novel_rows); 0 keeps every patch; None: the
+    # backbone's default (MEMORY_TOLERANCE_DEFAULTS)
     memory_tolerance: float | None = None
     zoom: bool = False  # patch-knn only
     zoom_top_k: int = 2
@@ -115,7 +116,7 @@ class ScorerSettings:
             return self
         size, layers = BACKBONE_DEFAULTS.get(bb, (None, None))
         tolerance = self.memory_tolerance
-        if tolerance is None and self.method == "patch-knn":
+        if tolerance is None and self.method in ("patch-knn", "mutual"):
             tolerance = MEMORY_TOLERANCE_DEFAULTS.get(bb, 0.0)
         return dataclasses.replace(self, backbone=bb, image_size=self.image_size or size,
                                    layers=self.layers or layers, memory_tolerance=tolerance)
@@ -170,8 +171,9 @@ class ScorerSettings:
             "prompts": None if m == "anomalyclip" else "learned prompts are AnomalyCLIP's",
             "warmup": None if m == "mutual" else "the warm-up is mutual scoring's",
             "adapt_steps": None if m == "patch-knn" else "adaptation is implemented for patch-knn",
-            "memory_tolerance": None if m == "patch-knn" else "the novelty filter on the memory is "
-                                                              "implemented for patch-knn",
+            "memory_tolerance": None if m in ("patch-knn", "mutual") else "the novelty filter on the "
+                                                                          "memory is implemented for "
+                                                                          "patch-knn and mutual",
             "zoom_top_k": None if self.zoom else "it sets how ROI zoom works; add --zoom",
             "zoom_crop": None if self.zoom else "it sets how ROI zoom works; add --zoom",
             "class_name": (f"{bb} has no text model to put it in a prompt" if not self.clip else

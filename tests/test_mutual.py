@@ -78,6 +78,33 @@ def test_a_defect_repeated_in_a_few_other_frames_still_scores_high(backbone, bot
     assert scores[0.3] > 2 * normal, (scores, normal)
 
 
+def test_confirmed_normals_that_repeat_each_other_are_kept_once(backbone, bottle):
+    """Few-shot memory of a mutual scorer with --memory-tolerance: 6 confirmed bottles keep a
+    fraction of their patches; every frame scores at least what the whole memory gives and
+    within the per-layer bound of ``novel_rows``; the defects still outrank the normals."""
+    from inference.mutual import MutualScorer
+
+    images, _ = bottle
+    normals, test = images[:6], images[6:]
+    tol = 0.05
+    exact, tolerant = MutualScorer(backbone), MutualScorer(backbone, memory_tolerance=tol)
+    scores = {}
+    for name, s in (("exact", exact), ("tolerant", tolerant)):
+        s.fit(normals[:1])
+        s.add_normals(normals[1:])
+        scores[name] = np.array([r.score for r in s.score(test)])
+        assert s.mode == "few-shot" and s.memory_size == 6  # frames confirmed, whatever is kept
+    assert tolerant.memory_rows < exact.memory_rows / 2
+    assert (scores["tolerant"] >= scores["exact"] - 1e-5).all()
+    # per layer sqrt(d') <= sqrt(d) + sqrt(tol); the layers' mean (Jensen: the mean of square
+    # roots is at most the root of the mean) and the top-1 % mean (of a rising, concave bound)
+    # keep it: sqrt(s') <= sqrt(s) + sqrt(tol)
+    assert (np.sqrt(scores["tolerant"]) <= np.sqrt(scores["exact"]) + tol ** 0.5 + 1e-4).all()
+    assert (scores["tolerant"] > scores["exact"] + 1e-3).any()
+    for sc in scores.values():
+        assert sc[2:].min() > sc[:2].max()
+
+
 def test_stream_banks_warm_up_bound_and_turn_few_shot(caplog):
     """Per-stream banks: the first frame has nothing to compare with (score 0, warm-up), frames
     of one call compare with each other while warming up, banks keep the newest bank_size

@@ -98,6 +98,19 @@ def test_novel_rows_keep_every_dropped_row_near_a_kept_one_and_scores_only_rise(
     assert novel_rows(None, [*noise, noise[0]], tol).shape[0] == 10 * 64
     assert novel_rows(None, [*noise, noise[0]], tol, give_up_after=100).shape[0] == 9 * 64
     assert torch.equal(novel_rows(None, frames, tol, consolidate=4, give_up_after=100), kept)
+    # (V, P, D) frames, mutual scoring's layers: a patch is dropped only where every variant
+    # has a kept row near it, so the bound holds in each variant's own memory
+    other = [torch.nn.functional.normalize(torch.randn(64, 32, generator=gen), dim=-1) for _ in frames]
+    pairs = [torch.stack([f, o]) for f, o in zip(frames, other, strict=True)]  # variant 1 all new
+    assert novel_rows(None, pairs, tol, give_up_after=100).shape == (2, len(everything), 32)
+    twin = [torch.stack([f, f]) for f in frames]  # both variants repeat: filtered as one
+    kept2 = novel_rows(None, twin, tol, consolidate=4, give_up_after=100)
+    assert torch.equal(kept2[0], kept) and torch.equal(kept2[1], kept)
+    mixed = [torch.stack([f, f.flip(0)]) for f in frames]  # same rows, other order in variant 1
+    kept3 = novel_rows(None, mixed, tol, consolidate=4, give_up_after=100)
+    for v in range(2):
+        every_v = torch.cat([m[v] for m in mixed])
+        assert _nearest(every_v[None], kept3[v])[0].max() <= tol + 1e-6
 
 
 def test_a_tolerant_memory_learns_real_normals_in_fewer_rows_at_nearly_the_same_scores():

@@ -193,7 +193,8 @@ def test_a_setting_given_to_calibrate_reaches_the_profile_workers_scorer(
     (["--zoom", "--zoom-crop", "0.95"], "--zoom-crop"),
     (["--bank-size", "16"], "--bank-size"),  # patch-knn has no bank
     (["--scorer", "mutual", "--zoom"], "--zoom"),
-    (["--scorer", "mutual", "--memory-tolerance", "0.02"], "--memory-tolerance"),
+    (["--backbone", TINY, "--random-init", "--scorer", "winclip+", "--memory-tolerance", "0.02"],
+     "--memory-tolerance"),
     (["--scorer", "mutual", "--warmup", "40"], "--warmup"),  # above the bank of 32
     (["--scorer", "mutual", "--backbone", TINY, "--random-init"], "mutual scoring is implemented"),
     (["--scorer", "mutual"], "needs no profile"),
@@ -205,6 +206,26 @@ def test_an_option_the_scorer_would_ignore_is_refused_by_name(flags: list[str], 
     rc = main(["calibrate", "--normals", str(tmp_path), "--out", str(tmp_path / "p"), *flags])
     err = capsys.readouterr().err
     assert rc == 2 and named in err, err
+
+
+def test_mutual_scoring_refuses_options_for_a_memory_it_will_never_have(tmp_path: Path, capsys,
+                                                                        monkeypatch) -> None:
+    """Zero-shot mutual scoring has a memory only when operators' verdicts fill it: a worker
+    that does not learn from them, and `evaluate --shots 0`, refuse what would shape it."""
+    from linewatch.cli import main
+    from linewatch.wire.messages import LABEL_KEY_ENV
+
+    monkeypatch.delenv(LABEL_KEY_ENV, raising=False)
+    base = ["worker", "--bootstrap-servers", "127.0.0.1:1", "--scorer", "mutual", "--image-size", "56",
+            "--no-learn-from-labels"]
+    for flag in ("--memory-tolerance", "--false-alarm-rate"):
+        assert main([*base, flag, "0.05"]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "does not learn from verdicts" in err, err
+    assert main(["evaluate", "--data", str(tmp_path), "--method", "mutual", "--shots", "0",
+                 "--memory-tolerance", "0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "--memory-tolerance" in err and "--shots 0" in err, err
 
 
 def test_a_profile_worker_refuses_a_flag_that_contradicts_its_profile(normals: Path,
@@ -332,7 +353,11 @@ def test_settings_round_trip_and_refuse_unknown_keys() -> None:
     assert built.settings.to_dict()["memory_tolerance"] == built.memory_tolerance == 0.0
     from inference.settings import MEMORY_TOLERANCE_DEFAULTS
     assert ScorerSettings().resolved().memory_tolerance == MEMORY_TOLERANCE_DEFAULTS["dinov2-s"] > 0
-    assert ScorerSettings(method="mutual").resolved().memory_tolerance is None  # not mutual's
+    # mutual scoring's few-shot memory has the same filter and default
+    default = MEMORY_TOLERANCE_DEFAULTS["dinov2-s"]
+    assert ScorerSettings(method="mutual").resolved().memory_tolerance == default
+    built = ScorerSettings(method="mutual", image_size=56).build()
+    assert built.memory_tolerance == built.settings.to_dict()["memory_tolerance"] == default
     with pytest.raises(SettingsError, match="mapping"):
         ScorerSettings.from_legacy_dict(["patch-knn"])  # type: ignore[arg-type]
     for bad in ({"layers": "abc"}, {"vocabulary": 5}, {"zoom": True, "zoom_top_k": "3"},

@@ -116,8 +116,9 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
     g.add_argument("--zoom-crop", type=float, default=_NOT_GIVEN,
                    help=f"with --zoom: crop size as a fraction of the frame side ({_default('zoom_crop')})")
     g.add_argument("--memory-tolerance", type=float, default=_NOT_GIVEN, metavar="DIST",
-                   help="patch-knn: each frame added to the memory after the first (references, "
-                        "their rotated views, zoom crops, operators' verdicts) keeps only its "
+                   help="patch-knn and mutual: each frame added to the memory after the first "
+                        "(references, their rotated views, zoom crops, operators' confirmed "
+                        "normals) keeps only its "
                         "patches farther than DIST (cosine distance) from every patch already "
                         "there, so a line that learns hundreds of normals of an object stays "
                         "fast; scores can only rise, by little. Textures' patches are all new: "
@@ -311,6 +312,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                        f"{', '.join(ZERO_SHOT)})")
     if a.shots > 0 and settings.method in ("winclip", "anomalyclip"):
         raise CliError(f"{settings.method} is zero-shot and would ignore references: --shots 0")
+    if settings.method == "mutual" and a.shots == 0 and settings.memory_tolerance is not None:
+        raise CliError("--memory-tolerance filters the memory of confirmed normals, and zero-shot "
+                       "mutual scoring (--shots 0) has none: remove it, or give --shots")
     if a.protocol == "stream" and not (settings.method == "mutual" and a.shots == 0):
         raise CliError("--protocol stream is the zero-shot stream: use it with --method mutual "
                        "--shots 0")
