@@ -1,7 +1,8 @@
 """Few-shot techniques, each measured on bottle 1-shot and magnetic tile 4-shot (issue 17).
 
 Every row is the nearest-patch scorer of ``inference.scoring`` with one thing
-changed: resolution, reference rotations, neighbourhood aggregation, a PCA
+changed: resolution, reference rotations, photometric and scale views of the
+references, neighbourhood aggregation, a PCA
 subspace instead of nearest patch, map smoothing, foreground masking, the image
 score. The backbone's patch features of each test set are computed once per
 resolution (DINOv2-S blocks 5 and 8, what the scorer uses) and every variant
@@ -35,6 +36,7 @@ import cv2
 import numpy as np
 import torch
 
+from benchmarks._markdown import markdown_table
 from inference import eval_metrics as em
 from inference.backbones import DinoV2Backbone
 from inference.scoring import PatchKNNScorer, _nearest, aggregate_patches, novel_rows
@@ -52,7 +54,8 @@ class Variant:
     """One row: how references are viewed and how a test frame's features become a score."""
 
     name: str
-    views: tuple = (0,)  # rotation degrees of each reference (90 multiples exact, others warped)
+    views: tuple = (0,)  # each reference's views: rotation degrees (90 multiples exact, others
+    # warped) or a name from PHOTOMETRIC
     aggregate: tuple[int, ...] = (1,)  # r x r neighbourhood means; several: distances averaged
     scorer: str = "knn"  # knn | pca
     smooth: float = 0.0  # Gaussian sigma (in patches) on the map before the image score
@@ -76,6 +79,10 @@ VARIANTS = [
     Variant("PCA subspace (99% var)", scorer="pca", sizes=(224, 448)),
     Variant("PCA subspace + rotate 45", scorer="pca", views=tuple(range(0, 360, 45))),
     Variant("smoothing sigma 1 patch", smooth=1.0),
+    Variant("references in gamma 0.7, 1.4 (3 views)", views=(0, "gamma 0.7", "gamma 1.4")),
+    Variant("references in contrast 0.8, 1.25 (3 views)", views=(0, "contrast 0.8", "contrast 1.25")),
+    Variant("references at scale 1.3, 1/1.3 (3 views)", views=(0, "zoom 1.3", "zoom 1/1.3")),
+    Variant("references blurred sigma 1 px (2 views)", views=(0, "blur 1")),
     Variant("image score = max patch", image_score="max"),
     Variant("foreground masking", foreground=True, only=("bottle",)),
 ]
@@ -87,6 +94,42 @@ def _rotate(image: np.ndarray, deg: int) -> np.ndarray:
     h, w = image.shape[:2]
     m = cv2.getRotationMatrix2D((w / 2, h / 2), deg, 1.0)
     return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+def _gamma(image: np.ndarray, g: float) -> np.ndarray:
+    return np.clip(255.0 * (image / 255.0) ** g, 0, 255).astype(np.uint8)
+
+
+def _contrast(image: np.ndarray, c: float) -> np.ndarray:
+    mean = float(image.mean())
+    return np.clip(mean + c * (image.astype(np.float32) - mean), 0, 255).astype(np.uint8)
+
+
+def _zoom(image: np.ndarray, f: float) -> np.ndarray:
+    """The same frame size, the surface seen from f times closer: f > 1 enlarges the centre
+    1/f of each side; f < 1 pads the frame by reflection to 1/f of its side and shrinks it back."""
+    h, w = image.shape[:2]
+    if f >= 1:
+        ch, cw = int(h / f), int(w / f)
+        y, x = (h - ch) // 2, (w - cw) // 2
+        return cv2.resize(image[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_LINEAR)
+    py, px = round(h * (1 / f - 1) / 2), round(w * (1 / f - 1) / 2)
+    padded = cv2.copyMakeBorder(image, py, py, px, px, cv2.BORDER_REFLECT)
+    return cv2.resize(padded, (w, h), interpolation=cv2.INTER_AREA)
+
+
+# reference views that model the line's lighting and distance changing (what a texture's
+# normal frames vary in), beside rotations
+PHOTOMETRIC: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "gamma 0.7": lambda im: _gamma(im, 0.7), "gamma 1.4": lambda im: _gamma(im, 1.4),
+    "contrast 0.8": lambda im: _contrast(im, 0.8), "contrast 1.25": lambda im: _contrast(im, 1.25),
+    "zoom 1.3": lambda im: _zoom(im, 1.3), "zoom 1/1.3": lambda im: _zoom(im, 1 / 1.3),
+    "blur 1": lambda im: cv2.GaussianBlur(im, (0, 0), 1.0),
+}
+
+
+def _view(image: np.ndarray, view: int | str) -> np.ndarray:
+    return PHOTOMETRIC[view](image) if isinstance(view, str) else _rotate(image, view)
 
 
 class Features:
@@ -191,11 +234,11 @@ def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[
     test = feats(images).float()
     backbone_ms = 1000 * (time.perf_counter() - t0) / len(images)
     progress(f"{p.split.name} {size} px: backbone {backbone_ms:.0f} ms/frame")
-    views_needed = sorted({d for v in variants for d in v.views})
+    views_needed = list(dict.fromkeys(d for v in variants for d in v.views))
     ref_views = {}
     for seed in p.seeds:
         refs = [read_rgb(x) for x in p.split.references(p.shots, seed)]
-        ref_views[seed] = {d: feats([_rotate(r, d) for r in refs]).float() for d in views_needed}
+        ref_views[seed] = {d: feats([_view(r, d) for r in refs]).float() for d in views_needed}
     rows = []
     for v in variants:
         per_seed = []
@@ -286,13 +329,12 @@ def memory_growth(name: str, seed: int, learned: tuple[int, ...], tolerances: tu
 
 
 def memory_table(rows: list[dict]) -> str:
-    out = ["| data | learned normals | --memory-tolerance | memory rows | nearest-patch ms/frame "
-           "| image AUROC | pixel AUROC | PRO |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['dataset']} {r['shots']}-shot | {r['learned']} | {r['tolerance']:g} | "
-                   f"{r['memory_rows']} | {r['match_ms']:.1f} | {r['image_auroc']:.3f} | "
-                   f"{r['pixel_auroc']:.3f} | {r['pixel_pro']:.3f} |")
-    return "\n".join(out)
+    return markdown_table(
+        ["data", "learned normals", "--memory-tolerance", "memory rows", "nearest-patch ms/frame",
+         "image AUROC", "pixel AUROC", "PRO"],
+        [[f"{r['dataset']} {r['shots']}-shot", r["learned"], f"{r['tolerance']:g}", r["memory_rows"],
+          f"{r['match_ms']:.1f}", f"{r['image_auroc']:.3f}", f"{r['pixel_auroc']:.3f}",
+          f"{r['pixel_pro']:.3f}"] for r in rows])
 
 
 def table(rows: list[dict]) -> str:
@@ -320,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default="bottle,magnetic_tile")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sizes", default=None, help="only these resolutions, e.g. 224,336 (default: all)")
+    ap.add_argument("--only", default=None, metavar="WORDS",
+                    help="only the rows whose technique contains one of these comma-separated "
+                         "words (and the baseline), e.g. gamma,contrast")
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--blocks", default=None, metavar="SETS",
                     help="only the baseline, once per set of DINOv2 blocks compared, e.g. "
@@ -332,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="where to write the rows (default: benchmarks/results/fewshot.json; "
                          "none with --quick)")
     a = ap.parse_args(argv)
+    if a.only and (a.memory or a.blocks):
+        ap.error("--only picks rows of the technique table; --memory and --blocks are other tables")
+    if a.only and not a.json and not a.quick:
+        ap.error("--only needs --json: a partial table would replace benchmarks/results/fewshot.json")
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
     names = ["bottle"] if a.quick else [n.strip() for n in a.datasets.split(",")]
@@ -375,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         p = prepare(n, seeds, 12 if a.quick else None)
         for size in sizes:
             vs = [v for v in VARIANTS if size in v.sizes and (not v.only or n in v.only)]
+            if a.only:
+                words = [w.strip() for w in a.only.split(",")]
+                vs = [v for v in vs if v is VARIANTS[0] or any(w in v.name for w in words)]
             if a.quick:
                 vs = vs[:3]
             result["rows"] += measure(p, size, vs, lambda m: print(m, file=sys.stderr, flush=True))
