@@ -60,6 +60,14 @@ class Tally:
         return set(self.scores) | set(self.dead)
 
     @property
+    def unrouted(self) -> set[FrameKey]:
+        """Scored frames whose alert or review record has not been read yet: a worker sends a
+        frame's outputs to several topics, and a reader sees each topic at its own pace, so a
+        score can arrive before the review item sent beside it."""
+        return ({k for k, s in self.scores.items() if s.decision == "alert" and k not in self.alerts}
+                | {k for k, s in self.scores.items() if s.decision == "review" and k not in self.reviews})
+
+    @property
     def duplicates(self) -> int:
         return self.duplicate_scores + self.duplicate_dead
 

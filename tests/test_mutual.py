@@ -233,7 +233,8 @@ def test_a_zero_shot_worker_warms_up_then_decides_each_camera_by_its_own_frames(
         text = log.read_text()
         assert "zero-shot (mutual), no references" in text and "UNCALIBRATED" in text
         cam = Camera(broker, topics, frames=50, fps=0, camera="cam-zero", defect_rate=0.1)
-        tally = collect(broker, topics, lambda t: cam.done.is_set() and cam.sent <= t.accounted).tally
+        tally = collect(broker, topics, lambda t: cam.done.is_set() and cam.sent <= t.accounted
+                        and not t.unrouted).tally
         scores = sorted(tally.scores.values(), key=lambda s: s.seq)
         assert len(scores) == 50 and not tally.dead
         assert all(not s.calibrated for s in scores)
