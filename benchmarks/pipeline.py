@@ -68,15 +68,14 @@ def _start_worker(broker, topics, refs: Path, scorer: str, workdir: Path, name: 
     return proc
 
 
-def _await(reader: TallyReader, expected: set, timeout_s: float = 600) -> float:
-    """Seconds until every frame in ``expected`` is accounted for (scored or dead-lettered)."""
+def _await(reader: TallyReader, expected: set, timeout_s: float = 600) -> None:
+    """Read until every frame in ``expected`` is accounted for (scored or dead-lettered)."""
     t0 = time.monotonic()
     while not expected <= reader.tally.accounted:
         if time.monotonic() - t0 > timeout_s:
             raise RuntimeError(f"benchmark timed out: {len(expected - reader.tally.accounted)} frames "
                                f"not accounted for after {timeout_s:.0f} s")
         reader.poll(100)
-    return time.monotonic() - t0
 
 
 def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fps: float,

@@ -142,14 +142,12 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
             log.info("operator verdicts grow the reference memory; thresholds stay fixed (they "
                      "are recalibrated only when calibrated from --holdout)")
     elif b.stream_thresholds is not None:
+        # what shapes the thresholds and the memory that operators' confirmed normals fill
         given = [n for n in ("false_alarm_rate", "review_rate") if getattr(setup, n) is not None]
+        given += ["memory_tolerance"] if setup.scorer.get("memory_tolerance") is not None else []
         if given:
-            raise SetupError(f"{flag_name(given[0])} sets the thresholds operators' confirmed normals "
-                             f"calibrate, and this zero-shot worker does not learn from verdicts "
-                             f"({LABEL_KEY_ENV} is not set, or --no-learn-from-labels): remove it")
-        if setup.scorer.get("memory_tolerance") is not None:
-            raise SetupError(f"--memory-tolerance filters the memory operators' confirmed normals "
-                             f"fill, and this zero-shot worker does not learn from verdicts "
+            raise SetupError(f"{flag_name(given[0])} shapes what operators' confirmed normals "
+                             f"teach, and this zero-shot worker does not learn from verdicts "
                              f"({LABEL_KEY_ENV} is not set, or --no-learn-from-labels): remove it")
         log.warning("zero-shot without learning from verdicts: thresholds stay uncalibrated and "
                     "scoring stays mutual (set %s to let operators' verdicts calibrate them)",

@@ -64,8 +64,8 @@ class Tally:
         """Scored frames whose alert or review record has not been read yet: a worker sends a
         frame's outputs to several topics, and a reader sees each topic at its own pace, so a
         score can arrive before the review item sent beside it."""
-        return ({k for k, s in self.scores.items() if s.decision == "alert" and k not in self.alerts}
-                | {k for k, s in self.scores.items() if s.decision == "review" and k not in self.reviews})
+        seen = {"alert": self.alerts, "review": self.reviews}
+        return {k for k, s in self.scores.items() if s.decision in seen and k not in seen[s.decision]}
 
     @property
     def duplicates(self) -> int:
