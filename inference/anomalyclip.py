@@ -7,54 +7,127 @@ before "damaged object." (abnormal), trained once on an auxiliary dataset with
 defect masks and then used on any product, zero-shot. What is learned is
 "normal versus abnormal", not what a bottle looks like.
 
-Built here: the prompt learner (:class:`PromptLearner`, the two contexts run through
-CLIP's own frozen text transformer), scoring with it (:class:`AnomalyCLIPScorer`: the
-abnormal-prompt probability of the image embedding, and of each projected patch token
-for the map), and training (:func:`train_prompts`: the paper's global image-level loss,
-cross-entropy on normal/defective, plus its local pixel-level losses, focal and dice on
-the patch map against the masks). Prompts are stored as safetensors
-(:func:`save_prompts`, :func:`load_prompts`); a torch checkpoint of prompts is read with
-``weights_only`` and converted (:func:`convert_checkpoint`), never unpickled.
+Built here, each piece of the paper a field of :class:`PromptDesign`, so that what a
+prompt file was trained with is what it is scored with:
 
-Not built (the paper has them; say so where it matters): learnable tokens inside the
-text encoder's layers ("deep" prompts) and DPAM, the diagonal attention the paper
-puts into the image encoder's later layers so that patch tokens keep local meaning.
-Without DPAM, patch maps of a stock CLIP are weaker than the paper's; a released
-AnomalyCLIP checkpoint that carries deep prompts is refused, not half-loaded.
+- the prompt learner (:class:`PromptLearner`): the two contexts run through CLIP's own
+  frozen text transformer, plus the paper's *deep* prompts: learned tokens that replace
+  the first ``deep_length`` context positions of the residual stream at the input of
+  text blocks 2 .. ``deep_depth`` (the paper: 4 tokens, depth 9);
+- DPAM (``dpam_from``): from that image block on, a second, value-value attention path
+  (softmax(v v^T) v: each patch attends mostly to itself, the "diagonally prominent"
+  map) carries the patch tokens that are compared with the text, while the stock
+  attention path carries on unchanged to the class token (the image embedding);
+- scoring (:class:`AnomalyCLIPScorer`) and training (:func:`train_prompts`: the paper's
+  global image-level cross-entropy plus its local focal and dice losses on the patch
+  maps of four blocks).
+
+Prompts are stored as safetensors with their design in the metadata (:func:`save_prompts`,
+:func:`load_prompts`); a released AnomalyCLIP checkpoint is read with ``weights_only``,
+checked against the backbone (its stored prompt tokens and token embeddings must be this
+model's) and converted (:func:`convert_checkpoint`), never unpickled.
+
+Not built: the paper's 518 px input (CLIP runs at its own resolution here) and the
+Gaussian smoothing of maps at evaluation (``linewatch evaluate`` treats every method's
+map alike).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from inference.clip import OpenCLIPBackbone
+from inference.clip import OpenCLIPBackbone, _is_plain_block
 from inference.scoring import NotFittedError, ScoreResult
 
 TEMPLATES = ("{} object.", "{} damaged object.")  # normal, abnormal; {} = the learned context
 N_CTX = 12
 TEMPERATURE = 0.07
+FORMAT = "linewatch-anomalyclip-2"  # -1 files (contexts only, no design) still load
 
 
 class PromptError(ValueError):
     """A prompt file that cannot be used with this backbone (shape, keys, format)."""
 
 
-class PromptLearner(torch.nn.Module):
-    """Two learnable contexts (``n_ctx`` word embeddings each) in front of "object." and
-    "damaged object.", encoded by the backbone's frozen text transformer."""
+@dataclass(frozen=True)
+class PromptDesign:
+    """How prompts are put into CLIP: fixed at training, stored with the prompts, used at scoring.
 
-    def __init__(self, backbone: OpenCLIPBackbone, n_ctx: int = N_CTX, seed: int = 0) -> None:
+    ``deep_depth`` counts text blocks with learned tokens (1: the input only; the paper: 9);
+    ``deep_length`` is how many context positions the deeper blocks' tokens replace (the
+    paper: 4). ``dpam_from`` is the 1-based first image block with DPAM's value-value path
+    (0: none; AnomalyCLIP's code: block 6 of 24, the last 19). ``global_ln_post``: whether
+    the class token goes through ``ln_post`` before the projection, as in CLIP; AnomalyCLIP's
+    code projects it without, and its released prompts were learned against that.
+    """
+
+    n_ctx: int = N_CTX
+    deep_depth: int = 1
+    deep_length: int = 0
+    dpam_from: int = 0
+    global_ln_post: bool = True
+
+    def check(self, backbone: OpenCLIPBackbone, where: str) -> None:
+        """PromptError naming ``where`` if this design does not fit ``backbone``."""
+        text_blocks = len(backbone.model.transformer.resblocks)
+        image_blocks = len(backbone.model.visual.transformer.resblocks)
+        if self.n_ctx < 1 or self.deep_depth < 1:
+            raise PromptError(f"{where}: context length and deep-prompt depth must be at least 1")
+        if self.deep_depth > text_blocks:
+            raise PromptError(f"{where}: deep prompts in {self.deep_depth} text blocks, but "
+                              f"openclip:{backbone.arch} has {text_blocks}")
+        if self.deep_depth > 1 and not 1 <= self.deep_length <= self.n_ctx:
+            raise PromptError(f"{where}: deep prompts of {self.deep_length} tokens must replace 1 .. "
+                              f"{self.n_ctx} (the context length) positions")
+        if not 0 <= self.dpam_from <= image_blocks:
+            raise PromptError(f"{where}: DPAM from image block {self.dpam_from}, but "
+                              f"openclip:{backbone.arch} has {image_blocks} (0 = no DPAM)")
+        if self.deep_depth > 1 and not backbone.model.transformer.batch_first:
+            raise PromptError(f"{where}: deep prompts need open_clip's batch-first text transformer")
+        if self.dpam_from and not all(_is_plain_block(b) for b in
+                                      backbone.model.visual.transformer.resblocks[self.dpam_from - 1:]):
+            raise PromptError(f"{where}: DPAM needs open_clip's standard fp32/bf16/fp16 image blocks "
+                              f"(openclip:{backbone.arch} at --precision {backbone.precision} has others)")
+
+
+def paper_dpam_from(backbone: OpenCLIPBackbone) -> int:
+    """AnomalyCLIP's DPAM start (block 6 of ViT-L's 24: the last 19) scaled to this image tower."""
+    return max(1, round(len(backbone.model.visual.transformer.resblocks) / 4))
+
+
+def paper_design(backbone: OpenCLIPBackbone) -> PromptDesign:
+    """The design of AnomalyCLIP's code and released checkpoints (12 context tokens, deep
+    prompts of 4 tokens in 9 text blocks, DPAM, the class token projected without ln_post),
+    with depth and DPAM start fitted to a smaller model's towers."""
+    return PromptDesign(n_ctx=N_CTX, deep_depth=min(9, len(backbone.model.transformer.resblocks)),
+                        deep_length=4, dpam_from=paper_dpam_from(backbone), global_ln_post=False)
+
+
+class PromptLearner(torch.nn.Module):
+    """Two learnable contexts (``design.n_ctx`` word embeddings each) in front of "object." and
+    "damaged object.", and the deep prompts (one ``(deep_length, width)`` tensor per text block
+    after the first, up to ``deep_depth``), encoded by the backbone's frozen text transformer."""
+
+    def __init__(self, backbone: OpenCLIPBackbone, design: PromptDesign | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
+        design = design or PromptDesign()
+        design.check(backbone, "prompt design")
+        n_ctx = design.n_ctx
         model = backbone.model
         width = model.token_embedding.weight.shape[1]
         gen = torch.Generator().manual_seed(seed)
         self.normal_ctx = torch.nn.Parameter(torch.randn(n_ctx, width, generator=gen) * 0.02)
         self.abnormal_ctx = torch.nn.Parameter(torch.randn(n_ctx, width, generator=gen) * 0.02)
+        self.deep = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(design.deep_length, width, generator=gen) * 0.02)
+             for _ in range(design.deep_depth - 1)])
         holder = " ".join(["X"] * n_ctx)
         tokens = backbone.tokenizer([t.format(holder) for t in TEMPLATES])
         x_id = backbone.tokenizer(["X"])[0, 1]
@@ -67,10 +140,14 @@ class PromptLearner(torch.nn.Module):
                 raise PromptError(f"{n_ctx} context tokens leave no room for the prompt's words in "
                                   f"CLIP's {tokens.shape[1]}-token context: use fewer")
         self.register_buffer("tokens", tokens, persistent=False)
-        self.n_ctx = n_ctx
+        self.design = design
+
+    @property
+    def n_ctx(self) -> int:
+        return self.design.n_ctx
 
     def forward(self, backbone: OpenCLIPBackbone) -> torch.Tensor:
-        """(2, E) unit text directions: normal, abnormal (differentiable in the contexts)."""
+        """(2, E) unit text directions: normal, abnormal (differentiable in every prompt)."""
         from open_clip.transformer import text_global_pool
 
         m = backbone.model
@@ -80,7 +157,15 @@ class PromptLearner(torch.nn.Module):
         x = torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx:]], dim=1)
         dtype = m.transformer.get_cast_dtype()
         x = (x + m.positional_embedding.float()).to(dtype)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask)).float()
+        if not len(self.deep):
+            x = m.transformer(x, attn_mask=m.attn_mask)
+        else:  # batch-first (PromptDesign.check): (2, L, C)
+            for i, blk in enumerate(m.transformer.resblocks):
+                if 1 <= i <= len(self.deep):  # this block's learned tokens replace the previous ones
+                    deep = self.deep[i - 1].to(x).expand(x.shape[0], -1, -1)
+                    x = torch.cat([x[:, :1], deep, x[:, 1 + deep.shape[1]:]], dim=1)
+                x = blk(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x).float()
         x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         proj = m.text_projection
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj.float()
@@ -100,23 +185,55 @@ def patch_layers(n_blocks: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(n_blocks * q / 4)) for q in (1, 2, 3, 4)}))
 
 
-def _image_and_patches(backbone: OpenCLIPBackbone, images: Sequence[np.ndarray]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def _dual_attention(blk: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One open_clip attention on normed tokens ``h`` (N, L, C), twice from the same projections:
+    DPAM's value-value attention (softmax(v v^T / sqrt(d)) v) and the stock one (q k^T)."""
+    attn = blk.attn
+    n, length, c = h.shape
+    heads = attn.num_heads
+    qkv = torch.nn.functional.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def out(a: torch.Tensor) -> torch.Tensor:
+        return attn.out_proj(a.transpose(1, 2).reshape(n, length, c))
+
+    return out(sdpa(v, v, v)), out(sdpa(q, k, v))
+
+
+def _image_and_patches(backbone: OpenCLIPBackbone, images: Sequence[np.ndarray],
+                       design: PromptDesign | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected (B, E) image embeddings and (B, L, H, W, E) patch embeddings of a frozen
     pass: the tokens after each of :func:`patch_layers`' blocks, through ``ln_post`` and the
-    image projection (the shared space with the text)."""
+    image projection (the shared space with the text).
+
+    With DPAM (``design.dpam_from``), the blocks from there on run two paths from one set of
+    weights, as the paper does: the stock path (attention, then MLP) goes on to the class
+    token, unchanged from CLIP; the DPAM path adds each block's value-value attention output
+    (no MLP) to its own stream, computed from the stock path's normed tokens. Patch tokens
+    are read from the DPAM path."""
+    design = design or PromptDesign()
     visual = backbone.model.visual
     blocks = visual.transformer.resblocks
     keep = patch_layers(len(blocks))
     with torch.no_grad():
         x = visual._embeds(backbone.preprocess(list(images)).to(next(visual.parameters()).dtype))
+        stock = None  # the stock path once DPAM has split it off
         outs = []
         for i, blk in enumerate(blocks, start=1):
-            x = blk(x)
+            if design.dpam_from and i >= design.dpam_from:
+                stock = x if stock is None else stock
+                vv, ori = _dual_attention(blk, blk.ln_1(stock))
+                x = x + blk.ls_1(vv)
+                stock = stock + blk.ls_1(ori)
+                stock = stock + blk.ls_2(blk.mlp(blk.ln_2(stock)))
+            else:
+                x = blk(x)
             if i in keep:
                 outs.append(visual.ln_post(x).float() @ visual.proj.float())
+        cls = (x if stock is None else stock)[:, 0]
+        glob = (visual.ln_post(cls) if design.global_ln_post else cls).float() @ visual.proj.float()
         gh, gw = backbone.grid
-        glob = outs[-1][:, 0]
         patches = torch.stack([o[:, 1:] for o in outs], dim=1)
         return glob, patches.reshape(patches.shape[0], len(keep), gh, gw, -1)
 
@@ -147,21 +264,22 @@ def _dice(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_prompts(backbone: OpenCLIPBackbone, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                  *, steps: int = 200, lr: float = 1e-3, batch_size: int = 8, n_ctx: int = N_CTX,
-                  seed: int = 0, on_step: Callable[[int, float], object] | None = None
+                  *, steps: int = 200, lr: float = 1e-3, batch_size: int = 8,
+                  design: PromptDesign | None = None, seed: int = 0,
+                  on_step: Callable[[int, float], object] | None = None
                   ) -> tuple[PromptLearner, TrainReport]:
-    """Learn the two contexts on an auxiliary set (RGB images, (H, W) boolean masks; an
-    all-false mask is a normal image). The backbone stays frozen: its features are
-    computed once, then only the text side runs per step."""
+    """Learn the prompts of ``design`` (default: :func:`paper_design`) on an auxiliary set
+    (RGB images, (H, W) boolean masks; an all-false mask is a normal image). The backbone
+    stays frozen: its features are computed once, then only the text side runs per step."""
     if len(images) != len(masks) or not images:
         raise ValueError(f"train_prompts: {len(images)} images and {len(masks)} masks")
     import cv2
 
-    backbone.model.requires_grad_(False)  # frozen: gradients reach only the two contexts
-    learner = PromptLearner(backbone, n_ctx=n_ctx, seed=seed)
+    backbone.model.requires_grad_(False)  # frozen: gradients reach only the prompts
+    learner = PromptLearner(backbone, design or paper_design(backbone), seed=seed)
     g, p = [], []
     for i in range(0, len(images), batch_size):
-        gi, pi = _image_and_patches(backbone, images[i:i + batch_size])
+        gi, pi = _image_and_patches(backbone, images[i:i + batch_size], learner.design)
         g.append(gi)
         p.append(pi)
     glob, patches = torch.cat(g), torch.cat(p)  # (N, E), (N, L, H, W, E)
@@ -193,13 +311,14 @@ def train_prompts(backbone: OpenCLIPBackbone, images: Sequence[np.ndarray], mask
 def save_prompts(learner: PromptLearner, path: str | Path, arch: str) -> None:
     from safetensors.torch import save_file
 
-    save_file({"normal_ctx": learner.normal_ctx.detach().contiguous(),
-               "abnormal_ctx": learner.abnormal_ctx.detach().contiguous()},
-              str(path), metadata={"format": "linewatch-anomalyclip-1", "arch": arch})
+    tensors = {"normal_ctx": learner.normal_ctx, "abnormal_ctx": learner.abnormal_ctx}
+    tensors |= {f"deep.{i}": t for i, t in enumerate(learner.deep)}
+    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": FORMAT, "arch": arch, "design": json.dumps(asdict(learner.design))})
 
 
 def load_prompts(backbone: OpenCLIPBackbone, path: str | Path) -> PromptLearner:
-    """A prompt file (safetensors) for ``backbone``; wrong width or keys is a PromptError."""
+    """A prompt file (safetensors) for ``backbone``; wrong width, keys or design is a PromptError."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -213,41 +332,83 @@ def load_prompts(backbone: OpenCLIPBackbone, path: str | Path) -> PromptLearner:
     except Exception as exc:
         raise PromptError(f"--prompts {path} is not a safetensors file ({exc}); convert a torch "
                           "checkpoint with `linewatch train-prompts --convert`") from None
-    if meta.get("format") != "linewatch-anomalyclip-1":
+    if meta.get("format") not in (FORMAT, "linewatch-anomalyclip-1"):
         raise PromptError(f"--prompts {path} is not a linewatch prompt file (format "
                           f"{meta.get('format')!r})")
     if meta.get("arch") != backbone.arch:
         raise PromptError(f"--prompts {path} was learned for openclip:{meta.get('arch')}, not "
                           f"openclip:{backbone.arch}: prompts live in one model's text space")
-    return _learner_from(backbone, tensors, str(path))
+    design = PromptDesign(n_ctx=_context_length(tensors, "normal_ctx", str(path)))
+    if meta.get("format") == FORMAT:
+        try:
+            given = json.loads(meta["design"])
+            names = {f.name: f.type for f in fields(PromptDesign)}
+            if not isinstance(given, dict) or set(given) != set(names) or not all(
+                    isinstance(v, bool) if names[k] == "bool" else type(v) is int for k, v in given.items()):
+                raise TypeError(f"expected an object with the fields {sorted(names)}")
+            design = PromptDesign(**given)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PromptError(f"--prompts {path}: its design metadata is unreadable ({exc})") from None
+    return _learner_from(backbone, tensors, str(path), design)
 
 
-def _learner_from(backbone: OpenCLIPBackbone, tensors: dict[str, torch.Tensor], where: str) -> PromptLearner:
-    if set(tensors) != {"normal_ctx", "abnormal_ctx"}:
-        raise PromptError(f"{where}: expected tensors normal_ctx and abnormal_ctx, found "
-                          f"{sorted(tensors)}")
+def _context_length(tensors: dict[str, torch.Tensor], key: str, where: str) -> int:
+    t = tensors.get(key)
+    if t is None or t.ndim != 2 or not t.shape[0]:
+        raise PromptError(f"{where}: no {key} tensor of shape (tokens, width) (found "
+                          f"{ {k: tuple(v.shape) for k, v in list(tensors.items())[:8]} })")
+    return int(t.shape[0])
+
+
+def _learner_from(backbone: OpenCLIPBackbone, tensors: dict[str, torch.Tensor], where: str,
+                  design: PromptDesign) -> PromptLearner:
+    """A learner of ``design`` holding exactly ``tensors`` (contexts and deep prompts, float)."""
+    design.check(backbone, where)  # first: the expected names below are bounded by the model
+    expected = {"normal_ctx", "abnormal_ctx"} | {f"deep.{i}" for i in range(design.deep_depth - 1)}
+    if set(tensors) != expected:
+        raise PromptError(f"{where}: expected tensors {sorted(expected)} for its design "
+                          f"({design}), found {sorted(tensors)[:12]}")
     n, a = tensors["normal_ctx"], tensors["abnormal_ctx"]
     width = backbone.model.token_embedding.weight.shape[1]
-    if n.ndim != 2 or n.shape != a.shape or n.shape[1] != width:
+    if n.ndim != 2 or n.shape != a.shape or n.shape[1] != width or n.shape[0] != design.n_ctx:
         raise PromptError(f"{where}: contexts of shape {tuple(n.shape)} / {tuple(a.shape)} do not fit "
-                          f"openclip:{backbone.arch} (token width {width})")
-    learner = PromptLearner(backbone, n_ctx=n.shape[0])
+                          f"openclip:{backbone.arch} (token width {width}) and {design.n_ctx} tokens")
+    deep = [tensors[f"deep.{i}"] for i in range(design.deep_depth - 1)]
+    if any(tuple(t.shape) != (design.deep_length, width) for t in deep):
+        raise PromptError(f"{where}: deep prompts of shapes {[tuple(t.shape) for t in deep]}, expected "
+                          f"({design.deep_length}, {width}) each")
+    if not all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise PromptError(f"{where}: prompts must be finite floating-point tensors")
+    learner = PromptLearner(backbone, design)
     with torch.no_grad():
         learner.normal_ctx.copy_(n)
         learner.abnormal_ctx.copy_(a)
+        for p, t in zip(learner.deep, deep, strict=True):
+            p.copy_(t)
     return learner
 
 
-# AnomalyCLIP's released checkpoints name the contexts ctx_pos / ctx_neg (with leading
-# singleton dimensions); its deep text-layer prompts are compound_prompts_text.*
-_CHECKPOINT_NAMES = {"normal_ctx": ("normal_ctx", "ctx_pos", "prompt_learner.ctx_pos"),
-                     "abnormal_ctx": ("abnormal_ctx", "ctx_neg", "prompt_learner.ctx_neg")}
+# What AnomalyCLIP's train.py saves, {"prompt_learner": state_dict} and nothing else: the
+# contexts ctx_pos / ctx_neg (n_cls, n_templates, n_ctx, width), the deep prompts
+# compound_prompts_text.{i}, one compound_prompt_projections.{i} per deep prompt (a
+# projection its forward never applies: checked for count, then skipped), and persistent
+# buffers derived from its tokenizer and CLIP (checked against ours, then dropped).
+_BUFFERS = ("token_prefix_pos", "token_suffix_pos", "token_prefix_neg", "token_suffix_neg",
+            "tokenized_prompts_pos", "tokenized_prompts_neg")
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, backbone: OpenCLIPBackbone) -> PromptLearner:
-    """A torch checkpoint of prompt contexts -> a safetensors prompt file. Read with
-    ``weights_only=True`` (tensors and plain containers only: no code runs). A checkpoint
-    with deep prompts is refused: they would be silently dropped."""
+def convert_checkpoint(src: str | Path, dst: str | Path, backbone: OpenCLIPBackbone,
+                       dpam_from: int | None = None) -> PromptLearner:
+    """A torch checkpoint of prompts -> a safetensors prompt file. Read with
+    ``weights_only=True`` (tensors and plain containers only: no code runs).
+
+    AnomalyCLIP's own checkpoints (``ctx_pos`` / ``ctx_neg``) get its code's design: their
+    deep prompts, DPAM from ``dpam_from`` (default: :func:`paper_dpam_from`; AnomalyCLIP's
+    test.py runs DPAM_layer=20, block 6 of 24) and the class token without ``ln_post``. The
+    prompt tokens and token embeddings stored beside them must be this backbone's, and its
+    MLPs must be QuickGELU like OpenAI's CLIP they were learned on: prompts learned in another
+    CLIP's text space would load and score nonsense. A checkpoint that is not exactly what
+    that code writes is refused, never half-loaded."""
     try:
         sd = torch.load(str(src), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -255,42 +416,126 @@ def convert_checkpoint(src: str | Path, dst: str | Path, backbone: OpenCLIPBackb
                           f"({type(exc).__name__}: {exc})") from None
     for wrapper in ("prompt_learner", "state_dict"):  # AnomalyCLIP saves {"prompt_learner": ...}
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            if set(sd) != {wrapper}:
+                raise PromptError(f"{src}: holds {sorted(map(str, sd))}, not only {wrapper!r}: "
+                                  "the other parts would be dropped")
             sd = sd[wrapper]
     if not isinstance(sd, dict):
         raise PromptError(f"{src}: expected a mapping of tensors")
+    flat: dict[str, object] = {}
 
-    def names(d: dict, prefix: str = "") -> list[str]:
-        return [n for k, v in d.items() for n in
-                (names(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])]
+    def walk(d: dict, prefix: str = "") -> None:
+        for k, v in d.items():
+            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(f"{prefix}{k}", v)
 
-    deep = sorted(k for k in names(sd) if "compound_prompts" in k)
-    if deep:
-        raise PromptError(f"{src} carries deep text-layer prompts ({deep[0]}, ...), which linewatch's "
-                          "AnomalyCLIP does not implement; loading only the input contexts would "
-                          "score differently from what was trained")
-    out = {}
-    for name, aliases in _CHECKPOINT_NAMES.items():
-        key = next((k for k in aliases if k in sd), None)
-        if key is None:
-            raise PromptError(f"{src}: no {' / '.join(aliases)} tensor (found {sorted(sd)[:8]})")
-        t = sd[key]
-        if not isinstance(t, torch.Tensor):
-            raise PromptError(f"{src}: {key} is a {type(t).__name__}, not a tensor")
-        while t.ndim > 2 and t.shape[0] == 1:
+    walk(sd)
+    for k, v in flat.items():
+        if not isinstance(v, torch.Tensor):
+            raise PromptError(f"{src}: {k} is a {type(v).__name__}, not a tensor")
+    tensors: dict[str, torch.Tensor] = flat  # type: ignore[assignment]
+    ours = {"normal_ctx", "abnormal_ctx"}
+    if ours <= set(tensors):
+        if set(tensors) != ours:
+            raise PromptError(f"{src}: unexpected tensors {sorted(set(tensors) - ours)}")
+        if dpam_from is not None:
+            raise PromptError(f"{src} holds contexts only; DPAM start {dpam_from} is AnomalyCLIP's design")
+        design = PromptDesign(n_ctx=_context_length(tensors, "normal_ctx", str(src)))
+        learner = _learner_from(backbone, {k: v.float() for k, v in tensors.items()}, str(src), design)
+        save_prompts(learner, dst, backbone.arch)
+        return learner
+    if not {"ctx_pos", "ctx_neg"} <= set(tensors):
+        raise PromptError(f"{src}: no ctx_pos / ctx_neg (AnomalyCLIP) or normal_ctx / abnormal_ctx "
+                          f"tensors (found {sorted(tensors)[:8]})")
+    missing = [b for b in _BUFFERS if b not in tensors]
+    if missing:
+        raise PromptError(f"{src}: lacks {missing}, which AnomalyCLIP's prompt learner always saves: "
+                          "not one of its checkpoints, or an edited one")
+    deep = [k for k in tensors if k.startswith("compound_prompts_text.")]
+    if sorted(deep) != sorted(f"compound_prompts_text.{i}" for i in range(len(deep))):
+        raise PromptError(f"{src}: deep prompts {sorted(deep)[:6]} are not numbered 0 .. {len(deep) - 1}")
+    deep = [f"compound_prompts_text.{i}" for i in range(len(deep))]
+    projections = {f"compound_prompt_projections.{i}.{p}"
+                   for i in range(len(deep)) for p in ("weight", "bias")}
+    unknown = sorted(set(tensors) - {"ctx_pos", "ctx_neg", *deep, *_BUFFERS, *projections})
+    if unknown or not projections <= set(tensors):
+        raise PromptError(f"{src}: expected {len(deep)} deep prompts with one projection each and "
+                          f"nothing else; {'found ' + str(unknown[:6]) if unknown else 'projections missing'}"
+                          ": refused rather than half-loaded")
+    _require_quick_gelu(backbone, str(src))
+
+    def context(key: str) -> torch.Tensor:
+        t = tensors[key]
+        while t.ndim > 2 and t.shape[0] == 1:  # (n_cls=1, n_templates=1, n_ctx, width)
             t = t[0]
-        out[name] = t.float()
-    learner = _learner_from(backbone, out, str(src))
+        if t.ndim != 2 or not t.shape[0]:
+            raise PromptError(f"{src}: {key} of shape {tuple(tensors[key].shape)}: linewatch uses one "
+                              "context per prompt (AnomalyCLIP's object-agnostic single class)")
+        return t.float()
+
+    if any(tensors[k].ndim != 2 for k in deep):
+        raise PromptError(f"{src}: deep prompts of shapes {[tuple(tensors[k].shape) for k in deep]}, "
+                          "expected (tokens, width)")
+    n_ctx = context("ctx_pos").shape[0]
+    design = replace(paper_design(backbone), n_ctx=n_ctx, deep_depth=len(deep) + 1,
+                     deep_length=tensors[deep[0]].shape[0] if deep else 0,
+                     dpam_from=paper_dpam_from(backbone) if dpam_from is None else dpam_from)
+    learner = _learner_from(
+        backbone, {"normal_ctx": context("ctx_pos"), "abnormal_ctx": context("ctx_neg")}
+        | {f"deep.{i}": tensors[k].float() for i, k in enumerate(deep)}, str(src), design)
+    _check_buffers(tensors, learner, backbone, str(src))
     save_prompts(learner, dst, backbone.arch)
     return learner
+
+
+def _require_quick_gelu(backbone: OpenCLIPBackbone, where: str) -> None:
+    """AnomalyCLIP's code builds OpenAI's CLIP, whose MLPs use QuickGELU; open_clip builds GELU
+    unless the architecture says otherwise, and the same weights then compute other features
+    (the token embeddings checked against the checkpoint would not show it)."""
+    towers = (backbone.model.transformer, backbone.model.visual.transformer)
+    acts = {type(blk.mlp.gelu).__name__ for tower in towers
+            for blk in tower.resblocks if hasattr(getattr(blk, "mlp", None), "gelu")}
+    if acts != {"QuickGELU"}:
+        raise PromptError(f"{where}: AnomalyCLIP's prompts were learned on OpenAI's CLIP, whose MLPs "
+                          f"use QuickGELU; openclip:{backbone.arch} uses {sorted(acts) or 'other blocks'}: "
+                          f"use openclip:{backbone.arch}-quickgelu (e.g. ViT-L-14-336-quickgelu)")
+
+
+def _check_buffers(tensors: dict[str, torch.Tensor], learner: PromptLearner,
+                   backbone: OpenCLIPBackbone, where: str) -> None:
+    """The checkpoint's prompt tokens and their embeddings must be what this backbone makes of
+    linewatch's two prompts."""
+    n = learner.n_ctx
+    width = backbone.model.token_embedding.weight.shape[1]
+    for i, side in enumerate(("pos", "neg")):
+        tokens = tensors[f"tokenized_prompts_{side}"].reshape(-1)
+        want = learner.tokens[i].long()
+        if tokens.shape != want.shape or not torch.equal(tokens.long(), want):
+            raise PromptError(f"{where}: its {'abnormal' if i else 'normal'} prompt's tokens are not "
+                              f"'{TEMPLATES[i].format(' '.join(['X'] * n))}' under this tokenizer")
+        with torch.no_grad():
+            emb = backbone.model.token_embedding(learner.tokens[i:i + 1]).float()[0]
+        for part, ours in (("prefix", emb[:1]), ("suffix", emb[1 + n:])):
+            theirs = tensors[f"token_{part}_{side}"]
+            if theirs.numel() != ours.numel() or not theirs.is_floating_point():
+                raise PromptError(f"{where}: token_{part}_{side} of shape {tuple(theirs.shape)}, expected "
+                                  f"{ours.shape[0]} x {width} embeddings")
+            theirs = theirs.reshape(-1, width).float()
+            scale = float(ours.abs().max()) or 1.0
+            if float((theirs - ours).abs().max()) > 1e-2 * scale:
+                raise PromptError(f"{where}: its stored token embeddings ({part}) differ from "
+                                  f"openclip:{backbone.arch}'s with these weights: the prompts were "
+                                  "learned on another CLIP")
 
 
 class AnomalyCLIPScorer:
     """Zero-shot scoring with learned object-agnostic prompts (see the module doc).
 
     Image score: the mean of the image embedding's abnormal probability and the map's
-    maximum (the paper combines global and local the same way); the map: each projected
-    patch token's abnormal probability. References are not used (``fit`` only records
-    that it was called), as for zero-shot WinCLIP.
+    maximum (AnomalyCLIP's test.py scores images by the first alone; the maximum is added
+    so that a small defect the image embedding misses still raises the score, which nothing
+    here has measured with real weights); the map: each projected patch token's abnormal
+    probability. References are not used (``fit`` only records that it was called), as for
+    zero-shot WinCLIP.
     """
 
     name = "anomalyclip"
@@ -318,7 +563,7 @@ class AnomalyCLIPScorer:
             raise NotFittedError("anomalyclip.score() called before fit()")
         if len(images) == 0:
             return []
-        glob, patches = _image_and_patches(self.backbone, images)
+        glob, patches = _image_and_patches(self.backbone, images, self.prompts.design)
         zs = _probabilities(glob, self.text)[:, 1]
         maps = _probabilities(patches, self.text)[..., 1].mean(dim=1)  # (B, H, W)
         image = (zs + maps.flatten(1).amax(dim=1)) / 2

@@ -31,7 +31,13 @@ ZERO_SHOT = ("mutual", "winclip", "anomalyclip")  # methods that evaluate with -
 # train-prompts' training flags: (flag, type, default, help)
 TRAIN_PROMPT_FLAGS = (("--steps", int, 200, "optimiser steps"), ("--lr", float, 1e-3, "Adam's step size"),
                       ("--batch-size", int, 8, "images per step"),
-                      ("--context", int, 12, "learned tokens per prompt"), ("--seed", int, 0, "seed"))
+                      ("--context", int, 12, "learned tokens per prompt"),
+                      ("--deep-depth", int, None, "text blocks with learned tokens, the input's "
+                       "included (1 = the input only; default: 9 as the paper, or the text tower's "
+                       "depth where that is less)"),
+                      ("--deep-length", int, None, "learned tokens in each deeper text block "
+                       "(default: 4 as the paper, or --context where that is less)"),
+                      ("--seed", int, 0, "seed"))
 
 
 def _default(name: str) -> str:
@@ -242,8 +248,10 @@ def add_commands(sub: Any) -> None:
 
     t = sub.add_parser("train-prompts", formatter_class=FMT,
                        help="learn AnomalyCLIP's object-agnostic prompts on a dataset with masks",
-                       description="Learn the two prompt contexts of AnomalyCLIP (normal: '[ctx] "
-                                   "object.', abnormal: '[ctx] damaged object.') on an auxiliary "
+                       description="Learn AnomalyCLIP's prompts, as the paper builds them: two "
+                                   "contexts (normal: '[ctx] object.', abnormal: '[ctx] damaged "
+                                   "object.'), deep prompts in the next text blocks, and DPAM's "
+                                   "value-value attention path for the patch tokens, on an auxiliary "
                                    "dataset with defect masks, CLIP frozen: the image-level "
                                    "cross-entropy plus the pixel-level focal and dice losses. Train on "
                                    "other products than the ones you will inspect: the prompts are "
@@ -263,9 +271,16 @@ def add_commands(sub: Any) -> None:
                    help="random CLIP weights (tests and mechanism checks, never for quality)")
     t.add_argument("--out", required=True, metavar="FILE", help="prompt file to write (.safetensors)")
     t.add_argument("--convert", metavar="CHECKPOINT", default=None,
-                   help="convert this torch checkpoint of prompt contexts instead of training")
+                   help="convert this torch checkpoint of prompts instead of training (a released "
+                        "AnomalyCLIP checkpoint, e.g. 9_12_4_multiscale/epoch_15.pth, for "
+                        "openclip:ViT-L-14-336-quickgelu with OpenAI's weights)")
+    t.add_argument("--dpam-from", type=int, default=None, metavar="BLOCK",
+                   help="first image block of DPAM's value-value attention path (0 = no DPAM; "
+                        "default: a quarter of the way in, block 6 of ViT-L's 24 as AnomalyCLIP's "
+                        "code): used to train, or stored with a converted AnomalyCLIP checkpoint")
     for flag, kind, default, what in TRAIN_PROMPT_FLAGS:
-        t.add_argument(flag, type=kind, default=None, help=f"{what} (default: {default})")
+        t.add_argument(flag, type=kind, default=None,
+                       help=what if default is None else f"{what} (default: {default})")
     t.add_argument("--torch-threads", type=int, default=None)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(run=cmd_train_prompts)
@@ -367,10 +382,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_train_prompts(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     import numpy as np
     from tqdm import tqdm
 
-    from inference.anomalyclip import PromptError, convert_checkpoint, save_prompts, train_prompts
+    from inference.anomalyclip import (
+        PromptError,
+        convert_checkpoint,
+        paper_design,
+        save_prompts,
+        train_prompts,
+    )
     from inference.clip import ClipUnavailable, OpenCLIPBackbone
     from linewatch.evaluate import DatasetError, load_split, read_mask
     from linewatch.images import ImageReadError, read_rgb
@@ -386,8 +409,11 @@ def cmd_train_prompts(a: argparse.Namespace) -> int:
     for flag, _, default, _ in TRAIN_PROMPT_FLAGS:
         name = flag[2:].replace("-", "_")
         setattr(a, name, default if getattr(a, name) is None else getattr(a, name))
-    if a.steps < 1 or a.context < 1 or a.batch_size < 1 or a.lr <= 0:
-        raise CliError("--steps, --context and --batch-size must be at least 1, --lr above 0")
+    if a.deep_depth == 1 and "--deep-length" in given:
+        raise CliError("--deep-length sets the deeper blocks' tokens; --deep-depth 1 has none: remove it")
+    if min(a.steps, a.context, a.batch_size, 1 if a.deep_depth is None else a.deep_depth) < 1 or a.lr <= 0:
+        raise CliError("--steps, --context, --deep-depth and --batch-size must be at least 1, "
+                       "--lr above 0")
     set_torch_threads(a.torch_threads)
     try:
         bb = OpenCLIPBackbone(a.backbone.removeprefix("openclip:"), a.weights, random_init=a.random_init)
@@ -395,11 +421,21 @@ def cmd_train_prompts(a: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if a.convert:
         try:
-            convert_checkpoint(a.convert, a.out, bb)
+            learner = convert_checkpoint(a.convert, a.out, bb, dpam_from=a.dpam_from)
         except PromptError as exc:
             raise CliError(str(exc)) from None
-        print(f"prompts: {a.out} (converted from {a.convert})")
+        print(f"prompts: {a.out} (converted from {a.convert}; {learner.design})")
         return 0
+    design = paper_design(bb)
+    depth = design.deep_depth if a.deep_depth is None else a.deep_depth
+    design = replace(design, n_ctx=a.context, deep_depth=depth,
+                     deep_length=0 if depth == 1 else min(design.deep_length, a.context)
+                     if a.deep_length is None else a.deep_length,
+                     dpam_from=design.dpam_from if a.dpam_from is None else a.dpam_from)
+    try:
+        design.check(bb, "train-prompts")
+    except PromptError as exc:
+        raise CliError(f"{exc} (--context, --deep-depth, --deep-length, --dpam-from)") from None
     try:
         split = load_split(a.data)
         samples = split.test
@@ -408,7 +444,7 @@ def cmd_train_prompts(a: argparse.Namespace) -> int:
     except (DatasetError, ImageReadError) as exc:
         raise CliError(str(exc)) from None
     print(f"{split.name}: {len(images)} images, {sum(s.defect for s in samples)} with defect masks; "
-          f"{a.steps} steps on {a.backbone}", file=sys.stderr)
+          f"{a.steps} steps on {a.backbone}; {design}", file=sys.stderr)
     bar = tqdm(total=a.steps, unit="step", desc="prompts", disable=a.no_progress)
 
     def step(_i: int, loss: float) -> None:
@@ -416,7 +452,7 @@ def cmd_train_prompts(a: argparse.Namespace) -> int:
         bar.update(1)
 
     learner, report = train_prompts(bb, images, masks, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                                    n_ctx=a.context, seed=a.seed, on_step=step)
+                                    design=design, seed=a.seed, on_step=step)
     bar.close()
     save_prompts(learner, a.out, bb.arch)
     first, last = np.mean(report.losses[:10]), np.mean(report.losses[-10:])
