@@ -383,12 +383,15 @@ def run_demo(a: argparse.Namespace) -> int:
                                 dead=len(t.dead), refresh=False)
                 bar.update(len(t.accounted) - bar.n)  # redraws at most every mininterval
                 if done.is_set():
-                    if produced <= t.accounted:
+                    # a frame's alert or review record travels on its own topic and can be
+                    # read after its score: the summary waits for both
+                    if produced <= t.accounted and not t.unrouted:
                         break
                     drain_deadline = drain_deadline or time.monotonic() + 60
                     if time.monotonic() > drain_deadline:
-                        log.error("%d frames not accounted for 60s after the camera stopped",
-                                  len(produced - t.accounted))
+                        log.error("60s after the camera stopped: %d frames not accounted for, %d "
+                                  "scored frames without their alert or review record",
+                                  len(produced - t.accounted), len(t.unrouted))
                         break
                 if exited := [w for w in workers if w.proc.poll() is not None]:
                     log.error("%s exited (code %s):\n%s", exited[0].name, exited[0].proc.returncode,

@@ -120,6 +120,7 @@ class Tally:
             "output_copies": self.output_copies,
             "alerts": len(self.alerts),
             "review_items": len(self.reviews),
+            "alerts_or_reviews_missing": len(self.unrouted),
             "dead_letters": len(self.dead),
             "dead_letters_bad_input": causes.count("bad_input"),
             "dead_letters_failed": causes.count("failed"),

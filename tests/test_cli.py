@@ -105,6 +105,7 @@ def test_demo_60_frames_loses_nothing(tmp_path):
     assert s["frames_produced"] == 60
     assert s["frames_lost"] == 0
     assert s["frames_scored"] + s["dead_letters"] == 60
+    assert s["alerts_or_reviews_missing"] == 0, s  # every alert and review item read, not only scores
     assert s["latency_ms"]["p50"] > 0 and s["latency_ms"]["p99"] >= s["latency_ms"]["p50"]
     assert s["defects_in_feed"] > 0 and s["recall"] is not None
     assert "frames_lost" in r.stdout  # the summary table
