@@ -82,9 +82,17 @@ class PromptDesign:
         if self.deep_depth > text_blocks:
             raise PromptError(f"{where}: deep prompts in {self.deep_depth} text blocks, but "
                               f"openclip:{backbone.arch} has {text_blocks}")
+        window = int(backbone.model.positional_embedding.shape[0])
+        words = max(int((t != 0).sum()) for t in backbone.tokenizer([t.format("") for t in TEMPLATES]))
+        if self.n_ctx + words > window:  # words: start, the template's words, end
+            raise PromptError(f"{where}: {self.n_ctx} context tokens leave no room for the prompts' "
+                              f"words in CLIP's {window}-token window: at most {window - words}")
         if self.deep_depth > 1 and not 1 <= self.deep_length <= self.n_ctx:
             raise PromptError(f"{where}: deep prompts of {self.deep_length} tokens must replace 1 .. "
                               f"{self.n_ctx} (the context length) positions")
+        if self.deep_depth == 1 and self.deep_length:
+            raise PromptError(f"{where}: deep prompts of {self.deep_length} tokens but no deeper block "
+                              "to put them in (deep_depth 1)")
         if not 0 <= self.dpam_from <= image_blocks:
             raise PromptError(f"{where}: DPAM from image block {self.dpam_from}, but "
                               f"openclip:{backbone.arch} has {image_blocks} (0 = no DPAM)")
@@ -105,8 +113,9 @@ def paper_design(backbone: OpenCLIPBackbone) -> PromptDesign:
     """The design of AnomalyCLIP's code and released checkpoints (12 context tokens, deep
     prompts of 4 tokens in 9 text blocks, DPAM, the class token projected without ln_post),
     with depth and DPAM start fitted to a smaller model's towers."""
-    return PromptDesign(n_ctx=N_CTX, deep_depth=min(9, len(backbone.model.transformer.resblocks)),
-                        deep_length=4, dpam_from=paper_dpam_from(backbone), global_ln_post=False)
+    depth = min(9, len(backbone.model.transformer.resblocks))
+    return PromptDesign(n_ctx=N_CTX, deep_depth=depth, deep_length=4 if depth > 1 else 0,
+                        dpam_from=paper_dpam_from(backbone), global_ln_post=False)
 
 
 class PromptLearner(torch.nn.Module):
@@ -347,9 +356,15 @@ def load_prompts(backbone: OpenCLIPBackbone, path: str | Path) -> PromptLearner:
                     isinstance(v, bool) if names[k] == "bool" else type(v) is int for k, v in given.items()):
                 raise TypeError(f"expected an object with the fields {sorted(names)}")
             design = PromptDesign(**given)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise PromptError(f"--prompts {path}: its design metadata is unreadable ({exc})") from None
     return _learner_from(backbone, tensors, str(path), design)
+
+
+def _plain_float(t: torch.Tensor) -> bool:
+    """A dense CPU tensor of an ordinary float type (not sparse, meta, int, bool, complex, fp8)."""
+    return (t.layout == torch.strided and t.device.type == "cpu"
+            and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 def _context_length(tensors: dict[str, torch.Tensor], key: str, where: str) -> int:
@@ -377,8 +392,8 @@ def _learner_from(backbone: OpenCLIPBackbone, tensors: dict[str, torch.Tensor], 
     if any(tuple(t.shape) != (design.deep_length, width) for t in deep):
         raise PromptError(f"{where}: deep prompts of shapes {[tuple(t.shape) for t in deep]}, expected "
                           f"({design.deep_length}, {width}) each")
-    if not all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in tensors.values()):
-        raise PromptError(f"{where}: prompts must be finite floating-point tensors")
+    if not all(_plain_float(t) and bool(torch.isfinite(t.float()).all()) for t in tensors.values()):
+        raise PromptError(f"{where}: prompts must be finite float16/bfloat16/float32/float64 tensors")
     learner = PromptLearner(backbone, design)
     with torch.no_grad():
         learner.normal_ctx.copy_(n)
@@ -428,17 +443,28 @@ def convert_checkpoint(src: str | Path, dst: str | Path, backbone: OpenCLIPBackb
         for k, v in d.items():
             walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(f"{prefix}{k}", v)
 
-    walk(sd)
+    try:
+        walk(sd)
+    except RecursionError:
+        raise PromptError(f"{src}: nested too deeply to be a prompt checkpoint") from None
     for k, v in flat.items():
         if not isinstance(v, torch.Tensor):
             raise PromptError(f"{src}: {k} is a {type(v).__name__}, not a tensor")
+        if v.layout != torch.strided or v.device.type != "cpu":
+            raise PromptError(f"{src}: {k} is a {v.layout} tensor on {v.device}, not a dense one")
+    learned = [k for k in flat if k in ("normal_ctx", "abnormal_ctx", "ctx_pos", "ctx_neg")
+               or k.startswith("compound_prompts_text.")]
+    for k in learned:
+        if not _plain_float(flat[k]):  # type: ignore[arg-type]
+            raise PromptError(f"{src}: {k} is {flat[k].dtype}, not a float tensor")  # type: ignore[union-attr]
     tensors: dict[str, torch.Tensor] = flat  # type: ignore[assignment]
     ours = {"normal_ctx", "abnormal_ctx"}
     if ours <= set(tensors):
         if set(tensors) != ours:
             raise PromptError(f"{src}: unexpected tensors {sorted(set(tensors) - ours)}")
-        if dpam_from is not None:
-            raise PromptError(f"{src} holds contexts only; DPAM start {dpam_from} is AnomalyCLIP's design")
+        if dpam_from:
+            raise PromptError(f"{src} holds contexts only, learned without DPAM: DPAM from block "
+                              f"{dpam_from} would score with features they never saw")
         design = PromptDesign(n_ctx=_context_length(tensors, "normal_ctx", str(src)))
         learner = _learner_from(backbone, {k: v.float() for k, v in tensors.items()}, str(src), design)
         save_prompts(learner, dst, backbone.arch)
@@ -521,7 +547,7 @@ def _check_buffers(tensors: dict[str, torch.Tensor], learner: PromptLearner,
                                   f"{ours.shape[0]} x {width} embeddings")
             theirs = theirs.reshape(-1, width).float()
             scale = float(ours.abs().max()) or 1.0
-            if float((theirs - ours).abs().max()) > 1e-2 * scale:
+            if not float((theirs - ours).abs().max()) <= 1e-2 * scale:  # NaN fails too
                 raise PromptError(f"{where}: its stored token embeddings ({part}) differ from "
                                   f"openclip:{backbone.arch}'s with these weights: the prompts were "
                                   "learned on another CLIP")

@@ -264,6 +264,13 @@ def test_released_anomalyclip_checkpoints_convert_with_their_design_and_are_chec
     results = scorer.score(images)
     assert results[0].anomaly_map.shape == backbone.grid and 0 <= results[0].score <= 1
     assert convert_checkpoint(ckpt, out, backbone, dpam_from=0).design.dpam_from == 0
+    contexts = tmp_path / "contexts.pth"
+    width = backbone.model.token_embedding.weight.shape[1]
+    torch.save({"normal_ctx": torch.randn(4, width), "abnormal_ctx": torch.randn(4, width)}, contexts)
+    assert convert_checkpoint(contexts, tmp_path / "c.safetensors", backbone,
+                              dpam_from=0).design == PromptDesign(n_ctx=4)
+    with pytest.raises(PromptError, match="learned without DPAM"):
+        convert_checkpoint(contexts, tmp_path / "c.safetensors", backbone, dpam_from=1)
 
     def refused(match: str, **changes: torch.Tensor | None) -> None:
         bad = tmp_path / "bad.pth"
@@ -271,7 +278,6 @@ def test_released_anomalyclip_checkpoints_convert_with_their_design_and_are_chec
         with pytest.raises(PromptError, match=match):
             convert_checkpoint(bad, tmp_path / "bad.safetensors", backbone)
 
-    width = backbone.model.token_embedding.weight.shape[1]
     toks = _released(backbone)["prompt_learner"]["tokenized_prompts_neg"].clone()
     toks[..., 6] = 320  # another word after the context: not "damaged object."
     refused("prompt's tokens are not", tokenized_prompts_neg=toks)
@@ -289,6 +295,10 @@ def test_released_anomalyclip_checkpoints_convert_with_their_design_and_are_chec
     refused("expected 1 x", token_prefix_neg=torch.zeros(3))
     refused("expected .tokens, width.", **{"compound_prompts_text.0": torch.zeros(())})
     refused("one context per prompt", ctx_neg=torch.zeros(()))
+    refused("ctx_pos is torch.int64, not a float", ctx_pos=torch.ones(1, 1, 4, width, dtype=torch.long))
+    nan = _released(backbone)["prompt_learner"]["token_prefix_pos"].clone().fill_(float("nan"))
+    refused("learned on another CLIP", token_prefix_pos=nan)
+    refused("finite", ctx_neg=torch.full((1, 1, 4, width), float("inf")))
     two = tmp_path / "two.pth"  # other models saved beside the prompts: refused, not dropped
     torch.save({**_released(backbone), "model": {"w": torch.zeros(1)}}, two)
     with pytest.raises(PromptError, match="not only 'prompt_learner'"):
@@ -361,3 +371,10 @@ def test_train_prompts_then_evaluate_anomalyclip_via_the_cli(tmp_path, capsys) -
     assert rc == 2 and "--deep-depth 1 has none" in capsys.readouterr().err
     rc = main(["train-prompts", "--data", str(root), *tiny, "--deep-depth", "3", "--out", str(prompts)])
     assert rc == 2 and "deep prompts in 3 text blocks" in capsys.readouterr().err
+    nowhere = ["--data", str(tmp_path / "no-such-folder"), *tiny]  # these are refused before any data
+    rc = main(["train-prompts", *nowhere, "--context", "74", "--out", str(prompts)])
+    assert rc == 2 and "CLIP's 77-token window: at most 72" in capsys.readouterr().err
+    rc = main(["train-prompts", *nowhere, "--dpam-from", "-3", "--out", str(prompts)])
+    assert rc == 2 and "--dpam-from -3: an image block number" in capsys.readouterr().err
+    rc = main(["train-prompts", *nowhere, "--out", str(tmp_path / "missing" / "p.safetensors")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from inference import set_torch_threads
@@ -314,8 +315,6 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from linewatch.evaluate import STREAM_DEFECT_RATE, DatasetError, load_split, run_evaluation, table
     from linewatch.images import ImageReadError
 
@@ -409,6 +408,10 @@ def cmd_train_prompts(a: argparse.Namespace) -> int:
     for flag, _, default, _ in TRAIN_PROMPT_FLAGS:
         name = flag[2:].replace("-", "_")
         setattr(a, name, default if getattr(a, name) is None else getattr(a, name))
+    if a.dpam_from is not None and a.dpam_from < 0:
+        raise CliError(f"--dpam-from {a.dpam_from}: an image block number, or 0 for no DPAM")
+    if not Path(a.out).resolve().parent.is_dir():
+        raise CliError(f"--out {a.out}: folder {Path(a.out).resolve().parent} does not exist")
     if a.deep_depth == 1 and "--deep-length" in given:
         raise CliError("--deep-length sets the deeper blocks' tokens; --deep-depth 1 has none: remove it")
     if min(a.steps, a.context, a.batch_size, 1 if a.deep_depth is None else a.deep_depth) < 1 or a.lr <= 0:
@@ -462,7 +465,6 @@ def cmd_train_prompts(a: argparse.Namespace) -> int:
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from tqdm import tqdm
 
