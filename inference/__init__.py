@@ -85,7 +85,7 @@ def _backbone(s: ScorerSettings):
     from inference.clip import OpenCLIPBackbone  # validate() admits nothing else
 
     return OpenCLIPBackbone(bb.removeprefix("openclip:"), s.weights, random_init=s.random_init,
-                            precision=s.precision)
+                            precision=s.precision, image_size=s.image_size)
 
 
 def create_scorer(name: str = "patch-knn", *, device: str = "cpu", **settings) -> Scorer:

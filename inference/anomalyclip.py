@@ -27,9 +27,10 @@ Prompts are stored as safetensors with their design in the metadata (:func:`save
 checked against the backbone (its stored prompt tokens and token embeddings must be this
 model's) and converted (:func:`convert_checkpoint`), never unpickled.
 
-Not built: the paper's 518 px input (CLIP runs at its own resolution here) and the
-Gaussian smoothing of maps at evaluation (``linewatch evaluate`` treats every method's
-map alike).
+The paper runs OpenAI's 336 px ViT-L at 518 px: ``--image-size 518`` does the same (the
+backbone interpolates its position embeddings, ``inference.clip``). Maps are smoothed at
+evaluation as every method's are (``linewatch evaluate``: a Gaussian of 4 px at 256 px; the
+paper's is 4 px at 518 px).
 """
 
 from __future__ import annotations

@@ -99,6 +99,7 @@ class OpenCLIPBackbone(torch.nn.Module):
         random_init: bool = False,
         seed: int = 0,
         precision: str = "fp32",
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         import open_clip
@@ -137,6 +138,8 @@ class OpenCLIPBackbone(torch.nn.Module):
         self.arch = arch
         self.model = model
         self.tokenizer = open_clip.get_tokenizer(name)
+        if image_size is not None:
+            _resize_positions(visual, image_size, arch)
         size = visual.image_size
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
         self.grid = tuple(visual.grid_size)
@@ -251,6 +254,29 @@ class OpenCLIPBackbone(torch.nn.Module):
     def text_direction(self, prompts: list[str]) -> torch.Tensor:
         """One unit direction (E,) for a prompt ensemble: the mean of its unit embeddings."""
         return torch.nn.functional.normalize(self.encode_text(prompts).mean(dim=0), dim=-1)
+
+
+def _resize_positions(visual: torch.nn.Module, size: int, arch: str) -> None:
+    """Run the image tower at ``size`` px: its learned position embeddings of the patch grid
+    interpolated bilinearly to the new grid (the class token's kept), as AnomalyCLIP runs
+    OpenAI's 336 px ViT-L at 518. More patches see finer detail; the model was never trained
+    at that size, so what it buys is measured, not assumed."""
+    patch = visual.conv1.kernel_size[0]
+    if size % patch or size < patch:
+        raise ClipUnavailable(f"--image-size {size}: openclip:{arch} cuts {patch}-px patches; give a "
+                              f"multiple of {patch} (e.g. {max(1, round(size / patch)) * patch})")
+    pos = visual.positional_embedding
+    gh, gw = visual.grid_size
+    if pos.ndim != 2 or pos.shape[0] != gh * gw + 1:
+        raise ClipUnavailable(f"openclip:{arch} has no learned per-patch position table to resize")
+    n = size // patch
+    with torch.no_grad():
+        grid = pos[1:].float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(grid, (n, n), mode="bilinear", align_corners=False)
+        new = torch.cat([pos[:1].float(), grid.permute(0, 2, 3, 1).reshape(n * n, -1)]).to(pos.dtype)
+    visual.positional_embedding = torch.nn.Parameter(new, requires_grad=pos.requires_grad)
+    visual.grid_size = (n, n)
+    visual.image_size = (size, size)
 
 
 def _is_plain_block(blk: torch.nn.Module) -> bool:

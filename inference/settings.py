@@ -156,7 +156,8 @@ class ScorerSettings:
             raise SettingsError(f"--reference-augment {self.reference_augment!r}: choose one of "
                                 f"{', '.join(AUGMENTS)}")
         ignored = {  # option -> why the chosen scorer would ignore it
-            "image_size": "a CLIP backbone works at its own resolution" if self.clip else None,
+            "image_size": "a CLIP backbone works at its own resolution (anomalyclip excepted)"
+                          if self.clip and m != "anomalyclip" else None,
             "layers": "a CLIP backbone's layers are fixed by the method" if self.clip else None,
             "random_init": None if self.clip else f"{bb} loads its packaged weights; random "
                                                   "initialisation is implemented for openclip: backbones",

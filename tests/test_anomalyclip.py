@@ -320,6 +320,32 @@ def test_released_anomalyclip_checkpoints_convert_with_their_design_and_are_chec
             load_prompts(backbone, tampered)
 
 
+def test_anomalyclip_runs_at_another_resolution_with_interpolated_positions(backbone: OpenCLIPBackbone
+                                                                            ) -> None:
+    """As AnomalyCLIP runs OpenAI's 336 px ViT-L at 518: the patch grid's position embeddings
+    are interpolated to the new grid, the class token's kept."""
+    from inference.anomalyclip import AnomalyCLIPScorer
+    from inference.clip import ClipUnavailable
+
+    native = backbone.model.visual.positional_embedding
+    same = OpenCLIPBackbone(ARCH, random_init=True, image_size=64)
+    assert torch.allclose(same.model.visual.positional_embedding, native)  # same grid: unchanged
+    big = OpenCLIPBackbone(ARCH, random_init=True, image_size=96)
+    pos = big.model.visual.positional_embedding
+    assert big.grid == (12, 12) and big.image_size == (96, 96) and pos.shape == (145, native.shape[1])
+    assert torch.equal(pos[0], native[0])
+    # bilinear: each new position lies between the old ones around it
+    old, new = native[1:].reshape(8, 8, -1), pos[1:].reshape(12, 12, -1)
+    assert bool((new.amax(dim=(0, 1)) <= old.amax(dim=(0, 1)) + 1e-6).all())
+    assert torch.allclose(new.mean(dim=(0, 1)), old.mean(dim=(0, 1)), atol=0.02)
+    scorer = AnomalyCLIPScorer(big, PromptLearner(big, paper_design(big)))
+    scorer.fit([])
+    images, _ = _pseudo(seed=7, n=2)
+    assert scorer.score(images)[0].anomaly_map.shape == (12, 12)
+    with pytest.raises(ClipUnavailable, match="give a multiple of 8"):
+        OpenCLIPBackbone(ARCH, random_init=True, image_size=100)
+
+
 def test_train_prompts_then_evaluate_anomalyclip_via_the_cli(tmp_path, capsys) -> None:
     """The commands end to end on a small MVTec-layout folder (pseudo-anomalies with masks)."""
     images, masks = _pseudo(seed=4, n=6)
@@ -346,6 +372,9 @@ def test_train_prompts_then_evaluate_anomalyclip_via_the_cli(tmp_path, capsys) -
     tiny = ["--backbone", f"openclip:{ARCH}", "--random-init"]
     rc = main(["evaluate", "--data", str(root), "--method", "anomalyclip", *tiny, "--prompts", str(prompts),
                "--shots", "0", "--seeds", "1", "--no-progress"])
+    assert rc == 0 and "image_auroc" in capsys.readouterr().out
+    rc = main(["evaluate", "--data", str(root), "--method", "anomalyclip", *tiny, "--prompts", str(prompts),
+               "--image-size", "96", "--shots", "0", "--seeds", "1", "--no-progress"])
     assert rc == 0 and "image_auroc" in capsys.readouterr().out
     rc = main(["evaluate", "--data", str(root), "--method", "anomalyclip", *tiny, "--shots", "0"])
     assert rc == 2 and "anomalyclip needs --prompts FILE" in capsys.readouterr().err
@@ -374,6 +403,9 @@ def test_train_prompts_then_evaluate_anomalyclip_via_the_cli(tmp_path, capsys) -
     nowhere = ["--data", str(tmp_path / "no-such-folder"), *tiny]  # these are refused before any data
     rc = main(["train-prompts", *nowhere, "--context", "74", "--out", str(prompts)])
     assert rc == 2 and "CLIP's 77-token window: at most 72" in capsys.readouterr().err
+    rc = main(["train-prompts", "--convert", str(released), *openai, "--image-size", "96",
+               "--out", str(prompts)])
+    assert rc == 2 and "--image-size sets training" in capsys.readouterr().err
     rc = main(["train-prompts", *nowhere, "--dpam-from", "-3", "--out", str(prompts)])
     assert rc == 2 and "--dpam-from -3: an image block number" in capsys.readouterr().err
     rc = main(["train-prompts", *nowhere, "--out", str(tmp_path / "missing" / "p.safetensors")])

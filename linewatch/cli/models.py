@@ -71,7 +71,9 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
                         "efficientnet-lite0 come from their installed packages; CLIP has no default)")
     g.add_argument("--image-size", type=int, default=_NOT_GIVEN,
                    help="model resolution for visual backbones (default: 224 for dinov2-s, a "
-                        "multiple of 14; 256 for efficientnet-lite0)")
+                        "multiple of 14; 256 for efficientnet-lite0); anomalyclip: the CLIP's own "
+                        "by default, or a multiple of its patch size, position embeddings "
+                        "interpolated (AnomalyCLIP runs ViT-L-14-336 at 518)")
     g.add_argument("--layers", type=_layers, default=_NOT_GIVEN,
                    help="visual backbones: blocks/stages whose patch features are compared "
                         "(default: 5,8 for dinov2-s, 2,3 for efficientnet-lite0)")
@@ -275,6 +277,9 @@ def add_commands(sub: Any) -> None:
                    help="convert this torch checkpoint of prompts instead of training (a released "
                         "AnomalyCLIP checkpoint, e.g. 9_12_4_multiscale/epoch_15.pth, for "
                         "openclip:ViT-L-14-336-quickgelu with OpenAI's weights)")
+    t.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="train at this resolution instead of the CLIP's own (a multiple of its patch "
+                        "size; the paper trains at 518)")
     t.add_argument("--dpam-from", type=int, default=None, metavar="BLOCK",
                    help="first image block of DPAM's value-value attention path (0 = no DPAM; "
                         "default: a quarter of the way in, block 6 of ViT-L's 24 as AnomalyCLIP's "
@@ -403,8 +408,9 @@ def cmd_train_prompts(a: argparse.Namespace) -> int:
     if (a.data is None) == (a.convert is None):
         raise CliError("give --data DIR to train, or --convert CHECKPOINT to convert (one of them)")
     given = [flag for flag, *_ in TRAIN_PROMPT_FLAGS if getattr(a, flag[2:].replace("-", "_")) is not None]
-    if a.convert and given:
-        raise CliError(f"{given[0]} sets training; --convert trains nothing: remove it")
+    if a.convert and (given or a.image_size is not None):
+        flag = given[0] if given else "--image-size"
+        raise CliError(f"{flag} sets training; --convert trains nothing: remove it")
     for flag, _, default, _ in TRAIN_PROMPT_FLAGS:
         name = flag[2:].replace("-", "_")
         setattr(a, name, default if getattr(a, name) is None else getattr(a, name))
@@ -419,7 +425,8 @@ def cmd_train_prompts(a: argparse.Namespace) -> int:
                        "--lr above 0")
     set_torch_threads(a.torch_threads)
     try:
-        bb = OpenCLIPBackbone(a.backbone.removeprefix("openclip:"), a.weights, random_init=a.random_init)
+        bb = OpenCLIPBackbone(a.backbone.removeprefix("openclip:"), a.weights, random_init=a.random_init,
+                              image_size=a.image_size)
     except ClipUnavailable as exc:
         raise CliError(str(exc)) from None
     if a.convert:
