@@ -77,9 +77,7 @@ class Beliefs:
 
     def _swap_profile(self, new: LoadedProfile) -> None:
         if self.learner is not None:  # operator-confirmed normals stay learned across reloads
-            self.learner.scorer, self.learner.references = new.scorer, list(new.references)
-            if self.learner.learned:
-                new.scorer.add_normals([im for _, im in self.learner.learned])
+            self.learner.rebase(new.scorer, new.references)
         self.processor.scorer = new.scorer
         self.processor.describe = new.describe  # the profile's class name and vocabulary
         if new.references:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from inference.calibration import CalibrationFrames, Thresholds, thresholds_from_normals
 from linewatch.images import decode_limited
@@ -52,6 +53,10 @@ from monitoring import metrics
 log = logging.getLogger(__name__)
 
 MAX_SEEN_LABELS = 100_000
+# the learned normals' memory rows kept (float16) so that a refit after evicting the oldest
+# runs no backbone pass; a memory whose rows would take more (large frames, many views) is
+# refitted from the images instead, as before (logged once)
+MAX_KEPT_ROW_BYTES = 512 * 2**20
 LABEL_FETCH_WAIT_MS = 1000
 
 
@@ -173,6 +178,11 @@ class ReferenceLearner:
         self.max_learned = max_learned
         self.false_alarm_rate, self.review_rate = false_alarm_rate, review_rate
         self.learned: deque[tuple[str, np.ndarray]] = deque()
+        # each learned frame's memory rows (scorer.memory_views, float16), beside self.learned;
+        # None: the scorer cannot refit from rows (no fit_views, or a trained head), or they
+        # would exceed MAX_KEPT_ROW_BYTES
+        self._rows: deque[list[Any]] | None = self._row_store(scorer)
+        self._reference_rows: list[list[Any]] | None = None
         self.calibrate_from_verdicts = calibrate_from_verdicts
         self.calibration: deque[np.ndarray] = deque(maxlen=max_learned)
         self._confirmed = 0  # normal verdicts learned so far (which half each goes to)
@@ -193,6 +203,23 @@ class ReferenceLearner:
         metrics.LEARNED_NORMALS.labels(worker=worker_id).set(0)
         for verdict in ("normal", "defect"):
             metrics.LABELS_APPLIED.labels(worker=worker_id, verdict=verdict)
+
+    @staticmethod
+    def _row_store(scorer: Any) -> deque[list[Any]] | None:
+        return deque() if hasattr(scorer, "fit_views") and not getattr(scorer, "adapt_steps", 0) else None
+
+    def rebase(self, scorer: Any, references: Sequence[np.ndarray]) -> None:
+        """A new profile's scorer and references: the learned normals go into its memory, their
+        rows computed again by it (the kept ones came from the old profile's model)."""
+        learned = list(self.learned)
+        self.scorer, self.references = scorer, list(references)
+        self.learned, self._rows, self._reference_rows = deque(), self._row_store(scorer), None
+        if learned:
+            try:
+                self._grow(learned)
+            except Exception:
+                self.learned = deque(learned)  # not lost: the error reaches the caller as before
+                raise
 
     def apply(self, verdicts: Sequence[Verdict]) -> None:
         """Take verified verdicts in (counted at once); :meth:`learn` adds the normal ones to
@@ -306,16 +333,51 @@ class ReferenceLearner:
                      "to go", n, need, 2 * (need - n))
 
     def _grow(self, fresh: list[tuple[str, np.ndarray]]) -> None:
+        """Add ``fresh`` to the memory; past ``max_learned``, evict the oldest and refit. With
+        the learned frames' rows kept, the refit matches rows only (no backbone pass: it had
+        stalled the worker ~13 s at 200 learned frames on 2 CPU cores); nothing changes until
+        the scorer holds the new memory, so a model error leaves the old state whole."""
         learned = deque(self.learned)
         learned.extend(fresh)
+        rows = fresh_rows = None
+        if self._rows is not None:
+            fresh_rows = self.scorer.memory_views([im for _, im in fresh])  # the only backbone pass
+            rows = deque(self._rows)
+            rows.extend([[v.to(torch.float16) for v in views] for views in fresh_rows])
+            if self._reference_rows is None:  # the first time: the references' rows, and the bound
+                self._reference_rows = [[v.to(torch.float16) for v in views]
+                                        for views in self.scorer.memory_views(self.references)]
+                rows = self._bounded(rows)
         if len(learned) > self.max_learned:
             # evict the oldest, with 10% slack so a refit happens every few dozen labels, not each
             keep = max(1, int(self.max_learned * 0.9))
             while len(learned) > keep:
                 learned.popleft()
-            self.scorer.fit(self.references + [im for _, im in learned])
+                if rows is not None:
+                    rows.popleft()
+            if rows is not None:
+                assert self._reference_rows is not None
+                self.scorer.fit_views([v for views in (*self._reference_rows, *rows) for v in views])
+            else:
+                self.scorer.fit(self.references + [im for _, im in learned])
+        elif fresh_rows is not None:
+            self.scorer.add_views([v for views in fresh_rows for v in views])
         else:
             self.scorer.add_normals([im for _, im in fresh])
         self.learned = learned  # only once the memory holds them
+        self._rows = rows
         log.info("learned %d normal frame(s) from operator verdicts (%d in memory)", len(fresh),
                  len(self.learned))
+
+    def _bounded(self, rows: deque[list[Any]]) -> deque[list[Any]] | None:
+        """``rows`` if the kept rows of ``max_learned`` frames like these fit MAX_KEPT_ROW_BYTES."""
+        per_frame = sum(v.numel() * v.element_size() for views in rows for v in views) / max(1, len(rows))
+        refs = sum(v.numel() * v.element_size() for views in self._reference_rows or [] for v in views)
+        need = refs + per_frame * self.max_learned
+        if need <= MAX_KEPT_ROW_BYTES:
+            return rows
+        log.warning("the learned normals' memory rows would take %.0f MB (over %d MB): refits after "
+                    "evicting old ones run the backbone on every learned frame again",
+                    need / 2**20, MAX_KEPT_ROW_BYTES // 2**20)
+        self._reference_rows = None
+        return None

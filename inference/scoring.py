@@ -12,6 +12,7 @@ The CLIP-based methods (WinCLIP, WinCLIP+) plug in by implementing the same
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -274,12 +275,39 @@ class PatchKNNScorer:
         to scores)."""
         if len(normals) == 0:
             return
+        self.add_views([v for views in self.memory_views(normals) for v in views])
+
+    def memory_views(self, normals: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
+        """Per normal, the (P, D) rows of each of its views that :meth:`add_normals` offers the
+        memory (before the novelty filter): what a learning worker keeps of a learned frame,
+        so that a refit after evicting old ones needs no backbone pass (:meth:`fit_views`)."""
+        if len(normals) == 0:
+            return []
+        counts = [len(augmented_views(im, self.augment)) for im in normals]
         views = [v for im in normals for v in augmented_views(im, self.augment)]
         per_view: list[torch.Tensor] = [torch.empty(0)] * len(views)
         for idx, f in self._grouped_features(views):
             for j, i in enumerate(idx):
                 per_view[i] = f[j].reshape(-1, f.shape[-1])
-        self._memory = novel_rows(self._memory, per_view, self.memory_tolerance)
+        starts = np.cumsum([0, *counts]).tolist()
+        return [per_view[a:b] for a, b in itertools.pairwise(starts)]
+
+    def add_views(self, views: Sequence[torch.Tensor]) -> None:
+        """Append rows from :meth:`memory_views` (any float type), through the novelty filter."""
+        rows = [v.to(self.device, torch.float32) for v in views]
+        self._memory = novel_rows(self._memory, rows, self.memory_tolerance)
+
+    def fit_views(self, views: Sequence[torch.Tensor]) -> None:
+        """:meth:`fit` from rows :meth:`memory_views` gave, without the backbone. Not with a
+        trained head (``adapt_steps``): fit() trains it again on the normals, and the rows
+        change with it."""
+        if self.adapt_steps > 0:
+            raise RuntimeError("fit_views() cannot retrain the adapted head: call fit() with the images")
+        if len(views) == 0:
+            raise ValueError("fit_views() needs at least one view's rows")
+        self._memory = None
+        self._memory_epoch += 1
+        self.add_views(views)
 
     def score(self, images: Sequence[np.ndarray]) -> list[ScoreResult]:
         if self._memory is None:

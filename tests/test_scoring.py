@@ -165,6 +165,54 @@ def test_calibration_frames_rescored_without_the_backbone_match_a_full_pass(scor
     assert max(kept) < max(r.score for r in first)  # the memory grew: scores really moved
 
 
+def test_a_learning_worker_refits_from_kept_rows_not_from_the_backbone(monkeypatch):
+    """Past --max-learned-normals the worker evicts its oldest learned frames and refits the
+    memory. It used to run the backbone on every learned frame again (~13 s at 200 frames on
+    2 CPU cores, on the worker's thread); now it matches kept rows: the backbone runs on the
+    new frames only, and the refitted memory scores as a refit from the images does (float16
+    rows: within 1e-3). A new profile's scorer computes the rows again (another model)."""
+    import consumers.labels as labels
+    from linewatch.wire import Label
+
+    conv = SyntheticConveyor(seed=9, defect_rate=1.0)
+    refs, normals = conv.normals(2), conv.normals(9, offset=3000)
+    test = conv.normals(3, offset=9000) + [f.image for f in map(conv.frame, range(30))
+                                          if f.truth == "defect"][:3]
+    settings = inference.ScorerSettings(image_size=112, memory_tolerance=0.02)
+    scorer = settings.build()
+    scorer.fit(refs)
+    learner = labels.ReferenceLearner(scorer, refs, None, "w-rows", max_learned=5)
+    passes: list[int] = []
+    real_forward = scorer.backbone.forward
+    monkeypatch.setattr(scorer.backbone, "forward", lambda x: passes.append(len(x)) or real_forward(x))
+
+    def learn(frames: list[np.ndarray], start: int) -> None:
+        learner.apply([labels.Verdict(Label(item_id=f"c:{start + i}", camera="c", line="l", seq=start + i,
+                                            verdict="normal", operator="op"), im)
+                       for i, im in enumerate(frames)])
+        assert learner.learn().added == len(frames)
+
+    learn(normals[:4], 0)
+    assert sum(passes) == 4 + 2  # the new frames, and the references' rows once
+    passes.clear()
+    learn(normals[4:6], 4)  # 6 > 5: the oldest two go (10 % slack: 4 kept), the memory is refitted
+    assert sum(passes) == 2, passes  # only the two new frames went through the backbone
+    assert [k for k, _ in learner.learned] == ["c:2", "c:3", "c:4", "c:5"]
+    again = settings.build()
+    again.fit(refs + normals[2:6])  # the refit from the images, as before
+    np.testing.assert_allclose([r.score for r in scorer.score(test)], [r.score for r in again.score(test)],
+                               atol=1e-3)
+    assert scorer.memory_size == pytest.approx(again.memory_size, rel=0.02)
+    other = inference.ScorerSettings(image_size=56, memory_tolerance=0.02).build()  # a new profile
+    other.fit(refs)
+    learner.rebase(other, refs)
+    learn(normals[6:9], 6)  # 7 > 5: evicted and refitted from rows the new model computed
+    reference = inference.ScorerSettings(image_size=56, memory_tolerance=0.02).build()
+    reference.fit(refs + [im for _, im in learner.learned])
+    np.testing.assert_allclose([r.score for r in other.score(test)], [r.score for r in reference.score(test)],
+                               atol=1e-3)
+
+
 @pytest.mark.slow
 def test_bottle_one_shot_quality(scorer):
     """1-shot on MVTec bottle: the few-shot scorer the worker ships with must be good."""
