@@ -53,9 +53,9 @@ from monitoring import metrics
 log = logging.getLogger(__name__)
 
 MAX_SEEN_LABELS = 100_000
-# the learned normals' memory rows kept (float16) so that a refit after evicting the oldest
-# runs no backbone pass; a memory whose rows would take more (large frames, many views) is
-# refitted from the images instead, as before (logged once)
+# the learned normals' memory rows kept (float16, in CPU memory) so that a refit after
+# evicting the oldest runs no backbone pass; once the kept rows (references' included) would
+# pass this, the learner drops them and refits from the images, as before (logged once)
 MAX_KEPT_ROW_BYTES = 512 * 2**20
 LABEL_FETCH_WAIT_MS = 1000
 
@@ -217,8 +217,8 @@ class ReferenceLearner:
         if learned:
             try:
                 self._grow(learned)
-            except Exception:
-                self.learned = deque(learned)  # not lost: the error reaches the caller as before
+            except Exception:  # the error reaches the caller as before; what the learner holds
+                self.learned, self._rows = deque(learned), None  # stays whole (refits from images)
                 raise
 
     def apply(self, verdicts: Sequence[Verdict]) -> None:
@@ -334,20 +334,18 @@ class ReferenceLearner:
 
     def _grow(self, fresh: list[tuple[str, np.ndarray]]) -> None:
         """Add ``fresh`` to the memory; past ``max_learned``, evict the oldest and refit. With
-        the learned frames' rows kept, the refit matches rows only (no backbone pass: it had
-        stalled the worker ~13 s at 200 learned frames on 2 CPU cores); nothing changes until
-        the scorer holds the new memory, so a model error leaves the old state whole."""
+        the learned frames' rows kept, the refit matches rows only (a refit from the images ran
+        the backbone on all of them on the worker's thread: 38 s at 200 frames on 2 CPU cores,
+        ``benchmarks/refit.py``); nothing here changes until the scorer holds the new memory,
+        so a model error leaves the old state whole for the retry."""
         learned = deque(self.learned)
         learned.extend(fresh)
         rows = fresh_rows = None
         if self._rows is not None:
             fresh_rows = self.scorer.memory_views([im for _, im in fresh])  # the only backbone pass
             rows = deque(self._rows)
-            rows.extend([[v.to(torch.float16) for v in views] for views in fresh_rows])
-            if self._reference_rows is None:  # the first time: the references' rows, and the bound
-                self._reference_rows = [[v.to(torch.float16) for v in views]
-                                        for views in self.scorer.memory_views(self.references)]
-                rows = self._bounded(rows)
+            rows.extend([[v.to("cpu", torch.float16) for v in views] for views in fresh_rows])
+        references = self._reference_rows
         if len(learned) > self.max_learned:
             # evict the oldest, with 10% slack so a refit happens every few dozen labels, not each
             keep = max(1, int(self.max_learned * 0.9))
@@ -355,29 +353,33 @@ class ReferenceLearner:
                 learned.popleft()
                 if rows is not None:
                     rows.popleft()
+            if rows is not None and references is None:  # once: the references' rows
+                references = [[v.to("cpu", torch.float16) for v in views]
+                              for views in self.scorer.memory_views(self.references)]
+            if rows is not None and not self._fits(references or [], rows):
+                rows = references = None
             if rows is not None:
-                assert self._reference_rows is not None
-                self.scorer.fit_views([v for views in (*self._reference_rows, *rows) for v in views])
+                self.scorer.fit_views([v for views in (*(references or []), *rows) for v in views])
             else:
                 self.scorer.fit(self.references + [im for _, im in learned])
         elif fresh_rows is not None:
             self.scorer.add_views([v for views in fresh_rows for v in views])
         else:
             self.scorer.add_normals([im for _, im in fresh])
+        if rows is not None and not self._fits(references or [], rows):
+            rows = references = None
         self.learned = learned  # only once the memory holds them
-        self._rows = rows
+        self._rows, self._reference_rows = rows, references
         log.info("learned %d normal frame(s) from operator verdicts (%d in memory)", len(fresh),
                  len(self.learned))
 
-    def _bounded(self, rows: deque[list[Any]]) -> deque[list[Any]] | None:
-        """``rows`` if the kept rows of ``max_learned`` frames like these fit MAX_KEPT_ROW_BYTES."""
-        per_frame = sum(v.numel() * v.element_size() for views in rows for v in views) / max(1, len(rows))
-        refs = sum(v.numel() * v.element_size() for views in self._reference_rows or [] for v in views)
-        need = refs + per_frame * self.max_learned
-        if need <= MAX_KEPT_ROW_BYTES:
-            return rows
-        log.warning("the learned normals' memory rows would take %.0f MB (over %d MB): refits after "
-                    "evicting old ones run the backbone on every learned frame again",
-                    need / 2**20, MAX_KEPT_ROW_BYTES // 2**20)
-        self._reference_rows = None
-        return None
+    @staticmethod
+    def _fits(references: list[list[Any]], rows: deque[list[Any]]) -> bool:
+        """Whether the kept rows stay within MAX_KEPT_ROW_BYTES (logged when they do not)."""
+        held = sum(v.numel() * v.element_size() for views in (*references, *rows) for v in views)
+        if held <= MAX_KEPT_ROW_BYTES:
+            return True
+        log.warning("the learned normals' memory rows take %.0f MB (over %d MB): they are dropped, "
+                    "and refits after evicting old normals run the backbone on every learned frame",
+                    held / 2**20, MAX_KEPT_ROW_BYTES // 2**20)
+        return False

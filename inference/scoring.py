@@ -305,9 +305,9 @@ class PatchKNNScorer:
             raise RuntimeError("fit_views() cannot retrain the adapted head: call fit() with the images")
         if len(views) == 0:
             raise ValueError("fit_views() needs at least one view's rows")
-        self._memory = None
-        self._memory_epoch += 1
-        self.add_views(views)
+        rows = [v.to(self.device, torch.float32) for v in views]
+        memory = novel_rows(None, rows, self.memory_tolerance)  # an error here keeps the old memory
+        self._memory, self._memory_epoch = memory, self._memory_epoch + 1
 
     def score(self, images: Sequence[np.ndarray]) -> list[ScoreResult]:
         if self._memory is None:
