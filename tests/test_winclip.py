@@ -163,6 +163,31 @@ def test_missing_weights_is_a_clear_error(tmp_path):
         inference.create_scorer("winclip", backbone="dinov2-s")
 
 
+def test_unloadable_weights_are_a_clear_error_not_advice_to_unpickle(tmp_path, backbone, capsys):
+    """A CLIP weights file that is not a weights-only state dict of the architecture (garbage,
+    a TorchScript archive as OpenAI ships, another model's weights) is a ClipUnavailable naming
+    the file, and a CLI error (rc 2): it was a traceback whose advice was to load it with
+    weights_only=False, running whatever code the file holds."""
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not a checkpoint" * 8)
+    script = tmp_path / "openai.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
+    other = tmp_path / "other.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, other)
+    for path in (garbage, script, other):
+        with pytest.raises(ClipUnavailable, match=f"CLIP weights file {path} cannot be loaded"):
+            OpenCLIPBackbone(ARCH, str(path))
+    from conftest import shared_data
+
+    from linewatch.cli import main
+
+    rc = main(["evaluate", "--data", str(shared_data("mvtec_ad", "bottle")), "--method", "winclip",
+               "--backbone", f"openclip:{ARCH}", "--weights", str(garbage), "--shots", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot be loaded into openclip:lw-tiny-vit-64" in err, err
+    assert "weights_only=False" not in err
+
+
 def test_weights_load_from_a_local_file(tmp_path, backbone):
     """The offline path production uses: a checkpoint file on disk, no hub."""
     path = tmp_path / "tiny.pt"
