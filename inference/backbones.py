@@ -35,6 +35,24 @@ class BackboneUnavailable(RuntimeError):
     """A backbone's weights are not on this machine; the message says how to get them."""
 
 
+def load_error(exc: Exception) -> str:
+    """Why a weights file failed to load, in a line. Not torch's own words for a pickle that
+    weights-only loading refuses: they advise weights_only=False, which runs the file's code."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return ("torch's weights-only reader refused it: it holds code or objects, or is no "
+                "checkpoint at all")
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def _unloadable(model: str, path: os.PathLike[str] | str, exc: Exception,
+                expected: str) -> BackboneUnavailable:
+    """A weights file that exists but cannot be loaded: say which, why, and what it must be."""
+    return BackboneUnavailable(f"{model} weights file {path} cannot be loaded ({load_error(exc)}); "
+                               f"it must be {expected}")
+
+
 def cache_dir() -> Path:
     """Where converted weights live (``LINEWATCH_CACHE`` or ``~/.cache/linewatch``)."""
     root = os.environ.get("LINEWATCH_CACHE") or os.path.join(
@@ -215,12 +233,17 @@ class DinoV2Backbone(torch.nn.Module):
         self.vit = timm.create_model(
             "vit_small_patch14_dinov2", pretrained=False, img_size=image_size
         )
-        sd = load_file(str(dinov2_weights_path(weights)))
-        grid = image_size // self.patch_size
-        sd["pos_embed"] = resample_abs_pos_embed(
-            sd["pos_embed"], new_size=(grid, grid), num_prefix_tokens=1
-        )
-        self.vit.load_state_dict(sd, strict=True)
+        path = dinov2_weights_path(weights)
+        try:
+            sd = load_file(str(path))
+            grid = image_size // self.patch_size
+            sd["pos_embed"] = resample_abs_pos_embed(
+                sd["pos_embed"], new_size=(grid, grid), num_prefix_tokens=1
+            )
+            self.vit.load_state_dict(sd, strict=True)
+        except Exception as exc:  # not safetensors, or another model's weights
+            raise _unloadable("DINOv2-S", path, exc, "a .safetensors file of DINOv2 ViT-S/14 "
+                              "(the one scripts/bootstrap converts)") from None
         self.vit.eval()
         if precision not in ("fp32", "int8"):
             raise ValueError(f"dinov2-s runs at precision fp32 or int8, not {precision!r}")
@@ -328,8 +351,15 @@ class EfficientNetLite0Backbone(torch.nn.Module):
         self.net = timm.create_model(
             "tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=self.stages
         )
-        src = torch.load(efficientnet_lite0_weights_path(weights), map_location="cpu", weights_only=True)
-        self.net.load_state_dict(convert_efficientnet_lite0(src, self.net.state_dict()), strict=True)
+        path = efficientnet_lite0_weights_path(weights)
+        try:
+            src = torch.load(path, map_location="cpu", weights_only=True)
+            self.net.load_state_dict(convert_efficientnet_lite0(src, self.net.state_dict()), strict=True)
+        except BackboneUnavailable:
+            raise
+        except Exception as exc:  # not a weights-only checkpoint, or another model's weights
+            raise _unloadable("EfficientNet-Lite0", path, exc, "a weights-only torch state dict of "
+                              "EfficientNet-Lite0 (the one its package installs)") from None
         self.net.eval()
         # timm's tf_efficientnet_lite0 was trained on inputs scaled to [-1, 1]
         self.register_buffer("mean", torch.tensor((0.5, 0.5, 0.5)).view(1, 3, 1, 1), persistent=False)

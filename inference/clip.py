@@ -125,11 +125,13 @@ class OpenCLIPBackbone(torch.nn.Module):
             except Exception as exc:  # not a weights-only checkpoint, or another model's weights
                 if weights is None:
                     raise
+                from inference.backbones import load_error
+
                 raise ClipUnavailable(
                     f"CLIP weights file {weights} cannot be loaded into openclip:{arch} "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). It must be an open_clip "
-                    "state dict of that architecture, readable weights-only (no code in it runs: a "
-                    "TorchScript archive or a pickled object is refused). " + WEIGHTS_HELP) from None
+                    f"({load_error(exc)}). It must be an open_clip state dict of that architecture, "
+                    "readable weights-only (no code in it runs: a TorchScript archive or a pickled "
+                    "object is refused). " + WEIGHTS_HELP) from None
         model.eval()
         # Weights and activations in the chosen type; scores, text directions and the
         # reference memory stay float32 (see WinCLIPScorer). bf16/fp16 are for GPUs: on a

@@ -387,6 +387,29 @@ def test_efficientnet_lite0_weights_are_converted_correctly():
     assert top in range(281, 286)  # ImageNet's domestic-cat classes
 
 
+def test_unloadable_backbone_weights_are_a_clear_error(tmp_path):
+    """A weights file that exists but is not the backbone's (garbage, a pickled object, another
+    model's tensors) is a BackboneUnavailable naming the file and what it must be: it was
+    torch's or safetensors' traceback, torch's advising weights_only=False (running the file's
+    code)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from inference.backbones import BackboneUnavailable, DinoV2Backbone, EfficientNetLite0Backbone
+
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not a checkpoint" * 8)
+    pickled = tmp_path / "object.pt"
+    torch.save({"w": SyntheticConveyor(seed=0)}, pickled)  # an object: refused weights-only
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    for make, paths in ((DinoV2Backbone, (garbage, other)), (EfficientNetLite0Backbone, (garbage, pickled))):
+        for path in paths:
+            with pytest.raises(BackboneUnavailable, match=f"weights file {path} cannot be loaded") as err:
+                make(str(path))
+            assert "weights_only=False" not in str(err.value)
+
+
 def test_efficientnet_patch_knn_alone_equals_batch():
     scorer = inference.create_scorer("patch-knn", backbone="efficientnet-lite0")
     conv = SyntheticConveyor(seed=5, defect_rate=0.5)
