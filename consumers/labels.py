@@ -183,6 +183,10 @@ class ReferenceLearner:
         # would exceed MAX_KEPT_ROW_BYTES
         self._rows: deque[list[Any]] | None = self._row_store(scorer)
         self._reference_rows: list[list[Any]] | None = None
+        if self._rows is None and scorer is not None:
+            log.info("%s keeps no memory rows of learned normals (%s): a refit after evicting old "
+                     "ones runs the backbone on every learned frame", getattr(scorer, "name", "the scorer"),
+                     "a trained head" if getattr(scorer, "adapt_steps", 0) else "it has no fit_views")
         self.calibrate_from_verdicts = calibrate_from_verdicts
         self.calibration: deque[np.ndarray] = deque(maxlen=max_learned)
         self._confirmed = 0  # normal verdicts learned so far (which half each goes to)

@@ -250,9 +250,15 @@ class MutualScorer:
 
     # -- few-shot: operator-confirmed normals -----------------------------------------------
     def fit(self, normals: Sequence[np.ndarray]) -> None:
-        """Start over with ``normals`` as confirmed references (none: pure zero-shot)."""
-        self._confirmed, self._memory = 0, None
-        self.add_normals(normals)
+        """Start over with ``normals`` as confirmed references (none: pure zero-shot). A
+        failure midway leaves the scorer as it was (a learning worker refits while it scores)."""
+        before = (self._confirmed, self._memory)
+        try:
+            self._confirmed, self._memory = 0, None
+            self.add_normals(normals)
+        except BaseException:
+            self._confirmed, self._memory = before
+            raise
 
     def add_normals(self, normals: Sequence[np.ndarray]) -> None:
         """Add confirmed normals' patches to the memory. With ``memory_tolerance`` > 0 a

@@ -253,18 +253,27 @@ class PatchKNNScorer:
         return out
 
     def fit(self, normals: Sequence[np.ndarray]) -> None:
+        """Replace the memory with ``normals``' patches (and train the head, with
+        ``adapt_steps``). A failure midway (the model, out of memory) restores the scorer as it
+        was: a learning worker refits while it scores, and a scorer left with no memory would
+        fail every frame until the retry."""
         if len(normals) == 0:
             raise ValueError("fit() needs at least one normal reference image")
-        self._memory = None
-        self._memory_epoch += 1
-        if self.adapt_steps > 0:
-            from inference.adapt import train_head
+        before = (self._memory, self._memory_epoch, self.head, self.adapt_report, self._feature_epoch)
+        try:
+            self._memory = None
+            self._memory_epoch += 1
+            if self.adapt_steps > 0:
+                from inference.adapt import train_head
 
-            self.head = None
-            self._feature_epoch += 1
-            with torch.enable_grad():
-                self.head, self.adapt_report = train_head(self, normals, steps=self.adapt_steps)
-        self.add_normals(normals)
+                self.head = None
+                self._feature_epoch += 1
+                with torch.enable_grad():
+                    self.head, self.adapt_report = train_head(self, normals, steps=self.adapt_steps)
+            self.add_normals(normals)
+        except BaseException:
+            self._memory, self._memory_epoch, self.head, self.adapt_report, self._feature_epoch = before
+            raise
 
     def add_normals(self, normals: Sequence[np.ndarray]) -> None:
         """Append the normals' patches (every view) to the memory. With ``memory_tolerance``

@@ -387,6 +387,40 @@ def test_efficientnet_lite0_weights_are_converted_correctly():
     assert top in range(281, 286)  # ImageNet's domestic-cat classes
 
 
+def test_a_refit_that_fails_leaves_a_zoom_worker_scoring(monkeypatch):
+    """--zoom keeps no rows, so its refit runs fit() on the images. fit() set the memory to None
+    before rebuilding it: a failure midway left the scorer unfitted, and the worker failed
+    every frame until the retry. Now the memory is restored, frames still score, and the
+    retry learns the waiting verdicts."""
+    import consumers.labels as labels
+    from inference import scoring
+    from linewatch.wire import Label
+
+    conv = SyntheticConveyor(seed=12, defect_rate=0.0)
+    refs, normals = conv.normals(1), conv.normals(4, offset=4000)
+    scorer = inference.ScorerSettings(image_size=56, zoom=True).build()
+    scorer.fit(refs)
+    learner = labels.ReferenceLearner(scorer, refs, None, "w-zoom", max_learned=2)
+    assert learner._rows is None  # zoom: two memories, refitted from images
+    probe = scorer.score(normals[:1])[0].score
+
+    def learn(frames: list[np.ndarray], start: int) -> int:
+        learner.apply([labels.Verdict(Label(item_id=f"z:{start + i}", camera="z", line="l", seq=start + i,
+                                            verdict="normal", operator="op"), im)
+                       for i, im in enumerate(frames)])
+        return learner.learn().added
+
+    assert learn(normals[:2], 0) == 2
+    real = scoring.novel_rows
+    monkeypatch.setattr(scoring, "novel_rows", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("oom")))
+    assert learn(normals[2:3], 2) == 0  # 3 > 2: the refit fails midway
+    assert [k for k, _ in learner.learned] == ["z:0", "z:1"]
+    assert np.isfinite(scorer.score(normals[:1])[0].score)  # still fitted: frames still score
+    monkeypatch.setattr(scoring, "novel_rows", real)
+    assert learn([], 0) == 1 and [k for k, _ in learner.learned] == ["z:2"]  # keep 90 % of 2: 1
+    assert scorer.score(normals[:1])[0].score != probe
+
+
 def test_unloadable_backbone_weights_are_a_clear_error(tmp_path):
     """A weights file that exists but is not the backbone's (garbage, a pickled object, another
     model's tensors) is a BackboneUnavailable naming the file and what it must be: it was
