@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +73,8 @@ def speed(banks: tuple[int, ...], n_queries: int) -> list[dict]:
         for b in banks:
             mutual = MutualScorer(backbone, bank_size=b, warmup=min(b, 8))
             feats = [f for i in range(0, b, 16) for f in mutual.features(pool[i:min(b, i + 16)])]
-            mutual._banks["cam"] = deque(feats, maxlen=b)  # a full bank, without scoring its way there
+            for f in feats:  # a full bank, without scoring its way there
+                mutual.banks.add("cam", f)
             assert mutual.bank_len("cam") == b
             m = _ms(lambda x: mutual.score(x, ["cam"]), queries)  # noqa: B023 - used at once
             knn.fit(pool[:b])

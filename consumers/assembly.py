@@ -102,11 +102,19 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
         scorer.map_gate = th.review
         log.info("full anomaly maps only for frames scoring >= %.4f (the review threshold)", th.review)
     describe = describer(b.settings, scorer)
-    if b.stream_thresholds is not None:  # banks and thresholds are per camera: as many as it tracks
-        scorer.max_streams = b.stream_thresholds.max_streams = config.max_cameras
+    if getattr(scorer, "per_camera", False):  # banks (and thresholds) per camera: as many as it tracks
+        scorer.max_streams = config.max_cameras
+        if getattr(scorer, "stream_bank", 0):
+            log.info("--stream-bank %d: each camera's frames are also compared with its last %d "
+                     "frames that did not alert, once it has %d; a frame scores at most what the "
+                     "references alone give it, so the thresholds keep their bound",
+                     scorer.stream_bank, scorer.stream_bank, scorer.warmup)
+        if b.stream_thresholds is not None:
+            b.stream_thresholds.max_streams = config.max_cameras
         if setup.inject_faults:
             raise SetupError("--inject-faults wraps the scorer in one that knows nothing of cameras' "
-                             "banks; it is implemented for the scorers with references, not mutual")
+                             "banks; it is implemented for scorers without them (not mutual, not "
+                             "--stream-bank)")
     if setup.inject_faults:
         from inference.faults import FaultyScorer
 

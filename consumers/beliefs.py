@@ -78,6 +78,8 @@ class Beliefs:
     def _swap_profile(self, new: LoadedProfile) -> None:
         if self.learner is not None:  # operator-confirmed normals stay learned across reloads
             self.learner.rebase(new.scorer, new.references)
+        if getattr(new.scorer, "per_camera", False):  # its banks start empty: the frames warm them
+            new.scorer.max_streams = self.cfg.max_cameras
         self.processor.scorer = new.scorer
         self.processor.describe = new.describe  # the profile's class name and vocabulary
         if new.references:

@@ -198,8 +198,9 @@ class FrameProcessor:
     # -- zero-shot: per-camera banks and thresholds ----------------------------------------
     @property
     def _streams(self) -> bool:
-        """Whether the scorer scores each camera's frames against that camera's own frames."""
-        return hasattr(self.scorer, "admit")
+        """Whether the scorer scores each camera's frames against that camera's own frames
+        (mutual scoring; patch-knn with --stream-bank)."""
+        return bool(getattr(self.scorer, "per_camera", False))
 
     def _thresholds_for(self, meta: FrameMeta, res: ScoreResult) -> Thresholds:
         """The thresholds that decide this frame: the worker's, or, zero-shot before

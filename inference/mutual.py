@@ -27,13 +27,13 @@ because a score from two or three comparisons is not yet a verdict.
 Operator-confirmed normals (:meth:`add_normals`) turn the scorer few-shot:
 once ``few_shot_after`` of them are in its memory, frames are scored by their
 nearest patch in those references, on the same features (AnomalyDINO), and
-the banks are no longer consulted. Nothing here is trained.
+the banks are no longer consulted (with 99 confirmed normals a bank beside
+them changed nothing measurable: ``python -m benchmarks.stream_bank --scorer
+mutual``). Nothing here is trained.
 """
 
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -41,7 +41,16 @@ import numpy as np
 import torch
 
 from inference.backbones import DinoV2Backbone, PatchBackbone
-from inference.scoring import PatchKNNScorer, ScoreResult, aggregate_patches, novel_rows
+from inference.scoring import (
+    CameraBanks,
+    PatchKNNScorer,
+    ScoreResult,
+    StreamBanks,
+    aggregate_patches,
+    bank_patch_scores,
+    frame_distances,
+    novel_rows,
+)
 from inference.settings import DEFAULTS
 from inference.settings import MUTUAL_MODES as MODES
 
@@ -72,10 +81,8 @@ class PreparedMutual:
         self.results += other.results
 
 
-log = logging.getLogger(__name__)
 
-
-class MutualScorer:
+class MutualScorer(CameraBanks):
     """Zero-shot scoring of frames by the other frames of their stream (see module doc)."""
 
     name = "mutual"
@@ -97,9 +104,7 @@ class MutualScorer:
         self.device = self._extract.device
         self.sizes, self.keep, self.top_fraction = tuple(sizes), keep, top_fraction
         self.bank_size, self.warmup, self.few_shot_after = bank_size, warmup, few_shot_after
-        self.max_streams = max_streams
-        self._banks: OrderedDict[Hashable, deque[FrameFeatures]] = OrderedDict()
-        self.banks_forgotten = 0  # streams whose bank was dropped for a newer one (max_streams)
+        self.banks = StreamBanks(bank_size, max_streams)
         self._confirmed = 0  # confirmed normals in the memory
         self._memory: torch.Tensor | None = None  # (V, M, D) reference patches
         self.map_gate: float | None = None  # unused; the worker sets it on every scorer
@@ -125,29 +130,12 @@ class MutualScorer:
     def _distances(query: torch.Tensor, others: Sequence[FrameFeatures]) -> torch.Tensor:
         """(V, P, J): for each variant and query patch, the distance to its nearest patch in
         each of the J other frames."""
-        cols = []
-        by_p: dict[int, list[int]] = {}
-        for j, o in enumerate(others):
-            by_p.setdefault(o.variants.shape[1], []).append(j)
-        order: list[int] = []
-        for p, js in by_p.items():
-            bank = torch.cat([others[j].variants for j in js], dim=1).float()  # (V, len(js)*p, D)
-            sims = torch.bmm(query.float(), bank.transpose(1, 2))  # (V, P, len(js)*p)
-            v, q = sims.shape[:2]
-            cols.append(1.0 - sims.reshape(v, q, len(js), p).amax(dim=-1))
-            order += js
-        d = torch.cat(cols, dim=-1).clamp_min_(0.0)
-        if order != sorted(order):
-            d = d[..., torch.as_tensor(np.argsort(order))]
-        return d
+        return frame_distances(query, [o.variants for o in others])
 
     def _patch_scores(self, query: FrameFeatures, others: Sequence[FrameFeatures]) -> torch.Tensor:
         """(P,) mutual score: mean over variants of the mean of the lowest ``keep`` fraction
         of the per-frame nearest distances."""
-        d = self._distances(query.variants, others)
-        k = max(1, round(self.keep * d.shape[-1]))
-        low = d.topk(k, dim=-1, largest=False).values.mean(dim=-1)  # (V, P)
-        return low.mean(dim=0)
+        return bank_patch_scores(query.variants, [o.variants for o in others], self.keep)
 
     def _result(self, f: FrameFeatures, patch: torch.Tensor, mode: str,
                 stream: Hashable = None) -> ScoreResult:
@@ -185,9 +173,15 @@ class MutualScorer:
         operators' confirmed normals can calibrate thresholds for it)."""
         self.few_shot_after = 1
 
+    per_camera = True  # frames are scored against their camera's bank (a worker asks this)
+
     def bank_len(self, stream: Hashable) -> int:
-        bank = self._banks.get(stream)
-        return 0 if bank is None else len(bank)
+        return len(self.banks.frames(stream))
+
+    @property
+    def banks_forgotten(self) -> int:
+        """Streams whose bank was dropped for a newer one (``max_streams``)."""
+        return self.banks.forgotten
 
     def score(self, images: Sequence[np.ndarray],
               streams: Sequence[Hashable] | None = None) -> list[ScoreResult]:
@@ -205,7 +199,7 @@ class MutualScorer:
         out: list[ScoreResult | None] = [None] * len(images)
         for key in dict.fromkeys(streams):
             idx = [i for i, s in enumerate(streams) if s == key]
-            bank = list(self._banks.get(key, ()))
+            bank = self.banks.frames(key)
             if len(bank) >= self.warmup:
                 for i in idx:
                     out[i] = self._result(feats[i], self._patch_scores(feats[i], bank), "mutual", key)
@@ -229,24 +223,7 @@ class MutualScorer:
             if r.stream_state is None:
                 raise ValueError("admit() takes results of MutualScorer.score()")
             key, f = r.stream_state  # type: ignore[misc]
-            bank = self._banks.get(key)
-            if bank is None:
-                bank = self._banks[key] = deque(maxlen=self.bank_size)
-                while len(self._banks) > self.max_streams:
-                    gone, _ = self._banks.popitem(last=False)
-                    self.banks_forgotten += 1
-                    if self.banks_forgotten % 100 == 1:  # the first, then every 100th: not a flood
-                        log.warning("more than %d cameras feed banks here: forgot the bank of %r "
-                                    "(%d forgotten so far); its frames warm up again. Raise "
-                                    "--max-cameras or spread the cameras over more workers",
-                                    self.max_streams, gone, self.banks_forgotten)
-            self._banks.move_to_end(key)
-            bank.append(f.stored())
-
-    def forget(self, streams: Sequence[Hashable]) -> None:
-        """Drop streams' banks (their partitions moved to another worker)."""
-        for s in streams:
-            self._banks.pop(s, None)
+            self.banks.add(key, f.stored())
 
     # -- few-shot: operator-confirmed normals -----------------------------------------------
     def fit(self, normals: Sequence[np.ndarray]) -> None:

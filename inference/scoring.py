@@ -12,8 +12,11 @@ The CLIP-based methods (WinCLIP, WinCLIP+) plug in by implementing the same
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -21,7 +24,9 @@ import numpy as np
 import torch
 
 from inference.backbones import DinoV2Backbone, PatchBackbone
-from inference.settings import MAX_MEMORY_TOLERANCE
+from inference.settings import DEFAULTS, MAX_MEMORY_TOLERANCE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,8 @@ class ScoreResult:
     full_map: bool = True
     embedding: np.ndarray | None = None
     mode: str | None = None  # zero-shot scorers: how it was scored (settings.MUTUAL_MODES)
-    # what the scorer needs to remember this frame later (mutual scoring: its stream and
-    # features, for MutualScorer.admit); opaque to everyone else
+    # what the scorer needs to remember this frame later (its stream and features, for the
+    # admit() of scorers with per-camera banks); opaque to everyone else
     stream_state: object | None = field(default=None, repr=False, compare=False)
 
 
@@ -163,11 +168,30 @@ class FrameGroup:
     nearest: torch.Tensor  # (N, P) float32 cosine distance to the nearest memory patch
 
 
+class CameraBanks:
+    """What scorers with per-camera banks (``self.banks``, a :class:`StreamBanks`) share: a
+    worker sets ``max_streams`` to its --max-cameras and drops silent cameras' banks."""
+
+    banks: StreamBanks
+
+    @property
+    def max_streams(self) -> int:
+        return self.banks.max_streams
+
+    @max_streams.setter
+    def max_streams(self, n: int) -> None:
+        self.banks.max_streams = n
+
+    def forget(self, streams: Sequence[Hashable]) -> None:
+        """Drop cameras' banks (silent cameras, or partitions that moved to another worker)."""
+        self.banks.forget(streams)
+
+
 class NotFittedError(RuntimeError):
     """score() was called before fit() gave the scorer any normal references."""
 
 
-class PatchKNNScorer:
+class PatchKNNScorer(CameraBanks):
     """Few-shot nearest-patch scoring on a visual backbone (AnomalyDINO-style).
 
     Each patch of a test frame is compared with every patch of the reference
@@ -180,6 +204,15 @@ class PatchKNNScorer:
     tiles (:func:`tile_grid`), references likewise; ``aggregate`` adds each patch's
     neighbourhood means (:func:`aggregate_patches`). What was tried and not kept
     (PCA subspace, map smoothing, finer rotations) is in ``benchmarks/fewshot.py``.
+
+    ``stream_bank`` > 0 also compares each frame with its camera's recent frames (a
+    line's own stream holds normal variety that a few references cannot: stains, grain,
+    pose), as mutual scoring does (:func:`bank_patch_scores`); a patch scores the lower of
+    its distance to the references and its bank score. So a frame never scores higher
+    than against the references alone, and thresholds calibrated on the references alone
+    keep their false-alarm bound. The bank is consulted once it holds ``warmup`` frames;
+    frames enter it through :meth:`admit` (a worker passes its committed frames that did
+    not alert). Measured in ``benchmarks/stream_bank.py``.
     """
 
     name = "patch-knn"
@@ -194,7 +227,12 @@ class PatchKNNScorer:
         tiling: bool = True,
         aggregate: tuple[int, ...] = (1,),
         memory_tolerance: float = 0.0,
+        stream_bank: int = 0,
+        warmup: int = DEFAULTS.warmup,
+        max_streams: int = 256,
     ) -> None:
+        if stream_bank and not 2 <= warmup <= stream_bank:
+            raise ValueError(f"need 2 <= warmup <= stream_bank, got warmup {warmup}, bank {stream_bank}")
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
         self.adapt_steps = adapt_steps  # > 0: train a head on pseudo-anomalies at fit (inference/adapt.py)
@@ -213,6 +251,8 @@ class PatchKNNScorer:
         self._memory: torch.Tensor | None = None  # (M, D), unit norm
         self._memory_epoch = 0  # +1 each time fit() replaces the memory (rows only append between)
         self._feature_epoch = 0  # +1 each time fit() trains a new head
+        self.stream_bank, self.warmup = stream_bank, warmup
+        self.banks = StreamBanks(max(1, stream_bank), max_streams)  # (P, D) float16 rows per frame
 
     @property
     def memory_size(self) -> int:
@@ -318,16 +358,66 @@ class PatchKNNScorer:
         memory = novel_rows(None, rows, self.memory_tolerance)  # an error here keeps the old memory
         self._memory, self._memory_epoch = memory, self._memory_epoch + 1
 
-    def score(self, images: Sequence[np.ndarray]) -> list[ScoreResult]:
+    def score(self, images: Sequence[np.ndarray],
+              streams: Sequence[Hashable] | None = None) -> list[ScoreResult]:
+        """Score RGB uint8 frames; ``streams``: each frame's camera, whose bank it is also
+        compared with (``stream_bank`` > 0; ignored otherwise, and None: no bank)."""
         if self._memory is None:
             raise NotFittedError("PatchKNNScorer.score() called before fit()")
         if len(images) == 0:
             return []
+        if streams is not None and len(streams) != len(images):
+            raise ValueError(f"{len(streams)} stream keys for {len(images)} frames")
         out: list[ScoreResult | None] = [None] * len(images)
         for idx, f in self._grouped_features(images):
-            for i, r in zip(idx, self._results(f)[0], strict=True):
+            results, dist = self._results(f)
+            if self.stream_bank and streams is not None:
+                results = self._with_banks(results, dist, f, [streams[i] for i in idx])
+            for i, r in zip(idx, results, strict=True):
                 out[i] = r
         return out  # type: ignore[return-value]
+
+    # -- the camera's own recent frames beside the references (stream_bank) ----------------
+    @property
+    def per_camera(self) -> bool:
+        """Whether frames should be scored with their camera (``score(images, streams)``) and
+        admitted to its bank: a worker asks this."""
+        return self.stream_bank > 0
+
+    def _with_banks(self, results: list[ScoreResult], dist: torch.Tensor, f: torch.Tensor,
+                    streams: list[Hashable]) -> list[ScoreResult]:
+        """Results whose patches also met their camera's bank (once it holds ``warmup``
+        frames): per patch the lower of the two scores; each keeps its rows for admit(). The
+        frames of one camera are matched against its bank in one product."""
+        rows = f.reshape(f.shape[0], -1, f.shape[-1])  # (n, P, D): frames of one tile grid
+        out = [dataclasses.replace(r, stream_state=(key, rows[j].to("cpu", torch.float16)))
+               for j, (r, key) in enumerate(zip(results, streams, strict=True))]
+        for key in dict.fromkeys(streams):
+            bank = self.banks.frames(key)
+            if len(bank) < self.warmup:
+                continue
+            idx = [j for j, k in enumerate(streams) if k == key]
+            others = [b.to(self.device, torch.float32)[None] for b in bank]
+            query = rows[idx].reshape(1, -1, rows.shape[-1])  # patches are scored independently
+            patch = torch.minimum(dist[idx], bank_patch_scores(query, others).reshape(len(idx), -1))
+            scores = self._image_scores(patch).tolist()
+            for n, j in enumerate(idx):
+                out[j] = dataclasses.replace(
+                    out[j], score=float(scores[n]),
+                    anomaly_map=patch[n].reshape(out[j].anomaly_map.shape).cpu().numpy().astype(np.float32))
+        return out
+
+    def admit(self, results: Sequence[ScoreResult]) -> None:
+        """Put scored frames into their cameras' banks (a worker passes its committed frames
+        that did not alert: the bank is what normal looks like). Results scored without a
+        camera, or with ``stream_bank`` 0, carry nothing to keep."""
+        if not self.stream_bank:
+            return
+        for r in results:
+            if r.stream_state is None:
+                raise ValueError("admit() takes results of score() with streams")
+            key, rows = r.stream_state  # type: ignore[misc]
+            self.banks.add(key, rows)
 
     def _results(self, f: torch.Tensor) -> tuple[list[ScoreResult], torch.Tensor]:
         """Results of (B, H, W, D) features against the whole memory, and their (B, H*W)
@@ -390,6 +480,76 @@ class PatchKNNScorer:
                 scores[i] = v
         prepared.memory_rows, prepared.memory_epoch = self.memory_size, self._memory_epoch
         return scores
+
+
+class StreamBanks:
+    """Each stream's (camera's) newest frames, bounded twice: ``size`` frames a stream, and
+    ``max_streams`` streams, the least recently fed forgotten (stream keys come from outside:
+    cameras). Used by mutual scoring and by patch-knn's ``stream_bank``."""
+
+    def __init__(self, size: int, max_streams: int = 256) -> None:
+        if size < 1 or max_streams < 1:
+            raise ValueError(f"need a bank of at least 1 frame and 1 stream, got {size}, {max_streams}")
+        self.size, self.max_streams = size, max_streams
+        self._banks: OrderedDict[Hashable, deque] = OrderedDict()
+        self.forgotten = 0  # streams whose bank was dropped for a newer one (max_streams)
+
+    def frames(self, key: Hashable) -> list:
+        """The stream's frames, oldest first (empty for a stream never fed)."""
+        return list(self._banks.get(key, ()))
+
+    def add(self, key: Hashable, frame: object) -> None:
+        bank = self._banks.get(key)
+        if bank is None:
+            bank = self._banks[key] = deque(maxlen=self.size)
+            while len(self._banks) > self.max_streams:
+                gone, _ = self._banks.popitem(last=False)
+                self.forgotten += 1
+                if self.forgotten % 100 == 1:  # the first, then every 100th: not a flood
+                    log.warning("more than %d cameras feed banks here: forgot the bank of %r "
+                                "(%d forgotten so far); its frames warm up again. Raise "
+                                "--max-cameras or spread the cameras over more workers",
+                                self.max_streams, gone, self.forgotten)
+        self._banks.move_to_end(key)
+        bank.append(frame)
+
+    def forget(self, keys: Sequence[Hashable]) -> None:
+        for k in keys:
+            self._banks.pop(k, None)
+
+
+def frame_distances(query: torch.Tensor, others: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(V, P, J): for each of V feature variants and P query patches (``query`` (V, P, D),
+    unit-norm rows), the cosine distance to its nearest patch in each of the J other frames
+    (each (V, p_j, D); frames of one patch count are matched in one product)."""
+    cols = []
+    by_p: dict[int, list[int]] = {}
+    for j, o in enumerate(others):
+        by_p.setdefault(o.shape[1], []).append(j)
+    order: list[int] = []
+    for p, js in by_p.items():
+        bank = torch.cat([others[j] for j in js], dim=1).float()  # (V, len(js)*p, D)
+        sims = torch.bmm(query.float(), bank.transpose(1, 2))  # (V, P, len(js)*p)
+        v, q = sims.shape[:2]
+        cols.append(1.0 - sims.reshape(v, q, len(js), p).amax(dim=-1))
+        order += js
+    d = torch.cat(cols, dim=-1).clamp_min_(0.0)
+    if order != sorted(order):
+        d = d[..., torch.as_tensor(np.argsort(order))]
+    return d
+
+
+BANK_KEEP = 0.3  # the share of other frames, the closest, whose distances a patch's score averages
+
+
+def bank_patch_scores(query: torch.Tensor, others: Sequence[torch.Tensor],
+                      keep: float = BANK_KEEP) -> torch.Tensor:
+    """(P,) mutual scores (MuSc): per variant and patch, the mean of the lowest ``keep``
+    fraction of its nearest distances to the other frames, averaged over the variants. A few
+    frames with the same defect at the same place are outvoted by those that show it normal."""
+    d = frame_distances(query, others)
+    k = max(1, round(keep * d.shape[-1]))
+    return d.topk(k, dim=-1, largest=False).values.mean(dim=-1).mean(dim=0)
 
 
 def novel_rows(memory: torch.Tensor | None, frames: Sequence[torch.Tensor], tolerance: float,

@@ -75,7 +75,9 @@ class ScorerSettings:
     aggregate: tuple[int, ...] = (1,)
     tiling: bool = True  # patch-knn and mutual: frames far from square scored as tiles (scoring.tile_grid)
     bank_size: int = 32  # mutual only: recent frames per camera each frame is scored against
-    warmup: int = 8  # mutual only: a camera's frames go to review until its bank holds this many
+    warmup: int = 8  # mutual: a camera's frames go to review until its bank holds this many;
+    # patch-knn with stream_bank: the bank is consulted once it holds this many
+    stream_bank: int = 0  # patch-knn: recent frames per camera compared beside the references; 0 off
     # patch-knn and mutual (its few-shot memory): a learned normal's patches within this cosine
     # distance of the memory are not added (scoring.novel_rows); 0 keeps every patch; None: the
     # backbone's default (MEMORY_TOLERANCE_DEFAULTS)
@@ -168,9 +170,13 @@ class ScorerSettings:
                                                                  "patch-knn and mutual",
             "aggregate": None if m in ("patch-knn", "mutual") else "neighbourhood aggregation is "
                                                                    "implemented for patch-knn and mutual",
-            "bank_size": None if m == "mutual" else "the frame bank is mutual scoring's",
+            "bank_size": None if m == "mutual" else "the frame bank is mutual scoring's (patch-knn: "
+                                                    "--stream-bank)",
+            "stream_bank": None if m == "patch-knn" else "a bank beside the references is patch-knn's "
+                                                        "(mutual: --bank-size)",
             "prompts": None if m == "anomalyclip" else "learned prompts are AnomalyCLIP's",
-            "warmup": None if m == "mutual" else "the warm-up is mutual scoring's",
+            "warmup": None if m == "mutual" or (m == "patch-knn" and self.stream_bank) else
+                      "the warm-up is mutual scoring's and --stream-bank's",
             "adapt_steps": None if m == "patch-knn" else "adaptation is implemented for patch-knn",
             "memory_tolerance": None if m in ("patch-knn", "mutual") else "the novelty filter on the "
                                                                           "memory is implemented for "
@@ -207,6 +213,17 @@ class ScorerSettings:
         if not 2 <= self.warmup <= self.bank_size:
             raise SettingsError(f"--warmup {self.warmup} / --bank-size {self.bank_size}: need "
                                 "2 <= warmup <= bank size (a frame needs others to be compared with)")
+        if self.stream_bank < 0:
+            raise SettingsError(f"--stream-bank {self.stream_bank}: give 0 (off) or a number of frames")
+        if self.stream_bank and not 2 <= self.warmup <= self.stream_bank:
+            raise SettingsError(f"--stream-bank {self.stream_bank} / --warmup {self.warmup}: need "
+                                "2 <= warmup <= stream bank (the bank is consulted once it holds "
+                                "--warmup frames)")
+        if self.stream_bank and (self.zoom or self.adapt_steps):
+            other = "--zoom" if self.zoom else "--adapt-steps"
+            raise SettingsError(f"--stream-bank does not go with {other}: it is implemented for "
+                                "plain patch-knn (zoom keeps two memories, a trained head changes "
+                                "the features the bank holds)")
         if self.memory_tolerance is not None and not 0.0 <= self.memory_tolerance <= MAX_MEMORY_TOLERANCE:
             raise SettingsError(f"--memory-tolerance {self.memory_tolerance}: give a cosine distance "
                                 f"from 0 (keep every patch) to {MAX_MEMORY_TOLERANCE}")
@@ -281,7 +298,7 @@ class ScorerSettings:
 _TYPES: dict[str, Any] = {
     "method": str, "backbone": str, "weights": str, "image_size": int, "layers": int,
     "random_init": bool, "precision": str, "reference_augment": str, "aggregate": int, "tiling": bool,
-    "bank_size": int, "warmup": int, "prompts": str, "memory_tolerance": int | float,
+    "bank_size": int, "warmup": int, "stream_bank": int, "prompts": str, "memory_tolerance": int | float,
     "zoom": bool,
     "zoom_top_k": int, "zoom_crop": int | float, "adapt_steps": int, "class_name": str,
     "vocabulary": str}

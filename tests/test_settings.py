@@ -53,6 +53,7 @@ CASES: dict[str, tuple[dict[str, Any], Any]] = {
     "zoom_crop": ({**EFF, "zoom": True, "zoom_crop": 0.5}, lambda s, d: s.crop_frac),
     "adapt_steps": ({**EFF, "adapt_steps": 3}, lambda s, d: (s.adapt_steps, s.head is not None)),
     "memory_tolerance": ({**EFF, "memory_tolerance": 0.3}, lambda s, d: s.memory_tolerance),
+    "stream_bank": ({**EFF, "stream_bank": 16}, lambda s, d: (s.stream_bank, s.per_camera)),
     # mutual scoring has no profile (calibrate refuses it): these reach a worker built from flags
     "bank_size": ({"method": "mutual", "image_size": 56, "bank_size": 16},
                   lambda s, d: s.bank_size),

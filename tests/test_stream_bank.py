@@ -1,0 +1,155 @@
+"""patch-knn with --stream-bank: each frame also compared with its camera's recent frames.
+
+On real bottle photos from ../shared/data (skipped where absent) and a worker on a real
+broker. What is checked: a frame never scores above what the references alone give it (the
+thresholds' bound), normal frames score lower once their camera's bank is warm (the point of
+it), defects stay above normals, banks are per camera and bounded, and a worker passes each
+frame's camera and admits its committed frames. The quality figures on whole datasets come
+from ``python -m benchmarks.stream_bank`` (README), not from here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import shared_data
+
+
+@pytest.fixture(scope="module")
+def bottle():
+    from linewatch.images import read_rgb
+
+    root = shared_data("mvtec_ad", "bottle")
+    good = [read_rgb(p) for p in sorted((root / "train" / "good").glob("*.png"))[:12]]
+    bad = [read_rgb(p) for kind in ("broken_large", "broken_small", "contamination")
+           for p in sorted((root / "test" / kind).glob("*.png"))[:2]]
+    return good, bad
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from inference.backbones import DinoV2Backbone
+
+    return DinoV2Backbone(image_size=224)
+
+
+def test_a_warm_bank_lowers_normal_scores_never_raises_any_and_keeps_defects_apart(backbone, bottle):
+    """One reference; a camera's bank of 6 other normal bottles. Before the bank holds
+    --warmup frames a frame scores exactly as against the reference alone; after, no frame's
+    score or map is above that, the unseen normal frames score lower, every defect still
+    scores above every normal frame, and a camera with no bank is scored as before."""
+    from inference.scoring import PatchKNNScorer
+
+    good, bad = bottle
+    s = PatchKNNScorer(backbone, stream_bank=8, warmup=4)
+    s.fit(good[:1])
+    first = s.score(good[1:7], ["cam"] * 6)
+    alone = s.score(good[1:7])
+    assert [r.score for r in first] == pytest.approx([r.score for r in alone], abs=1e-6)  # bank empty
+    s.admit(first)
+    assert len(s.banks.frames("cam")) == 6
+
+    queries = good[7:12] + bad
+    banked = s.score(queries, ["cam"] * len(queries))
+    ref_only = s.score(queries)
+    for b, r in zip(banked, ref_only, strict=True):
+        assert b.score <= r.score + 1e-6
+        assert (b.anomaly_map <= r.anomaly_map + 1e-6).all()
+    normal_b = np.array([r.score for r in banked[:5]])
+    normal_r = np.array([r.score for r in ref_only[:5]])
+    assert (normal_b < normal_r).all(), (normal_b.round(4), normal_r.round(4))
+    defect_b = np.array([r.score for r in banked[5:]])
+    assert defect_b.min() > normal_b.max(), (defect_b.round(4), normal_b.round(4))
+    other = s.score(queries[:2], ["other-cam"] * 2)  # banks are per camera
+    assert [r.score for r in other] == pytest.approx([r.score for r in ref_only[:2]], abs=1e-6)
+
+
+def test_banks_are_bounded_per_camera_and_in_cameras(caplog):
+    """A camera's bank keeps its newest --stream-bank frames; past max_streams cameras the
+    least recently fed is forgotten, and that is logged; forget() drops a camera; with
+    --stream-bank 0 nothing is kept and frames need no camera."""
+    from inference.backbones import DinoV2Backbone
+    from inference.scoring import PatchKNNScorer
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(7)]
+    s = PatchKNNScorer(DinoV2Backbone(image_size=56), stream_bank=4, warmup=2, max_streams=2)
+    s.fit(frames[:1])
+    assert s.per_camera
+    s.admit(s.score(frames[1:7], ["a"] * 6))
+    assert len(s.banks.frames("a")) == 4  # the newest 4
+    s.admit(s.score(frames[1:2], ["b"]))
+    s.admit(s.score(frames[1:2], ["c"]))
+    assert s.banks.frames("a") == [] and len(s.banks.frames("b")) == len(s.banks.frames("c")) == 1
+    assert s.banks.forgotten == 1 and "forgot the bank of 'a'" in caplog.text
+    s.forget(["b"])
+    assert s.banks.frames("b") == []
+    with pytest.raises(ValueError, match="stream keys"):
+        s.score(frames[:2], ["a"])
+
+    off = PatchKNNScorer(DinoV2Backbone(image_size=56))
+    off.fit(frames[:1])
+    assert not off.per_camera
+    off.admit(off.score(frames[1:3], ["a", "a"]))
+    assert off.banks.frames("a") == []
+
+
+def test_stream_bank_is_refused_where_it_would_be_ignored_or_cannot_work():
+    from inference.settings import ScorerSettings, SettingsError
+
+    for kw, says in [({"stream_bank": 4}, "2 <= warmup <= stream bank"),
+                     ({"stream_bank": -1}, "give 0"),
+                     ({"stream_bank": 32, "zoom": True}, "does not go with --zoom"),
+                     ({"stream_bank": 32, "adapt_steps": 10}, "does not go with --adapt-steps"),
+                     ({"method": "mutual", "stream_bank": 32}, "patch-knn's"),
+                     ({"warmup": 4}, "would be ignored")]:
+        with pytest.raises(SettingsError, match=says):
+            ScorerSettings(**kw)
+    assert ScorerSettings(stream_bank=32, warmup=4).build().per_camera
+
+
+def test_evaluate_refuses_stream_bank_it_would_ignore(capsys):
+    from linewatch.cli import main
+
+    rc = main(["evaluate", "--data", str(shared_data("mvtec_ad", "bottle")), "--shots", "1",
+               "--stream-bank", "16"])
+    assert rc == 2 and "benchmarks.stream_bank" in capsys.readouterr().err
+
+
+def test_a_worker_with_a_stream_bank_scores_each_frame_at_most_as_without(broker, topics, workers,
+                                                                           references, tmp_path):
+    """Two workers, one with --stream-bank 8 --warmup 2, each on its own copy of the same
+    camera's 30 frames (the same seed: the same JPEG bytes). Every frame is scored by both
+    (nothing lost), never higher with the bank, and lower for most frames once the camera's
+    bank holds committed frames: the worker passes each frame's camera and admits what it
+    committed."""
+    import uuid
+
+    from conftest import Camera, WorkerProc, collect
+
+    from consumers.config import WorkerConfig
+    from linewatch.broker import create_topics
+    from linewatch.wire import Topics
+
+    other = Topics(f"t{uuid.uuid4().hex[:10]}")
+    create_topics(broker.bootstrap, other, partitions=4)
+    plain = workers("w-plain")
+    banked = WorkerProc(broker, other, references, tmp_path, "w-bank", f"g-{other.prefix}",
+                        "--stream-bank", "8", "--warmup", "2")
+    try:
+        plain.wait_ready()
+        banked.wait_ready()
+        assert "--stream-bank 8: each camera's frames are also compared" in banked.log.read_text()
+        got = {}
+        for name, t in (("plain", topics), ("bank", other)):
+            cam = Camera(broker, t, frames=30, fps=0, camera="cam-s", seed=11, defect_rate=0.0)
+            tally = collect(broker, t, lambda tl, c=cam: c.done.is_set() and c.sent <= tl.accounted
+                            and not tl.unrouted).tally
+            assert len(tally.scores) == 30 and not tally.dead
+            got[name] = {s.seq: s.score for s in tally.scores.values()}
+        assert got["plain"].keys() == got["bank"].keys()
+        diffs = np.array([got["bank"][k] - got["plain"][k] for k in sorted(got["plain"])])
+        assert (diffs <= 1e-5).all(), diffs.round(5)
+        # the bank is consulted from its 2nd committed frame: after the first batch at the latest
+        assert (diffs < -1e-4).sum() >= 30 - WorkerConfig.max_batch - 2, diffs.round(5)
+    finally:
+        banked.stop()
