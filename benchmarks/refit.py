@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks._markdown import markdown_table
+from benchmarks._markdown import markdown_table, save_rows
 
 RESULTS = Path(__file__).resolve().parent / "results" / "refit.json"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['memory_rows_from_images']} / {r['memory_rows_from_rows']}",
           f"{r['max_score_difference']:.1e}",
           f"{r['backbone_ms_per_new_frame']:.0f}", f"{r['kept_rows_mb']:.0f}"] for r in rows]))
-    path = Path(a.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"rows": rows, "torch_threads": torch.get_num_threads()}, indent=2) + "\n")
-    print(f"json: {path}")
+    print(f"json: {save_rows(a.json, rows)}")
     return 0
 
 
