@@ -5,11 +5,14 @@ zero-shot worker (:class:`inference.mutual.MutualScorer`) scores each frame agai
 its stream's recent frames (the mean of the lowest 30 % of per-frame nearest distances, so a
 defect repeated in a few bank frames is outvoted). ``--stream-bank FRAMES`` (patch-knn,
 :class:`inference.scoring.PatchKNNScorer`) does both: per patch, the lower of its distance
-to the references and its bank score (``--combine min``, the shipped code path: ``score()``
-with a camera, ``admit()``), so no frame scores higher than against the references alone and
-thresholds calibrated on them keep their bound. ``--combine members`` measures the other way
-to join them: the references as frames of the bank's comparison set. With an empty bank the
-score is exactly the few-shot one, so every row is comparable with the first.
+to the references and its bank score (``--combine min``: the scorer's own ``_results`` and
+``_with_banks`` on precomputed features, ``admit()``; each frame enters the bank at once,
+where a worker admits a committed batch of up to 8 at a time, so a worker's frames meet a
+bank that is up to a batch older: slightly optimistic), so no frame scores higher than
+against the references alone and thresholds calibrated on them keep their bound.
+``--combine members`` measures the other way to join them: the references as frames of the
+bank's comparison set. With an empty bank the score is exactly the few-shot one, so every
+row is comparable with the first.
 
 Which frames enter the bank (the policies):
 

@@ -376,7 +376,9 @@ class FrameProcessor:
 
     def _observe_drift(self, meta: FrameMeta, res: ScoreResult, rgb: np.ndarray) -> None:
         try:
-            self.drift.observe(meta.line, meta.camera, res.score, rgb, res.embedding)  # type: ignore[union-attr]
+            # on the scale of the calibration frames it compares with (a bank lowers live scores)
+            score = res.score if res.reference_score is None else res.reference_score
+            self.drift.observe(meta.line, meta.camera, score, rgb, res.embedding)  # type: ignore[union-attr]
         except Exception as exc:
             metrics.FRAME_ERRORS.labels(worker=self.worker_id, stage="drift").inc()
             log.warning("drift statistics failed for %s (%s: %s); frame routed, not observed",
@@ -388,7 +390,7 @@ class FrameProcessor:
         ``mode``: how a zero-shot scorer scored it (None: a warm-up's thresholds decided)."""
         tracked = self.cameras.admit(meta.line, meta.camera)
         line, camera = tracked or (metrics.OVERFLOW, metrics.OVERFLOW)
-        if tracked and self._streams:
+        if tracked and self._streams and hasattr(self.scorer, "mode"):  # scorers with scoring modes
             shown = mode or "warm-up"
             for m in MUTUAL_MODES:
                 metrics.SCORING_MODE.labels(line=line, camera=camera, mode=m).set(m == shown)

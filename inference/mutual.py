@@ -81,7 +81,6 @@ class PreparedMutual:
         self.results += other.results
 
 
-
 class MutualScorer(CameraBanks):
     """Zero-shot scoring of frames by the other frames of their stream (see module doc)."""
 
@@ -178,10 +177,6 @@ class MutualScorer(CameraBanks):
     def bank_len(self, stream: Hashable) -> int:
         return len(self.banks.frames(stream))
 
-    @property
-    def banks_forgotten(self) -> int:
-        """Streams whose bank was dropped for a newer one (``max_streams``)."""
-        return self.banks.forgotten
 
     def score(self, images: Sequence[np.ndarray],
               streams: Sequence[Hashable] | None = None) -> list[ScoreResult]:

@@ -50,6 +50,9 @@ class ScoreResult:
     full_map: bool = True
     embedding: np.ndarray | None = None
     mode: str | None = None  # zero-shot scorers: how it was scored (settings.MUTUAL_MODES)
+    # where a camera's bank lowered the score (stream_bank): the score against the references
+    # alone, the scale its thresholds and drift reference were measured on
+    reference_score: float | None = None
     # what the scorer needs to remember this frame later (its stream and features, for the
     # admit() of scorers with per-camera banks); opaque to everyone else
     stream_state: object | None = field(default=None, repr=False, compare=False)
@@ -175,6 +178,11 @@ class CameraBanks:
     banks: StreamBanks
 
     @property
+    def banks_forgotten(self) -> int:
+        """Cameras whose bank was dropped for a newer one (``max_streams``)."""
+        return self.banks.forgotten
+
+    @property
     def max_streams(self) -> int:
         return self.banks.max_streams
 
@@ -253,6 +261,7 @@ class PatchKNNScorer(CameraBanks):
         self._feature_epoch = 0  # +1 each time fit() trains a new head
         self.stream_bank, self.warmup = stream_bank, warmup
         self.banks = StreamBanks(max(1, stream_bank), max_streams)  # (P, D) float16 rows per frame
+        self.bank_failures = 0  # camera banks that could not be matched (scored by the references)
 
     @property
     def memory_size(self) -> int:
@@ -397,13 +406,21 @@ class PatchKNNScorer(CameraBanks):
             if len(bank) < self.warmup:
                 continue
             idx = [j for j, k in enumerate(streams) if k == key]
-            others = [b.to(self.device, torch.float32)[None] for b in bank]
-            query = rows[idx].reshape(1, -1, rows.shape[-1])  # patches are scored independently
-            patch = torch.minimum(dist[idx], bank_patch_scores(query, others).reshape(len(idx), -1))
+            try:
+                others = [b.to(self.device, torch.float32)[None] for b in bank]
+                query = rows[idx].reshape(1, -1, rows.shape[-1])  # patches are scored independently
+                patch = torch.minimum(dist[idx], bank_patch_scores(query, others).reshape(len(idx), -1))
+            except Exception as exc:  # not the frames' fault: the references alone are the bound
+                self.bank_failures += 1
+                if self.bank_failures % 100 == 1:  # the first, then every 100th: not a flood
+                    log.warning("the bank of camera %r could not be matched (%s: %s); its frames are "
+                                "scored against the references alone (%d such failures so far)",
+                                key, type(exc).__name__, exc, self.bank_failures)
+                continue
             scores = self._image_scores(patch).tolist()
             for n, j in enumerate(idx):
                 out[j] = dataclasses.replace(
-                    out[j], score=float(scores[n]),
+                    out[j], score=float(scores[n]), reference_score=out[j].score,
                     anomaly_map=patch[n].reshape(out[j].anomaly_map.shape).cpu().numpy().astype(np.float32))
         return out
 
@@ -499,6 +516,7 @@ class StreamBanks:
         return list(self._banks.get(key, ()))
 
     def add(self, key: Hashable, frame: object) -> None:
+        """Append ``frame`` to the stream's bank (its oldest frame falls out when full)."""
         bank = self._banks.get(key)
         if bank is None:
             bank = self._banks[key] = deque(maxlen=self.size)
@@ -514,6 +532,7 @@ class StreamBanks:
         bank.append(frame)
 
     def forget(self, keys: Sequence[Hashable]) -> None:
+        """Drop these streams' banks (a stream fed again starts empty)."""
         for k in keys:
             self._banks.pop(k, None)
 

@@ -35,6 +35,7 @@ BACKBONE_DEFAULTS: dict[str, tuple[int, tuple[int, ...]]] = {
 # learns", and mutual's few-shot memory), exact (0: every patch kept) elsewhere
 MEMORY_TOLERANCE_DEFAULTS: dict[str, float] = {"dinov2-s": 0.02}
 MAX_MEMORY_TOLERANCE = 0.5  # beyond, "near" covers patches that have little in common
+MAX_STREAM_BANK = 256  # frames a camera's bank may hold (--stream-bank): memory and matching grow with it
 DEFAULT_BACKBONE = {"patch-knn": "dinov2-s", "mutual": "dinov2-s", "winclip": "openclip:ViT-B-16-plus-240",
                     "winclip+": "openclip:ViT-B-16-plus-240", "anomalyclip": "openclip:ViT-B-16-plus-240"}
 
@@ -210,11 +211,15 @@ class ScorerSettings:
         if m == "anomalyclip" and not self.prompts:
             raise SettingsError("anomalyclip needs --prompts FILE: learned prompts from `linewatch "
                                 "train-prompts` (or a converted AnomalyCLIP checkpoint)")
-        if not 2 <= self.warmup <= self.bank_size:
+        if m == "mutual" and not 2 <= self.warmup <= self.bank_size:
             raise SettingsError(f"--warmup {self.warmup} / --bank-size {self.bank_size}: need "
                                 "2 <= warmup <= bank size (a frame needs others to be compared with)")
         if self.stream_bank < 0:
             raise SettingsError(f"--stream-bank {self.stream_bank}: give 0 (off) or a number of frames")
+        if self.stream_bank > MAX_STREAM_BANK:
+            raise SettingsError(f"--stream-bank {self.stream_bank}: at most {MAX_STREAM_BANK} frames (each "
+                                "camera keeps them all, about 0.4 MB a frame at 224 px, and matches "
+                                "every frame against them)")
         if self.stream_bank and not 2 <= self.warmup <= self.stream_bank:
             raise SettingsError(f"--stream-bank {self.stream_bank} / --warmup {self.warmup}: need "
                                 "2 <= warmup <= stream bank (the bank is consulted once it holds "

@@ -53,6 +53,7 @@ def test_a_warm_bank_lowers_normal_scores_never_raises_any_and_keeps_defects_apa
     ref_only = s.score(queries)
     for b, r in zip(banked, ref_only, strict=True):
         assert b.score <= r.score + 1e-6
+        assert b.reference_score == pytest.approx(r.score, abs=1e-6)  # what drift compares
         assert (b.anomaly_map <= r.anomaly_map + 1e-6).all()
     normal_b = np.array([r.score for r in banked[:5]])
     normal_r = np.array([r.score for r in ref_only[:5]])
@@ -61,6 +62,27 @@ def test_a_warm_bank_lowers_normal_scores_never_raises_any_and_keeps_defects_apa
     assert defect_b.min() > normal_b.max(), (defect_b.round(4), normal_b.round(4))
     other = s.score(queries[:2], ["other-cam"] * 2)  # banks are per camera
     assert [r.score for r in other] == pytest.approx([r.score for r in ref_only[:2]], abs=1e-6)
+
+
+def test_a_bank_that_fails_falls_back_to_the_references_and_says_so(backbone, bottle, caplog):
+    """A camera's bank that cannot be matched (here a frame of another feature size in it) is
+    not the frame's fault: its frames are scored against the references alone (the bound the
+    thresholds hold for), the failure is logged and counted, and other cameras go on."""
+    import torch
+
+    from inference.scoring import PatchKNNScorer
+
+    good, _ = bottle
+    s = PatchKNNScorer(backbone, stream_bank=8, warmup=2)
+    s.fit(good[:1])
+    s.admit(s.score(good[1:3], ["ok", "ok"]))
+    for _ in range(2):
+        s.banks.add("broken", torch.zeros(256, 7, dtype=torch.float16))
+    got = s.score(good[3:5], ["broken", "ok"])
+    alone = s.score(good[3:5])
+    assert got[0].score == pytest.approx(alone[0].score, abs=1e-6)
+    assert got[1].score < alone[1].score
+    assert s.bank_failures == 1 and "references alone" in caplog.text
 
 
 def test_banks_are_bounded_per_camera_and_in_cameras(caplog):
@@ -98,6 +120,7 @@ def test_stream_bank_is_refused_where_it_would_be_ignored_or_cannot_work():
 
     for kw, says in [({"stream_bank": 4}, "2 <= warmup <= stream bank"),
                      ({"stream_bank": -1}, "give 0"),
+                     ({"stream_bank": 1000}, "at most 256"),
                      ({"stream_bank": 32, "zoom": True}, "does not go with --zoom"),
                      ({"stream_bank": 32, "adapt_steps": 10}, "does not go with --adapt-steps"),
                      ({"method": "mutual", "stream_bank": 32}, "patch-knn's"),
@@ -105,6 +128,7 @@ def test_stream_bank_is_refused_where_it_would_be_ignored_or_cannot_work():
         with pytest.raises(SettingsError, match=says):
             ScorerSettings(**kw)
     assert ScorerSettings(stream_bank=32, warmup=4).build().per_camera
+    assert ScorerSettings(stream_bank=64, warmup=40).warmup == 40  # mutual's --bank-size is not its bound
 
 
 def test_evaluate_refuses_stream_bank_it_would_ignore(capsys):
@@ -149,6 +173,8 @@ def test_a_worker_with_a_stream_bank_scores_each_frame_at_most_as_without(broker
         assert got["plain"].keys() == got["bank"].keys()
         diffs = np.array([got["bank"][k] - got["plain"][k] for k in sorted(got["plain"])])
         assert (diffs <= 1e-5).all(), diffs.round(5)
+        # patch-knn has no scoring modes: no camera is shown in mutual scoring's warm-up
+        assert banked.metric("linewatch_camera_scoring_mode", camera="cam-s") == 0
         # the bank is consulted from its 2nd committed frame: after the first batch at the latest
         assert (diffs < -1e-4).sum() >= 30 - WorkerConfig.max_batch - 2, diffs.round(5)
     finally:
