@@ -145,20 +145,29 @@ def test_a_worker_with_a_stream_bank_scores_each_frame_at_most_as_without(broker
     camera's 30 frames (the same seed: the same JPEG bytes). Every frame is scored by both
     (nothing lost), never higher with the bank, and lower for most frames once the camera's
     bank holds committed frames: the worker passes each frame's camera and admits what it
-    committed."""
+    committed. Drift compares the references-only scores with the --holdout frames', so both
+    workers publish the same score drift (the bank lowers live scores, not the scale)."""
+    import time
     import uuid
 
+    import cv2
     from conftest import Camera, WorkerProc, collect
 
     from consumers.config import WorkerConfig
     from linewatch.broker import create_topics
     from linewatch.wire import Topics
+    from producers.sources import SyntheticConveyor
 
     other = Topics(f"t{uuid.uuid4().hex[:10]}")
     create_topics(broker.bootstrap, other, partitions=4)
-    plain = workers("w-plain")
+    holdout = tmp_path / "holdout"
+    holdout.mkdir()
+    for i, im in enumerate(SyntheticConveyor(seed=8).normals(20)):
+        cv2.imwrite(str(holdout / f"{i}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+    drift = ("--holdout", str(holdout), "--drift-window", "20")
+    plain = workers("w-plain", *drift)
     banked = WorkerProc(broker, other, references, tmp_path, "w-bank", f"g-{other.prefix}",
-                        "--stream-bank", "8", "--warmup", "2")
+                        "--stream-bank", "8", "--warmup", "2", *drift)
     try:
         plain.wait_ready()
         banked.wait_ready()
@@ -177,5 +186,14 @@ def test_a_worker_with_a_stream_bank_scores_each_frame_at_most_as_without(broker
         assert banked.metric("linewatch_camera_scoring_mode", camera="cam-s") == 0
         # the bank is consulted from its 2nd committed frame: after the first batch at the latest
         assert (diffs < -1e-4).sum() >= 30 - WorkerConfig.max_batch - 2, diffs.round(5)
+        # drift: both workers' windows hold the last 20 frames, and their score statistics agree
+        deadline = time.monotonic() + 60
+        while not all(w.metric("linewatch_drift_window_frames", camera="cam-s") == 20
+                      for w in (plain, banked)):
+            assert time.monotonic() < deadline, "a worker never published a full drift window"
+            time.sleep(0.2)
+        for stat in ("score_ks", "score_psi"):
+            a, b = (w.metric("linewatch_drift", camera="cam-s", statistic=stat) for w in (plain, banked))
+            assert b == pytest.approx(a, abs=1e-4), (stat, a, b)
     finally:
         banked.stop()
