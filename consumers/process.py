@@ -162,8 +162,10 @@ class FrameProcessor:
             else:
                 th = self._thresholds_for(meta, res)
                 by_record[i] = self._route(rec, meta, rgb, res, decided_ns, maybe_duplicate(rec), th)
-                if streams is not None and th.decide(res.score) != "alert":
-                    remember.append(res)  # an alert stays out: the bank is what normal looks like
+                if streams is not None and th.decide(res.score_without_bank) != "alert":
+                    # the bank is what normal looks like: an alert stays out, and so does a frame
+                    # that only the bank let pass (else a recurring defect would vouch for itself)
+                    remember.append(res)
                 if self.stream_thresholds is not None and res.mode not in (None, "warm-up"):
                     observed.append(((meta.line, meta.camera, res.mode), res.score))  # type: ignore[arg-type]
         self._uncommitted = (remember, observed)
@@ -377,8 +379,8 @@ class FrameProcessor:
     def _observe_drift(self, meta: FrameMeta, res: ScoreResult, rgb: np.ndarray) -> None:
         try:
             # on the scale of the calibration frames it compares with (a bank lowers live scores)
-            score = res.score if res.reference_score is None else res.reference_score
-            self.drift.observe(meta.line, meta.camera, score, rgb, res.embedding)  # type: ignore[union-attr]
+            self.drift.observe(meta.line, meta.camera, res.score_without_bank, rgb,  # type: ignore[union-attr]
+                               res.embedding)
         except Exception as exc:
             metrics.FRAME_ERRORS.labels(worker=self.worker_id, stage="drift").inc()
             log.warning("drift statistics failed for %s (%s: %s); frame routed, not observed",

@@ -57,6 +57,14 @@ class ScoreResult:
     # admit() of scorers with per-camera banks); opaque to everyone else
     stream_state: object | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def score_without_bank(self) -> float:
+        """The score against the references alone: ``reference_score`` where a camera's bank
+        lowered it, the score itself otherwise. What the bank cannot vouch for: drift compares
+        it with calibration, and a worker admits a frame to the bank only when this is below
+        the alert threshold (a recurring defect never teaches itself in)."""
+        return self.score if self.reference_score is None else self.reference_score
+
 
 @runtime_checkable
 class Scorer(Protocol):

@@ -64,6 +64,66 @@ def test_a_warm_bank_lowers_normal_scores_never_raises_any_and_keeps_defects_apa
     assert [r.score for r in other] == pytest.approx([r.score for r in ref_only[:2]], abs=1e-6)
 
 
+def test_the_worker_admits_to_the_bank_what_the_references_alone_would_not_alert_on(backbone, bottle):
+    """The worker's frame processor on real records: a frame that routes as normal only
+    because its camera's bank lowered its score (against the references alone it would
+    alert) does not enter the bank, so a defect that recurs can never vouch for itself; a
+    frame the references alone pass does. (Measured on the streams: the same quality as
+    admitting every frame that did not alert, `benchmarks.stream_bank --policies
+    below-alert,references-below-alert`, README.)"""
+    from dataclasses import dataclass
+
+    from consumers.process import FrameProcessor
+    from inference.calibration import Thresholds
+    from inference.scoring import PatchKNNScorer
+    from linewatch.wire import FrameMeta, Topics
+    from monitoring.metrics import CameraSeries
+    from producers.producer import encode_frame
+
+    @dataclass
+    class Rec:
+        topic: str
+        partition: int
+        offset: int
+        key: bytes | None
+        value: bytes | None
+        headers: list
+
+    def records(images, first_seq):
+        out = []
+        for n, im in enumerate(images):
+            meta = FrameMeta(camera="cam-a", line="l1", seq=first_seq + n, capture_ns=1, encoding="png",
+                             width=im.shape[1], height=im.shape[0])
+            out.append(Rec("lw.frames", 0, first_seq + n, meta.key, encode_frame(im, "png"), meta.headers()))
+        return out
+
+    good, _ = bottle
+    scorer = PatchKNNScorer(backbone, stream_bank=8, warmup=2)
+    scorer.fit(good[:1])
+    proc = FrameProcessor(scorer, Thresholds(1e9, 1e9, 0, False), Topics("lw"), "w-adm", 10**8, 10**8,
+                          CameraSeries("w-adm"))
+    proc.process(records(good[1:5], 0))
+    proc.committed()
+    key = ("l1", "cam-a")
+    assert len(scorer.banks.frames(key)) == 4  # nothing alerts at 1e9: all four entered
+
+    alone = [r.score for r in scorer.score(good[5:12])]
+    banked = [r.score for r in scorer.score(good[5:12], [key] * 7)]
+    # a frame whose bank score is below its references-only score, with an alert threshold between
+    i = int(np.argmax(np.array(alone) - np.array(banked)))
+    assert banked[i] < alone[i] - 1e-3, (banked, alone)
+    proc.thresholds = Thresholds((alone[i] + banked[i]) / 2, banked[i] - 1e-6, 0, False)
+    sent = {o.topic for o in proc.process(records([good[5 + i]], 100))}
+    assert Topics("lw").review in sent and Topics("lw").alerts not in sent, sent  # the bank decided
+    proc.committed()
+    assert len(scorer.banks.frames(key)) == 4  # routed, not admitted: the references alone alert
+
+    proc.thresholds = Thresholds(1e9, 1e9, 0, False)
+    proc.process(records([good[5 + i]], 101))
+    proc.committed()
+    assert len(scorer.banks.frames(key)) == 5  # the same frame, when the references pass it
+
+
 def test_a_bank_that_fails_falls_back_to_the_references_and_says_so(backbone, bottle, caplog):
     """A camera's bank that cannot be matched (here a frame of another feature size in it) is
     not the frame's fault: its frames are scored against the references alone (the bound the
