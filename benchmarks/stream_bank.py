@@ -17,9 +17,17 @@ row is comparable with the first.
 Which frames enter the bank (the policies):
 
 * ``none``: no bank, the references alone (today's few-shot worker);
-* ``below-alert``: what a worker admits, the frames that did not alert: score below the
-  alert threshold calibrated on ``--calibration`` held-out normals scored against the
-  references alone (:func:`inference.calibration.thresholds_from_normals`, 1 % false alarms);
+* ``below-alert``: the frames that did not alert (what a worker admitted before it took
+  the references' word instead): score, bank included, below the alert threshold
+  calibrated on ``--calibration`` held-out normals scored against the references alone
+  (:func:`inference.calibration.thresholds_from_normals`, 1 % false alarms);
+* ``below-review``: only the frames a worker routes as normal: score below the review
+  threshold calibrated on the same frames (10 % of normals flagged); borderline frames wait
+  for a person instead of teaching the bank;
+* ``references-below-alert``: what a worker admits (``ScoreResult.score_without_bank``):
+  the frames whose score against the references alone is below the alert threshold (the
+  bank cannot vouch for what enters it, so a defect that recurs cannot teach itself in;
+  normal variety the references alone would alert on stays out too);
 * ``all``: every frame, defects included (the worst case);
 * ``normals-only``: only the truly normal frames (labels a worker does not have: an upper
   bound on what a bank can give).
@@ -30,7 +38,8 @@ a random order per reference draw: far more defects than a line sees, so ``all``
 ``below-alert`` are pessimistic about what enters a bank. ``--protocol stream`` scores a
 line's stream instead, 5 % defective: magnetic tile ``evaluate --protocol stream``'s frames
 (400 MT_Free, 21 defects); bottle every normal photo (train and test) with 12 defects drawn
-across the kinds (:func:`stream_of`).
+across the kinds (:func:`linewatch.evaluate.fewshot_stream_frames`, the stream `linewatch evaluate
+--protocol stream` scores few-shot).
 Metrics are evaluate's; the worker's defaults (DINOv2-S blocks 5 and 8, 224 px, tiling on),
 the bank consulted from its 8th frame (``--warmup``). The features are computed once per
 image; ms is the matching alone (the backbone's time is printed beside it).
@@ -54,7 +63,7 @@ from benchmarks._markdown import markdown_table, save_rows
 RESULTS = Path(__file__).resolve().parent / "results" / "stream_bank.json"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {"bottle": (DATA / "mvtec_ad" / "bottle", 1), "magnetic_tile": (DATA / "magnetic_tile", 4)}
-POLICIES = ("none", "below-alert", "all", "normals-only")
+POLICIES = ("none", "below-alert", "below-review", "references-below-alert", "all", "normals-only")
 
 
 def _features(scorer, paths) -> dict:
@@ -75,27 +84,12 @@ def _rows(f: torch.Tensor) -> torch.Tensor:
     return f.reshape(1, -1, f.shape[-1]).float()  # (1, P, D): one variant
 
 
-def stream_of(split) -> list:
-    """A line's stream, 5 % defective: magnetic tile ``evaluate --protocol stream``'s frames;
-    an MVTec category's normal photos (``train/good`` and ``test/good``) with defect photos
-    drawn at random (fixed seed) to make 5 % of the frames."""
-    from linewatch.evaluate import MT_STREAM_SEED, STREAM_DEFECT_RATE, Sample, stream_frames
-
-    if split.layout == "magnetic-tile":
-        return stream_frames(split)
-    normals = [Sample(p, False, "good", None) for p in split.candidates]
-    normals += [s for s in split.test if not s.defect]
-    defects = [s for s in split.test if s.defect]
-    n_def = round(len(normals) * STREAM_DEFECT_RATE / (1 - STREAM_DEFECT_RATE))
-    rng = np.random.default_rng(MT_STREAM_SEED)
-    return normals + [defects[i] for i in sorted(rng.choice(len(defects), n_def, replace=False))]
-
-
-def run_stream(scorer, samples: list, feats: dict, refs: list[str], alert: float, policy: str,
+def run_stream(scorer, samples: list, feats: dict, refs: list[str], th, policy: str,
                seed: int, combine: str = "min") -> dict:
     """One reference draw, one order of the frames: metrics and what entered the bank.
-    ``combine`` min is the shipped path (PatchKNNScorer with ``stream_bank``: score(),
-    admit()); members puts the references among the bank's frames instead."""
+    ``th``: the thresholds calibrated on the references alone. ``combine`` min is the
+    shipped path (PatchKNNScorer with ``stream_bank``: score(), admit()); members puts the
+    references among the bank's frames instead."""
     from inference.scoring import bank_patch_scores
     from linewatch.evaluate import _seed_run
 
@@ -123,7 +117,8 @@ def run_stream(scorer, samples: list, feats: dict, refs: list[str], alert: float
         spent += time.perf_counter() - t0
         results[int(i)] = r
         enter = {"none": False, "all": True, "normals-only": not s.defect,
-                 "below-alert": r.score < alert}[policy]
+                 "below-alert": r.score < th.alert, "below-review": r.score < th.review,
+                 "references-below-alert": r.score_without_bank < th.alert}[policy]
         if enter:
             admitted += 1
             admitted_defects += int(s.defect)
@@ -140,7 +135,7 @@ def measure(datasets: tuple[str, ...], seeds: int, bank_size: int, calibration: 
             references: int | None = None) -> list[dict]:
     from inference.calibration import thresholds_from_normals
     from inference.settings import ScorerSettings
-    from linewatch.evaluate import load_split
+    from linewatch.evaluate import fewshot_stream_frames, load_split
 
     # the worker's defaults (DINOv2-S blocks 5+8, 224 px, tiling, memory tolerance) and a bank
     scorer = ScorerSettings(stream_bank=bank_size).build()
@@ -150,23 +145,23 @@ def measure(datasets: tuple[str, ...], seeds: int, bank_size: int, calibration: 
         shots = references or shots
         split = load_split(root)
         draws = [[str(p) for p in split.references(shots + calibration, seed)] for seed in range(seeds)]
-        frames = list(split.test) if protocol == "test" else stream_of(split)
+        frames = list(split.test) if protocol == "test" else fewshot_stream_frames(split)
         # a frame never scores against itself: each draw's references and calibration frames leave
         samples = [[f for f in frames if str(f.path) not in used] for used in map(set, draws)]
         t0 = time.perf_counter()
         with torch.no_grad():
             feats = _features(scorer, [s.path for s in frames] + [p for d in draws for p in d])
         backbone_ms = 1000 * (time.perf_counter() - t0) / len(feats)
-        alerts = []
-        for draw in draws:  # the alert threshold a worker calibrates on the references alone
+        calibrated = []
+        for draw in draws:  # the thresholds a worker calibrates on the references alone
             scorer.fit_views([feats[p][0].reshape(-1, feats[p][0].shape[-1]) for p in draw[:shots]])
             held = [scorer._results(feats[p][0].float()[None])[0][0].score for p in draw[shots:]]
-            alerts.append(thresholds_from_normals(held).alert)
+            calibrated.append(thresholds_from_normals(held))
         for policy in policies:
             per_seed = []
-            for seed, (draw, alert) in enumerate(zip(draws, alerts, strict=True)):
+            for seed, (draw, th) in enumerate(zip(draws, calibrated, strict=True)):
                 with torch.no_grad():
-                    per_seed.append(run_stream(scorer, samples[seed], feats, draw[:shots], alert, policy,
+                    per_seed.append(run_stream(scorer, samples[seed], feats, draw[:shots], th, policy,
                                                seed, combine))
             row = {"dataset": name, "scorer": "patch-knn", "shots": shots, "policy": policy,
                    "combine": combine, "bank": 0 if policy == "none" else bank_size, "seeds": seeds,
@@ -193,7 +188,7 @@ def measure_mutual(datasets: tuple[str, ...], seeds: int, bank_size: int, calibr
     changed nothing at 99 confirmed normals, README)."""
     from inference.calibration import thresholds_from_normals
     from inference.settings import ScorerSettings
-    from linewatch.evaluate import _seed_run, load_split
+    from linewatch.evaluate import _seed_run, fewshot_stream_frames, load_split
     from linewatch.images import read_rgb
 
     scorer = ScorerSettings(method="mutual", bank_size=bank_size).build()
@@ -201,7 +196,7 @@ def measure_mutual(datasets: tuple[str, ...], seeds: int, bank_size: int, calibr
     for name in datasets:
         split = load_split(DATASETS[name][0])
         draws = [[str(p) for p in split.references(references + calibration, seed)] for seed in range(seeds)]
-        frames = list(split.test) if protocol == "test" else stream_of(split)
+        frames = list(split.test) if protocol == "test" else fewshot_stream_frames(split)
         samples = [[f for f in frames if str(f.path) not in used] for used in map(set, draws)]
         t0 = time.perf_counter()
         feats: dict = {}
@@ -288,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bank", type=int, default=32,
                     help="bank frames, the zero-shot worker's (default: %(default)s)")
     ap.add_argument("--calibration", type=int, default=20,
-                    help="held-out normals that set below-alert's threshold (default: %(default)s)")
+                    help="held-out normals that set the policies' thresholds (default: %(default)s)")
     ap.add_argument("--policies", default=",".join(POLICIES), help="default: %(default)s")
     ap.add_argument("--combine", choices=("min", "members"), default="min",
                     help="min (what ships): per patch, the lower of the references' score and the bank's "

@@ -273,6 +273,77 @@ def evaluate_stream(scorer, split: Split, seed: int, *, expected_anomaly_rate: f
     return run, Split(split.name, split.layout, [], kept)
 
 
+# The few-shot stream protocol (a few-shot line as a worker meets it): the normal photos of
+# the line with defects mixed in at STREAM_DEFECT_RATE, less each draw's references and
+# calibration frames; thresholds from FEWSHOT_CALIBRATION held-out normals, as calibrate sets them.
+FEWSHOT_CALIBRATION = 20
+
+
+def fewshot_stream_frames(split: Split) -> list[Sample]:
+    """A line's stream, 5 % defective, before a draw's references and calibration frames are
+    taken out: magnetic tile :func:`stream_frames`; an MVTec category's normal photos
+    (``train/good`` and ``test/good``) with defect photos drawn across the kinds (fixed seed)
+    to make ``STREAM_DEFECT_RATE`` of the frames. (The zero-shot stream of an MVTec category is
+    its test set as it is, as MuSc measures; a few-shot line has the normals to be a line.)"""
+    if split.layout == "magnetic-tile":
+        return stream_frames(split)
+    normals = [Sample(p, False, "good", None) for p in split.candidates]
+    normals += [s for s in split.test if not s.defect]
+    defects = [s for s in split.test if s.defect]
+    n_def = round(len(normals) * STREAM_DEFECT_RATE / (1 - STREAM_DEFECT_RATE))
+    rng = np.random.default_rng(MT_STREAM_SEED)
+    return normals + [defects[i] for i in sorted(rng.choice(len(defects), min(n_def, len(defects)),
+                                                            replace=False))]
+
+
+def evaluate_fewshot_stream(scorer, split: Split, shots: int, seed: int, *,
+                            calibration: int = FEWSHOT_CALIBRATION, batch_size: int = 8,
+                            eval_size: int = 256, progress: bool = True) -> tuple[SeedRun, Split]:
+    """Few-shot, stream protocol: what a worker with a calibrated profile does on a line.
+
+    The seed draws ``shots`` references and ``calibration`` held-out normals from the
+    reference pool; the alert threshold is calibrate's (1 % false alarms on the held-out
+    normals scored against the references alone). The stream's frames (less the draw) come
+    in the seed's order, ``batch_size`` at a time, as a worker polls them; a scorer with a
+    camera bank (``--stream-bank``) scores each batch with its camera, then admits the frames
+    the references alone do not alert on, as a worker does when it commits the batch. Every
+    frame counts (a bank still warming up leaves its frames to the references). Returns the
+    run and its frames."""
+    from tqdm import tqdm
+
+    from inference.calibration import score_frames, thresholds_from_normals
+    from linewatch.images import read_rgb
+
+    draw = split.references(shots + calibration, seed)
+    refs, held = draw[:shots], draw[shots:]
+    used = set(draw)
+    frames = [s for s in fewshot_stream_frames(split) if s.path not in used]
+    order = np.random.default_rng(seed).permutation(len(frames))
+    frames = [frames[i] for i in order]
+    scorer.fit([read_rgb(p) for p in refs])
+    per_camera = bool(getattr(scorer, "per_camera", False))
+    if per_camera:
+        scorer.forget(["eval"])
+    alert = thresholds_from_normals([r.score for r in score_frames(scorer, [read_rgb(p) for p in held],
+                                                                   batch_size)]).alert
+    results, shapes, spent = [], [], 0.0
+    bar = tqdm(total=len(frames), desc=f"{split.name} stream {seed}", unit="img", disable=not progress,
+               leave=False)
+    for i in range(0, len(frames), batch_size):
+        images = [read_rgb(s.path) for s in frames[i:i + batch_size]]
+        t0 = time.perf_counter()
+        batch = scorer.score(images, ["eval"] * len(images)) if per_camera else scorer.score(images)
+        if per_camera:  # the batch is committed: what the references alone pass joins the bank
+            scorer.admit([r for r in batch if r.score_without_bank < alert])
+        spent += time.perf_counter() - t0
+        results += batch
+        shapes += [im.shape[:2] for im in images]
+        bar.update(len(images))
+    bar.close()
+    run = _seed_run(seed, [str(p) for p in refs], frames, results, shapes, spent, eval_size)
+    return run, Split(split.name, split.layout, [], frames)
+
+
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_pro", "pixel_f1max")
 
 
@@ -368,23 +439,34 @@ def save_overlay_grid(run: SeedRun, split: Split, path: Path, per_kind: int = 2,
 def run_evaluation(scorer, split: Split, *, shots: int, seeds: Sequence[int], config: dict,
                    json_path: Path | None, plots_dir: Path | None, batch_size: int = 8,
                    eval_size: int = 256, progress: bool = True, protocol: str = "batch",
-                   expected_anomaly_rate: float = STREAM_DEFECT_RATE) -> dict:
+                   expected_anomaly_rate: float = STREAM_DEFECT_RATE,
+                   calibration: int = FEWSHOT_CALIBRATION) -> dict:
     """Every seed's run, summarised (and written to ``json_path``, pictures to ``plots_dir``).
-    ``protocol`` "stream" (zero-shot only): :func:`evaluate_stream` per seed."""
+    ``protocol`` "stream": :func:`evaluate_stream` per seed (zero-shot, ``shots`` 0) or
+    :func:`evaluate_fewshot_stream`."""
     runs, covered = [], split
     for seed in seeds:
-        if protocol == "stream":
+        if protocol == "stream" and shots == 0:
             run, kept = evaluate_stream(scorer, split, seed, expected_anomaly_rate=expected_anomaly_rate,
                                         eval_size=eval_size, progress=progress)
             covered = kept if not runs else covered  # the first seed's order is the one pictured
+        elif protocol == "stream":
+            run, kept = evaluate_fewshot_stream(scorer, split, shots, seed, calibration=calibration,
+                                                batch_size=batch_size, eval_size=eval_size,
+                                                progress=progress)
+            covered = kept if not runs else covered
         else:
             run = evaluate_seed(scorer, split, shots, seed, batch_size=batch_size, eval_size=eval_size,
                                 progress=progress)
         runs.append(run)
     summary = summarise(runs, covered, config)
-    if protocol == "stream":
+    summary["protocol"] = protocol
+    if protocol == "stream" and shots == 0:
         summary["stream"] = describe_stream(stream_frames(split))  # n_images: those after the warm-up
         summary["warmup_frames"] = scorer.warmup
+    elif protocol == "stream":
+        summary["stream"] = describe_stream(covered.test)  # the first draw's frames
+        summary["calibration_normals"] = calibration
     if plots_dir is not None:
         plots_dir.mkdir(parents=True, exist_ok=True)
         what = f"{shots}shot" + ("_stream" if protocol == "stream" else "")

@@ -105,4 +105,71 @@ def test_zero_shot_stream_protocol_via_the_cli(tmp_path, capsys):
     assert "--shots must be >= 1 for patch-knn" in capsys.readouterr().err
     assert main(["evaluate", "--data", str(root), "--method", "mutual", "--shots", "1",
                  "--protocol", "stream"]) == 2
-    assert "--method mutual --shots 0" in capsys.readouterr().err
+    assert "measured for --method patch-knn, not mutual" in capsys.readouterr().err
+
+
+def _small_bottle(root, dst, train: int, test_good: int, broken: int, side: int = 256):
+    """An MVTec-layout copy of the first photos of the bottle category at ``side`` px (a
+    temporary folder: quick to read; the dataset itself stays where it is)."""
+    for sub, n, masks in (("train/good", train, False), ("test/good", test_good, False),
+                          ("test/broken_large", broken, True)):
+        (dst / sub).mkdir(parents=True)
+        for p in sorted((root / sub).glob("*.png"))[:n]:
+            cv2.imwrite(str(dst / sub / p.name), cv2.resize(cv2.imread(str(p)), (side, side),
+                                                           interpolation=cv2.INTER_AREA))
+            if masks:
+                m = root / "ground_truth" / "broken_large" / f"{p.stem}_mask.png"
+                (dst / "ground_truth" / "broken_large").mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(dst / "ground_truth" / "broken_large" / m.name),
+                            cv2.resize(cv2.imread(str(m), cv2.IMREAD_GRAYSCALE), (side, side),
+                                       interpolation=cv2.INTER_NEAREST))
+    return dst
+
+
+def test_few_shot_stream_protocol_scores_a_line_as_a_worker_does(tmp_path, capsys):
+    """`evaluate --protocol stream --shots 1 [--stream-bank N]`: the normal photos with 5 %
+    defects, less the draw's reference and calibration normals, in batches; with a bank,
+    every frame scores at most what it scores without (the lower-of-two rule), most normals
+    lower once the bank is warm, and the bank fills from what the worker admits. 70 bottle
+    photos at 256 px and 112 px features keep it quick: a mechanism check, not the README's
+    figures (those: `linewatch evaluate --protocol stream`, README few-shot quality)."""
+    import numpy as np
+
+    from inference.settings import ScorerSettings
+    from linewatch.cli import main
+    from linewatch.evaluate import evaluate_fewshot_stream, fewshot_stream_frames, load_split
+
+    root = _small_bottle(shared_data("mvtec_ad", "bottle"), tmp_path / "bottle", 60, 10, 20)
+    split = load_split(root)
+    line = fewshot_stream_frames(split)
+    assert sum(s.defect for s in line) == 4 and len(line) == 70 + 4  # 5 %: round(70 * 0.05 / 0.95)
+    runs = {}
+    for bank in (0, 8):
+        bank_settings = {"stream_bank": bank, "warmup": 2} if bank else {}
+        scorer = ScorerSettings(image_size=112, **bank_settings).build()
+        runs[bank], kept = evaluate_fewshot_stream(scorer, split, 1, 0, calibration=10, progress=False)
+    refs = set(runs[0].references)
+    assert len(kept.test) == len(line) - 11 and not refs & {str(s.path) for s in kept.test}
+    plain, banked = runs[0].scores, runs[8].scores
+    assert np.all(banked <= plain + 1e-6)  # never above the references alone
+    normal = np.array([not s.defect for s in kept.test])
+    assert np.mean(banked[normal][16:] < plain[normal][16:] - 1e-4) > 0.8  # the bank lowers normals
+    assert len(scorer.banks.frames("eval")) == 8  # full: the last 8 admitted frames
+
+    out = tmp_path / "s.json"
+    rc = main(["evaluate", "--no-progress", "--data", str(root), "--shots", "1", "--protocol", "stream",
+               "--image-size", "112", "--seeds", "1", "--stream-bank", "8", "--warmup", "2",
+               "--calibration", "10", "--json", str(out)])
+    r = capsys.readouterr()
+    assert rc == 0, r.err
+    res = json.loads(out.read_text())
+    assert res["protocol"] == "stream" and res["stream_bank"] == 8 and res["calibration_normals"] == 10
+    assert res["stream"].startswith("63 frames: 59 normal, 4 defective")
+    assert abs(res["image_auroc"] - runs[8].metrics["image_auroc"]) < 1e-9  # the CLI is this path
+    assert "few-shot stream: 74 frames" in r.err and "camera bank 8" in r.err
+    for bad, says in [(["--stream-bank", "8"], "add --protocol stream"),
+                      (["--calibration", "10"], "add --protocol stream"),
+                      (["--protocol", "stream", "--calibration", "1"], "at least 2"),
+                      (["--protocol", "stream", "--method", "winclip+"], "not winclip+")]:
+        assert main(["evaluate", "--data", str(root), "--shots", "1", *bad]) == 2
+        assert says in capsys.readouterr().err, bad

@@ -196,7 +196,7 @@ def test_evaluate_refuses_stream_bank_it_would_ignore(capsys):
 
     rc = main(["evaluate", "--data", str(shared_data("mvtec_ad", "bottle")), "--shots", "1",
                "--stream-bank", "16"])
-    assert rc == 2 and "benchmarks.stream_bank" in capsys.readouterr().err
+    assert rc == 2 and "add --protocol stream" in capsys.readouterr().err
 
 
 def test_a_worker_with_a_stream_bank_scores_each_frame_at_most_as_without(broker, topics, workers,

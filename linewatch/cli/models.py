@@ -214,7 +214,7 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 def add_commands(sub: Any) -> None:
-    from linewatch.evaluate import MT_STREAM_NORMALS, STREAM_DEFECT_RATE
+    from linewatch.evaluate import FEWSHOT_CALIBRATION, MT_STREAM_NORMALS, STREAM_DEFECT_RATE
 
     e = sub.add_parser("evaluate", formatter_class=FMT,
                        help="measure a method's quality on a labelled dataset folder",
@@ -235,11 +235,20 @@ def add_commands(sub: Any) -> None:
                    help="normal reference images; 0 with --method mutual (or winclip): zero-shot, "
                         "no references (default: %(default)s)")
     e.add_argument("--protocol", choices=("batch", "stream"), default="batch",
-                   help="zero-shot mutual only. batch: the test set scores itself, all at once (as "
-                        "MuSc measures); stream: frames in a random order per seed, each scored only "
-                        "against those before it, as a worker does (magnetic tile: a fixed draw of "
-                        f"{MT_STREAM_NORMALS} MT_Free images with defects mixed in at "
-                        f"{STREAM_DEFECT_RATE:.0%}, printed) (default: %(default)s)")
+                   help="batch: the test set, scored as a set (zero-shot mutual: the test set scores "
+                        "itself, all at once, as MuSc measures). stream: a line's frames in a random "
+                        "order per seed, as a worker meets them (printed). Zero-shot (--method mutual "
+                        "--shots 0): each frame scored only against those before it (magnetic tile: "
+                        f"a fixed draw of {MT_STREAM_NORMALS} MT_Free images with defects mixed in at "
+                        f"{STREAM_DEFECT_RATE:.0%}; MVTec: the test set). Few-shot (patch-knn): the "
+                        "normal photos (MVTec train/good and test/good) with defects mixed in at "
+                        f"{STREAM_DEFECT_RATE:.0%}, less each draw's references and --calibration "
+                        "normals, which set the alert threshold as calibrate does; frames come "
+                        "--batch-size at a time and, with --stream-bank, what did not alert joins "
+                        "the camera's bank after each batch, as a worker commits it (default: %(default)s)")
+    e.add_argument("--calibration", type=int, default=None, metavar="N",
+                   help="few-shot --protocol stream: held-out normals per draw that set the alert "
+                        f"threshold, which decides what enters the bank (default: {FEWSHOT_CALIBRATION})")
     e.add_argument("--expected-anomaly-rate", type=float, default=None, metavar="RATE",
                    help="--protocol stream: the stated maximum share of defective frames that sets "
                         "the stream's own uncalibrated alert threshold, which decides what enters "
@@ -252,7 +261,8 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--plots", metavar="DIR", default=None,
                    help="write the ROC plot and overlay grid here (default: beside --json)")
     e.add_argument("--batch-size", type=int, default=8,
-                   help="frames per backbone call; --protocol stream scores one at a time, as a "
+                   help="frames per backbone call; few-shot --protocol stream: the worker's batch "
+                        "(its --max-batch); zero-shot --protocol stream scores one at a time, as a "
                         "paced camera delivers them (default: %(default)s)")
     e.add_argument("--eval-size", type=int, default=256,
                    help="pixel metrics at this longer side (default: %(default)s)")
@@ -331,7 +341,14 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from linewatch.evaluate import STREAM_DEFECT_RATE, DatasetError, load_split, run_evaluation, table
+    from linewatch.evaluate import (
+        FEWSHOT_CALIBRATION,
+        STREAM_DEFECT_RATE,
+        DatasetError,
+        load_split,
+        run_evaluation,
+        table,
+    )
     from linewatch.images import ImageReadError
 
     settings = scorer_settings(a)
@@ -345,13 +362,22 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if settings.method == "mutual" and a.shots == 0 and settings.memory_tolerance is not None:
         raise CliError("--memory-tolerance filters the memory of confirmed normals, and zero-shot "
                        "mutual scoring (--shots 0) has none: remove it, or give --shots")
-    if a.protocol == "stream" and not (settings.method == "mutual" and a.shots == 0):
-        raise CliError("--protocol stream is the zero-shot stream: use it with --method mutual "
-                       "--shots 0")
-    if settings.stream_bank:
+    if a.protocol == "stream" and a.shots == 0 and settings.method != "mutual":
+        raise CliError("the zero-shot --protocol stream scores each frame against those before it: "
+                       "use it with --method mutual")
+    if a.protocol == "stream" and a.shots > 0 and settings.method != "patch-knn":
+        raise CliError(f"the few-shot --protocol stream is measured for --method patch-knn, not "
+                       f"{settings.method}: use --protocol batch")
+    if settings.stream_bank and a.protocol != "stream":
         raise CliError("--stream-bank compares each frame with its camera's frames before it, and "
-                       "evaluate scores the test set as a set, so it would be ignored: `python -m "
-                       "benchmarks.stream_bank` measures it on a stream (README, few-shot quality)")
+                       "the batch protocol scores the test set as a set, so it would be ignored: add "
+                       "--protocol stream")
+    if a.calibration is not None and not (a.protocol == "stream" and a.shots > 0):
+        raise CliError("--calibration sets the few-shot stream's alert threshold: add --protocol "
+                       "stream (with --shots >= 1)")
+    calibration = FEWSHOT_CALIBRATION if a.calibration is None else a.calibration
+    if calibration < 2:
+        raise CliError(f"--calibration {calibration}: at least 2 held-out normals")
     if a.expected_anomaly_rate is not None and a.protocol != "stream":
         raise CliError("--expected-anomaly-rate sets the stream's thresholds: add --protocol stream")
     set_torch_threads(a.torch_threads)
@@ -368,11 +394,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     plots = Path(a.plots) if a.plots else (json_path.parent if json_path else None)
     config = {**scorer.settings.to_dict(), "backbone": settings.resolved_backbone, "shots": a.shots,
               "device": a.device}
-    if a.protocol == "stream":
+    if a.protocol == "stream" and a.shots == 0:
         from linewatch.evaluate import describe_stream, stream_frames
 
         print(f"{split.name} ({split.layout}), zero-shot stream: {describe_stream(stream_frames(split))}; "
               f"{settings.method} on {settings.resolved_backbone}, orders 0..{a.seeds - 1}", file=sys.stderr)
+    elif a.protocol == "stream":
+        from linewatch.evaluate import describe_stream, fewshot_stream_frames
+
+        print(f"{split.name} ({split.layout}), few-shot stream: "
+              f"{describe_stream(fewshot_stream_frames(split))}, less each draw's {a.shots} references "
+              f"and {calibration} calibration normals; {settings.method} on "
+              f"{settings.resolved_backbone}, {a.shots}-shot, camera bank "
+              f"{settings.stream_bank or 'off'}, seeds 0..{a.seeds - 1}", file=sys.stderr)
     else:
         print(f"{split.name} ({split.layout}): {len(split.test)} test images, "
               f"{sum(s.defect for s in split.test)} defective; {settings.method} on "
@@ -384,7 +418,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         summary = run_evaluation(scorer, split, shots=a.shots, seeds=range(a.seeds), config=config,
                                  json_path=json_path, plots_dir=plots, batch_size=a.batch_size,
                                  eval_size=a.eval_size, progress=not a.no_progress,
-                                 protocol=a.protocol,
+                                 protocol=a.protocol, calibration=calibration,
                                  expected_anomaly_rate=(STREAM_DEFECT_RATE if a.expected_anomaly_rate is None
                                                         else a.expected_anomaly_rate))
     except (DatasetError, ImageReadError) as exc:
@@ -392,9 +426,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(table(summary))
     for k, v in summary.get("plots", {}).items():
         print(f"{k}: {v}")
-    if "stream" in summary:
+    if "warmup_frames" in summary:
         print(f"stream: {summary['stream']}; metrics over the frames after the first "
               f"{summary['warmup_frames']} (the warm-up)")
+    elif "stream" in summary:
+        print(f"stream: {summary['stream']} (seed 0's frames); every frame counts")
     if json_path:
         print(f"json: {json_path}")
     return 0
