@@ -106,8 +106,9 @@ def build_worker(setup: WorkerSetup, config: WorkerConfig):
         scorer.max_streams = config.max_cameras
         if getattr(scorer, "stream_bank", 0):
             log.info("--stream-bank %d: each camera's frames are also compared with its last %d "
-                     "frames that did not alert, once it has %d; a frame scores at most what the "
-                     "references alone give it, so the thresholds keep their bound",
+                     "frames that the references alone did not alert on, once it has %d; a frame "
+                     "scores at most what the references alone give it, so the thresholds keep "
+                     "their bound",
                      scorer.stream_bank, scorer.stream_bank, scorer.warmup)
         if b.stream_thresholds is not None:
             b.stream_thresholds.max_streams = config.max_cameras

@@ -434,8 +434,9 @@ class PatchKNNScorer(CameraBanks):
 
     def admit(self, results: Sequence[ScoreResult]) -> None:
         """Put scored frames into their cameras' banks (a worker passes its committed frames
-        that did not alert: the bank is what normal looks like). Results scored without a
-        camera, or with ``stream_bank`` 0, carry nothing to keep."""
+        whose ``score_without_bank`` is below the alert threshold: the bank is what normal
+        looks like, and cannot vouch for its own members). Results scored without a camera,
+        or with ``stream_bank`` 0, carry nothing to keep."""
         if not self.stream_bank:
             return
         for r in results:

@@ -469,7 +469,8 @@ def run_evaluation(scorer, split: Split, *, shots: int, seeds: Sequence[int], co
         summary["calibration_normals"] = calibration
     if plots_dir is not None:
         plots_dir.mkdir(parents=True, exist_ok=True)
-        what = f"{shots}shot" + ("_stream" if protocol == "stream" else "")
+        bank = getattr(scorer, "stream_bank", 0)
+        what = f"{shots}shot" + ("_stream" if protocol == "stream" else "") + (f"_bank{bank}" if bank else "")
         title = f"{split.name}, {config['method']} {config['backbone']}, {shots}-shot" + (
             ", stream" if protocol == "stream" else "")
         roc = plots_dir / f"{split.name}_{config['method']}_{what}_roc.png"

@@ -135,41 +135,56 @@ def test_few_shot_stream_protocol_scores_a_line_as_a_worker_does(tmp_path, capsy
     figures (those: `linewatch evaluate --protocol stream`, README few-shot quality)."""
     import numpy as np
 
+    from inference.calibration import thresholds_from_normals
     from inference.settings import ScorerSettings
     from linewatch.cli import main
     from linewatch.evaluate import evaluate_fewshot_stream, fewshot_stream_frames, load_split
+    from linewatch.images import read_rgb
 
     root = _small_bottle(shared_data("mvtec_ad", "bottle"), tmp_path / "bottle", 60, 10, 20)
     split = load_split(root)
     line = fewshot_stream_frames(split)
     assert sum(s.defect for s in line) == 4 and len(line) == 70 + 4  # 5 %: round(70 * 0.05 / 0.95)
-    runs = {}
+    runs, admitted = {}, []
     for bank in (0, 8):
         bank_settings = {"stream_bank": bank, "warmup": 2} if bank else {}
         scorer = ScorerSettings(image_size=112, **bank_settings).build()
-        runs[bank], kept = evaluate_fewshot_stream(scorer, split, 1, 0, calibration=10, progress=False)
+        if bank:  # the real admit(), watched: which frames a batch gave it
+            admit = scorer.admit
+            scorer.admit = lambda results, admit=admit: (admitted.append(list(results)), admit(results))
+        runs[bank], kept = evaluate_fewshot_stream(scorer, split, 1, 0, calibration=3, progress=False)
     refs = set(runs[0].references)
-    assert len(kept.test) == len(line) - 11 and not refs & {str(s.path) for s in kept.test}
+    assert len(kept.test) == len(line) - 4 and not refs & {str(s.path) for s in kept.test}
     plain, banked = runs[0].scores, runs[8].scores
     assert np.all(banked <= plain + 1e-6)  # never above the references alone
     normal = np.array([not s.defect for s in kept.test])
     assert np.mean(banked[normal][16:] < plain[normal][16:] - 1e-4) > 0.8  # the bank lowers normals
     assert len(scorer.banks.frames("eval")) == 8  # full: the last 8 admitted frames
+    # admitted after each batch of 8: the frames the references alone (the plain run) pass
+    held = split.references(1 + 3, 0)[1:]
+    alert = thresholds_from_normals([r.score for r in scorer.score([read_rgb(p) for p in held])]).alert
+    passed = [int(np.sum(plain[i:i + 8] < alert)) for i in range(0, len(plain), 8)]
+    assert [len(a) for a in admitted] == passed
+    only_bank = (banked < alert) & (plain >= alert)  # frames the bank alone would have let in
+    assert only_bank.any(), "the draw gives no frame that tells the two admission rules apart"
 
     out = tmp_path / "s.json"
     rc = main(["evaluate", "--no-progress", "--data", str(root), "--shots", "1", "--protocol", "stream",
                "--image-size", "112", "--seeds", "1", "--stream-bank", "8", "--warmup", "2",
-               "--calibration", "10", "--json", str(out)])
+               "--calibration", "3", "--json", str(out)])
     r = capsys.readouterr()
     assert rc == 0, r.err
     res = json.loads(out.read_text())
-    assert res["protocol"] == "stream" and res["stream_bank"] == 8 and res["calibration_normals"] == 10
-    assert res["stream"].startswith("63 frames: 59 normal, 4 defective")
+    assert res["protocol"] == "stream" and res["stream_bank"] == 8 and res["calibration_normals"] == 3
+    assert res["stream"].startswith("70 frames: 66 normal, 4 defective"), res["stream"]
     assert abs(res["image_auroc"] - runs[8].metrics["image_auroc"]) < 1e-9  # the CLI is this path
     assert "few-shot stream: 74 frames" in r.err and "camera bank 8" in r.err
     for bad, says in [(["--stream-bank", "8"], "add --protocol stream"),
                       (["--calibration", "10"], "add --protocol stream"),
                       (["--protocol", "stream", "--calibration", "1"], "at least 2"),
-                      (["--protocol", "stream", "--method", "winclip+"], "not winclip+")]:
+                      (["--protocol", "stream", "--method", "winclip+"], "not winclip+"),
+                      (["--protocol", "stream", "--calibration", "60"], "has 60 normals to draw from"),
+                      (["--protocol", "stream", "--expected-anomaly-rate", "0.1"], "--shots 0"),
+                      (["--protocol", "stream", "--batch-size", "0"], "must be >= 1")]:
         assert main(["evaluate", "--data", str(root), "--shots", "1", *bad]) == 2
         assert says in capsys.readouterr().err, bad

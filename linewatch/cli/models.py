@@ -107,13 +107,14 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
                         f"frames ({_default('warmup')})")
     g.add_argument("--stream-bank", type=int, default=_NOT_GIVEN, metavar="FRAMES",
                    help="patch-knn: also compare each frame with its camera's last FRAMES frames "
-                        "that did not alert (the line's own normal variety: stains, grain, pose); "
+                        "that the references alone did not alert on (the line's own normal "
+                        "variety: stains, grain, pose); "
                         "a patch scores the lower of its distance to the references and its bank "
                         "score (MuSc's), so no frame scores higher than against the references and "
                         "calibrated thresholds keep their bound. Magnetic tile, 4 shots, a stream "
-                        "with 5%% defects: image AUROC 0.87 -> 0.92 for about 80 ms more a frame "
-                        "on 2 cores (README, benchmarks/stream_bank.py). A worker's scores then "
-                        "depend on the frames before; `linewatch evaluate` scores without it "
+                        "with 5%% defects: image AUROC 0.87 -> 0.91 for about 50 ms more a frame "
+                        "on 2 cores (README). A worker's scores then depend on the frames before: "
+                        "`linewatch evaluate --protocol stream` measures it on a line "
                         f"({_default('stream_bank')}: off)")
     g.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=_NOT_GIVEN,
                    help="patch-knn and mutual: cut frames whose long side is 1.5x the short side "
@@ -244,13 +245,14 @@ def add_commands(sub: Any) -> None:
                         "normal photos (MVTec train/good and test/good) with defects mixed in at "
                         f"{STREAM_DEFECT_RATE:.0%}, less each draw's references and --calibration "
                         "normals, which set the alert threshold as calibrate does; frames come "
-                        "--batch-size at a time and, with --stream-bank, what did not alert joins "
-                        "the camera's bank after each batch, as a worker commits it (default: %(default)s)")
+                        "--batch-size at a time and, with --stream-bank, what the references alone "
+                        "do not alert on joins the camera's bank after each batch, as a worker "
+                        "commits it (default: %(default)s)")
     e.add_argument("--calibration", type=int, default=None, metavar="N",
                    help="few-shot --protocol stream: held-out normals per draw that set the alert "
                         f"threshold, which decides what enters the bank (default: {FEWSHOT_CALIBRATION})")
     e.add_argument("--expected-anomaly-rate", type=float, default=None, metavar="RATE",
-                   help="--protocol stream: the stated maximum share of defective frames that sets "
+                   help="zero-shot --protocol stream: the stated maximum share of defective frames that sets "
                         "the stream's own uncalibrated alert threshold, which decides what enters "
                         f"the bank (default: {STREAM_DEFECT_RATE})")
     e.add_argument("--seeds", type=int, default=3,
@@ -372,19 +374,29 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         raise CliError("--stream-bank compares each frame with its camera's frames before it, and "
                        "the batch protocol scores the test set as a set, so it would be ignored: add "
                        "--protocol stream")
-    if a.calibration is not None and not (a.protocol == "stream" and a.shots > 0):
-        raise CliError("--calibration sets the few-shot stream's alert threshold: add --protocol "
-                       "stream (with --shots >= 1)")
+    if a.calibration is not None and a.protocol != "stream":
+        raise CliError("--calibration sets the few-shot stream's alert threshold: add --protocol stream")
+    if a.calibration is not None and a.shots == 0:
+        raise CliError("--calibration sets the few-shot stream's alert threshold from normals held "
+                       "out of the references, and --shots 0 has none (the zero-shot stream sets "
+                       "its own from --expected-anomaly-rate): remove it, or give --shots")
     calibration = FEWSHOT_CALIBRATION if a.calibration is None else a.calibration
     if calibration < 2:
         raise CliError(f"--calibration {calibration}: at least 2 held-out normals")
-    if a.expected_anomaly_rate is not None and a.protocol != "stream":
-        raise CliError("--expected-anomaly-rate sets the stream's thresholds: add --protocol stream")
+    if a.expected_anomaly_rate is not None and not (a.protocol == "stream" and a.shots == 0):
+        raise CliError("--expected-anomaly-rate sets the zero-shot stream's own thresholds: use it "
+                       "with --protocol stream --shots 0 (the few-shot stream's come from "
+                       "--calibration normals)")
+    if a.batch_size < 1 or a.seeds < 1:
+        raise CliError(f"--batch-size {a.batch_size}, --seeds {a.seeds}: both must be >= 1")
     set_torch_threads(a.torch_threads)
     try:
         split = load_split(a.data, a.defect_types.split(",") if a.defect_types else None)
     except DatasetError as exc:
         raise CliError(str(exc)) from None
+    if a.protocol == "stream" and a.shots > 0 and a.shots + calibration > len(split.candidates):
+        raise CliError(f"--shots {a.shots} + --calibration {calibration} normals per draw, but "
+                       f"{split.name} has {len(split.candidates)} normals to draw from: lower one")
     scorer = build_scorer(settings, a.device)
     if settings.method == "mutual" and a.shots == 0 and a.protocol == "batch" and a.seeds > 1:
         print(f"batch protocol: every image against all the others, the same for every seed; one "
@@ -393,7 +405,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     json_path = Path(a.json) if a.json else None
     plots = Path(a.plots) if a.plots else (json_path.parent if json_path else None)
     config = {**scorer.settings.to_dict(), "backbone": settings.resolved_backbone, "shots": a.shots,
-              "device": a.device}
+              "device": a.device, "batch_size": a.batch_size}
     if a.protocol == "stream" and a.shots == 0:
         from linewatch.evaluate import describe_stream, stream_frames
 
