@@ -19,12 +19,33 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, cwd=REPO)
 
 
+def _commands() -> list[str]:
+    import argparse
+
+    from linewatch.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
 @pytest.mark.parametrize("cmd", ["broker", "topics", "produce", "worker", "demo", "review"])
 def test_every_subcommand_explains_itself(cmd):
     r = run(cmd, "--help")
     assert r.returncode == 0
     assert "usage: linewatch " + cmd in r.stdout
     assert len(r.stdout) > 400
+
+
+@pytest.mark.parametrize("cmd", _commands())
+def test_every_command_in_the_parser_renders_its_help(cmd, capsys):
+    """Every command the parser has, not a list kept by hand: argparse formats help texts with
+    %, so a bare percent sign in one (\"5%, printed\") crashed `linewatch evaluate --help`."""
+    from linewatch.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([cmd, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and f"usage: linewatch {cmd}" in out and len(out) > 200
 
 
 def test_top_level_help_lists_commands_and_an_example():
