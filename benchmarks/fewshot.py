@@ -2,7 +2,8 @@
 
 Every row is the nearest-patch scorer of ``inference.scoring`` with one thing
 changed: resolution, reference rotations, photometric and scale views of the
-references, neighbourhood aggregation, a PCA
+references, per-image luminance normalisation of references and frames alike,
+neighbourhood aggregation, a PCA
 subspace instead of nearest patch, map smoothing, foreground masking, the image
 score. The backbone's patch features of each test set are computed once per
 resolution (DINOv2-S blocks 5 and 8, what the scorer uses) and every variant
@@ -65,6 +66,7 @@ class Variant:
     sizes: tuple[int, ...] = (224,)
     notes: str = ""
     only: tuple[str, ...] = field(default=())  # datasets it applies to (empty: all)
+    preprocess: str = ""  # a name from PREPROCESS: applied to every image, references and frames
 
 
 VARIANTS = [
@@ -85,6 +87,9 @@ VARIANTS = [
     Variant("references blurred sigma 1 px (2 views)", views=(0, "blur 1")),
     Variant("image score = max patch", image_score="max"),
     Variant("foreground masking", foreground=True, only=("bottle",)),
+    Variant("luminance equalised (references and frames)", preprocess="equalise"),
+    Variant("luminance CLAHE (references and frames)", preprocess="clahe"),
+    Variant("luminance standardised (references and frames)", preprocess="standardise"),
 ]
 
 
@@ -125,6 +130,27 @@ PHOTOMETRIC: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "contrast 0.8": lambda im: _contrast(im, 0.8), "contrast 1.25": lambda im: _contrast(im, 1.25),
     "zoom 1.3": lambda im: _zoom(im, 1.3), "zoom 1/1.3": lambda im: _zoom(im, 1 / 1.3),
     "blur 1": lambda im: cv2.GaussianBlur(im, (0, 0), 1.0),
+}
+
+
+def _luminance(image: np.ndarray, how: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    lab[..., 0] = how(lab[..., 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def _standardise(lum: np.ndarray) -> np.ndarray:
+    f = lum.astype(np.float32)
+    return np.clip((f - f.mean()) / (f.std() + 1e-6) * 40.0 + 128.0, 0, 255).astype(np.uint8)
+
+
+# per-image photometric normalisation of every image (a texture's normal frames differ in
+# lighting; taking it out of references and frames alike is the other way to cover it)
+PREPROCESS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "": lambda im: im,
+    "equalise": lambda im: _luminance(im, cv2.equalizeHist),
+    "clahe": lambda im: _luminance(im, cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply),
+    "standardise": lambda im: _luminance(im, _standardise),
 }
 
 
@@ -230,20 +256,24 @@ def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[
             layers: tuple[int, ...] = LAYERS) -> list[dict]:
     feats = Features(size, layers)
     images = [read_rgb(p.split.test[i].path) for i in p.tests]
-    t0 = time.perf_counter()
-    test = feats(images).float()
-    backbone_ms = 1000 * (time.perf_counter() - t0) / len(images)
-    progress(f"{p.split.name} {size} px: backbone {backbone_ms:.0f} ms/frame")
-    views_needed = list(dict.fromkeys(d for v in variants for d in v.views))
+    tests, backbone = {}, {}
+    for pre in dict.fromkeys(v.preprocess for v in variants):  # each preprocessing's own features
+        t0 = time.perf_counter()
+        tests[pre] = feats([PREPROCESS[pre](im) for im in images]).float()
+        backbone[pre] = 1000 * (time.perf_counter() - t0) / len(images)  # preprocessing included
+        progress(f"{p.split.name} {size} px{' ' + pre if pre else ''}: backbone {backbone[pre]:.0f} ms/frame")
+    views_needed = list(dict.fromkeys((v.preprocess, d) for v in variants for d in v.views))
     ref_views = {}
     for seed in p.seeds:
         refs = [read_rgb(x) for x in p.split.references(p.shots, seed)]
-        ref_views[seed] = {d: feats([_view(r, d) for r in refs]).float() for d in views_needed}
+        ref_views[seed] = {(pre, d): feats([_view(PREPROCESS[pre](r), d) for r in refs]).float()
+                           for pre, d in views_needed}
     rows = []
     for v in variants:
         per_seed = []
+        test, backbone_ms = tests[v.preprocess], backbone[v.preprocess]
         for seed in p.seeds:
-            refs = torch.cat([ref_views[seed][d] for d in v.views])
+            refs = torch.cat([ref_views[seed][(v.preprocess, d)] for d in v.views])
             t0 = time.perf_counter()
             dist = _distances(v, test, refs).numpy()
             if v.smooth > 0:
