@@ -177,7 +177,6 @@ class MutualScorer(CameraBanks):
     def bank_len(self, stream: Hashable) -> int:
         return len(self.banks.frames(stream))
 
-
     def score(self, images: Sequence[np.ndarray],
               streams: Sequence[Hashable] | None = None) -> list[ScoreResult]:
         """Score frames against their stream's bank (or, few-shot, the confirmed normals).

@@ -446,15 +446,13 @@ def run_evaluation(scorer, split: Split, *, shots: int, seeds: Sequence[int], co
     :func:`evaluate_fewshot_stream`."""
     runs, covered = [], split
     for seed in seeds:
-        if protocol == "stream" and shots == 0:
-            run, kept = evaluate_stream(scorer, split, seed, expected_anomaly_rate=expected_anomaly_rate,
-                                        eval_size=eval_size, progress=progress)
+        if protocol == "stream":
+            run, kept = (evaluate_stream(scorer, split, seed, expected_anomaly_rate=expected_anomaly_rate,
+                                         eval_size=eval_size, progress=progress) if shots == 0 else
+                         evaluate_fewshot_stream(scorer, split, shots, seed, calibration=calibration,
+                                                 batch_size=batch_size, eval_size=eval_size,
+                                                 progress=progress))
             covered = kept if not runs else covered  # the first seed's order is the one pictured
-        elif protocol == "stream":
-            run, kept = evaluate_fewshot_stream(scorer, split, shots, seed, calibration=calibration,
-                                                batch_size=batch_size, eval_size=eval_size,
-                                                progress=progress)
-            covered = kept if not runs else covered
         else:
             run = evaluate_seed(scorer, split, shots, seed, batch_size=batch_size, eval_size=eval_size,
                                 progress=progress)
