@@ -161,7 +161,9 @@ class FrameProcessor:
                     f"while it scored a known-good image: {type(res).__name__}: {res}"))]
             else:
                 th = self._thresholds_for(meta, res)
-                by_record[i] = self._route(rec, meta, rgb, res, decided_ns, maybe_duplicate(rec), th)
+                by_record[i], routed = self._route(rec, meta, rgb, res, decided_ns, maybe_duplicate(rec), th)
+                if not routed:  # dead-lettered: it may be replayed, and must not meet itself
+                    continue
                 if streams is not None and th.decide(res.score_without_bank) != "alert":
                     # the bank is what normal looks like: an alert stays out, and so does a frame
                     # that only the bank let pass (else a recurring defect would vouch for itself)
@@ -348,16 +350,19 @@ class FrameProcessor:
             return None
 
     def _route(self, rec: Record, meta: FrameMeta, rgb: np.ndarray, res: ScoreResult,
-               decided_ns: int, maybe_dup: bool, th: Thresholds) -> list[Outbound]:
+               decided_ns: int, maybe_dup: bool, th: Thresholds) -> tuple[list[Outbound], bool]:
+        """The frame's outputs, and whether it was routed (False: dead-lettered
+        ``processing_failed``, so it leaves no trace in drift, banks or thresholds)."""
         with self.clock("route"):
             outs, tracked = self._route_one(rec, meta, rgb, res, decided_ns, maybe_dup, th)
         if self.drift is not None and tracked:  # cameras over the limit have no drift window
             with self.clock("drift"):
                 self._observe_drift(meta, res, rgb)
-        return outs
+        return outs, tracked is not None
 
     def _route_one(self, rec: Record, meta: FrameMeta, rgb: np.ndarray, res: ScoreResult,
-                   decided_ns: int, maybe_dup: bool, th: Thresholds) -> tuple[list[Outbound], bool]:
+                   decided_ns: int, maybe_dup: bool, th: Thresholds) -> tuple[list[Outbound], bool | None]:
+        """The frame's outputs and whether its camera is counted (None: dead-lettered)."""
         ref = FrameRef(rec.topic, rec.partition, rec.offset)
         args = (meta, ref, rgb, res, th, self.topics, self.scorer.name,
                 self.worker_id, decided_ns)
@@ -372,7 +377,7 @@ class FrameProcessor:
                 score, outs = route(*args, explain=False, maybe_duplicate=maybe_dup)
             except Exception as again:
                 return [self._dead(rec, WireError("processing_failed",
-                                                  f"{type(again).__name__}: {again}"))], False
+                                                  f"{type(again).__name__}: {again}"))], None
         return outs, self._count(meta, score.decision, score.latency_s, res.score, maybe_dup,
                                  None if th is WARM_UP else res.mode)
 

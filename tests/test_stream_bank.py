@@ -9,6 +9,8 @@ from ``python -m benchmarks.stream_bank`` (README), not from here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 from conftest import shared_data
@@ -64,6 +66,30 @@ def test_a_warm_bank_lowers_normal_scores_never_raises_any_and_keeps_defects_apa
     assert [r.score for r in other] == pytest.approx([r.score for r in ref_only[:2]], abs=1e-6)
 
 
+@dataclass
+class Rec:
+    """A consumer record as the worker's processor reads it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list
+
+
+def records(images, first_seq, camera="cam-a"):
+    from linewatch.wire import FrameMeta
+    from producers.producer import encode_frame
+
+    out = []
+    for n, im in enumerate(images):
+        meta = FrameMeta(camera=camera, line="l1", seq=first_seq + n, capture_ns=1, encoding="png",
+                         width=im.shape[1], height=im.shape[0])
+        out.append(Rec("lw.frames", 0, first_seq + n, meta.key, encode_frame(im, "png"), meta.headers()))
+    return out
+
+
 def test_the_worker_admits_to_the_bank_what_the_references_alone_would_not_alert_on(backbone, bottle):
     """The worker's frame processor on real records: a frame that routes as normal only
     because its camera's bank lowered its score (against the references alone it would
@@ -71,31 +97,11 @@ def test_the_worker_admits_to_the_bank_what_the_references_alone_would_not_alert
     frame the references alone pass does. (Measured on the streams: the same quality as
     admitting every frame that did not alert, `benchmarks.stream_bank --policies
     below-alert,references-below-alert`, README.)"""
-    from dataclasses import dataclass
-
     from consumers.process import FrameProcessor
     from inference.calibration import Thresholds
     from inference.scoring import PatchKNNScorer
-    from linewatch.wire import FrameMeta, Topics
+    from linewatch.wire import Topics
     from monitoring.metrics import CameraSeries
-    from producers.producer import encode_frame
-
-    @dataclass
-    class Rec:
-        topic: str
-        partition: int
-        offset: int
-        key: bytes | None
-        value: bytes | None
-        headers: list
-
-    def records(images, first_seq):
-        out = []
-        for n, im in enumerate(images):
-            meta = FrameMeta(camera="cam-a", line="l1", seq=first_seq + n, capture_ns=1, encoding="png",
-                             width=im.shape[1], height=im.shape[0])
-            out.append(Rec("lw.frames", 0, first_seq + n, meta.key, encode_frame(im, "png"), meta.headers()))
-        return out
 
     good, _ = bottle
     scorer = PatchKNNScorer(backbone, stream_bank=8, warmup=2)
@@ -123,6 +129,38 @@ def test_the_worker_admits_to_the_bank_what_the_references_alone_would_not_alert
     proc.process(records([good[5 + i]], 101))
     proc.committed()
     assert len(scorer.banks.frames(key)) == 5  # the same frame, when the references pass it
+
+
+def test_a_frame_dead_lettered_by_routing_stays_out_of_its_cameras_bank(backbone, bottle, monkeypatch):
+    """A frame scored but dead-lettered ``processing_failed`` (routing it failed with and
+    without explanations) leaves no trace in its camera's bank: it may be replayed from the
+    dead letters and would then meet itself there. Routing's failure is injected; the
+    processor, scorer and bank are the real ones."""
+    import consumers.process as process
+    from consumers.process import FrameProcessor
+    from inference.calibration import Thresholds
+    from inference.scoring import PatchKNNScorer
+    from linewatch.wire import Topics
+    from monitoring.metrics import CameraSeries
+
+    good, _ = bottle
+    scorer = PatchKNNScorer(backbone, stream_bank=8, warmup=2)
+    scorer.fit(good[:1])
+    proc = FrameProcessor(scorer, Thresholds(1e9, 1e9, 0, False), Topics("lw"), "w-dl", 10**8, 10**8,
+                          CameraSeries("w-dl"))
+    real_route = process.route
+
+    def route(meta, *args, **kwargs):
+        if meta.seq == 2:
+            raise RuntimeError("injected: this frame cannot be routed")
+        return real_route(meta, *args, **kwargs)
+
+    monkeypatch.setattr(process, "route", route)
+    outs = proc.process(records(good[1:5], 0))
+    proc.committed()
+    dead = [o for o in outs if o.topic == Topics("lw").deadletter]
+    assert len(dead) == 1 and b"processing_failed" in b"".join(v for _, v in dead[0].headers), dead
+    assert len(scorer.banks.frames(("l1", "cam-a"))) == 3  # the three routed frames, not the fourth
 
 
 def test_a_bank_that_fails_falls_back_to_the_references_and_says_so(backbone, bottle, caplog):
