@@ -112,8 +112,11 @@ def run_stream(scorer, samples: list, feats: dict, refs: list[str], th, policy: 
             others += [b.float()[None] for b in scorer.banks.frames("eval")]
             patch = bank_patch_scores(_rows(f[0]), others)
             r = scorer._with_banks(alone, dist, f, ["eval"])[0]  # its stream state, for admit()
+            # the references-alone score stays what admission asks, warm-up included (where
+            # _with_banks leaves it unset and score_without_bank would read the members score)
             r = dataclasses.replace(r, score=float(scorer._image_scores(patch[None])[0]),
-                                    anomaly_map=patch.reshape(r.anomaly_map.shape).numpy())
+                                    anomaly_map=patch.reshape(r.anomaly_map.shape).numpy(),
+                                    reference_score=alone[0].score)
         spent += time.perf_counter() - t0
         results[int(i)] = r
         enter = {"none": False, "all": True, "normals-only": not s.defect,
