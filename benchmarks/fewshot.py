@@ -4,9 +4,11 @@ Every row is the nearest-patch scorer of ``inference.scoring`` with one thing
 changed: resolution, reference rotations, photometric and scale views of the
 references, per-image luminance normalisation of references and frames alike,
 neighbourhood aggregation, a PCA
-subspace instead of nearest patch, map smoothing, foreground masking, the image
-score. The backbone's patch features of each test set are computed once per
-resolution (DINOv2-S blocks 5 and 8, what the scorer uses) and every variant
+subspace instead of nearest patch, the mean of k nearest patches, each map less its
+median, the frame's own patches beside the references, map smoothing, foreground
+masking, the image score; and (``--pixel-scale``) frames fed whole at their own shape
+at one pixel scale or at each frame's own. The backbone's patch features of each
+test set are computed once per resolution (DINOv2-S blocks 5 and 8, what the scorer uses) and every variant
 scores from them, so the whole table costs a few backbone passes, not one per
 row. Metrics are ``linewatch evaluate``'s (same test sets, same reference draws,
 same eval resolution and map upsampling) as mean over the seeds.
@@ -21,6 +23,7 @@ settings, and it keeps the ones that did not pay reproducible.
 
     python -m benchmarks.fewshot                    # the full table (about 45 min on 2 cores)
     python -m benchmarks.fewshot --quick            # bottle, 224 px, 1 seed, 12 test images
+    python -m benchmarks.fewshot --pixel-scale fit,0.5,0.75,1 --datasets magnetic_tile
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ class Variant:
     notes: str = ""
     only: tuple[str, ...] = field(default=())  # datasets it applies to (empty: all)
     preprocess: str = ""  # a name from PREPROCESS: applied to every image, references and frames
+    k: int = 1  # a patch's distance: the mean over its k nearest reference patches
+    minus_median: bool = False  # each map less its own median (a frame's overall distance taken out)
+    own_frame: int = 0  # > 0: the lower of the references' distance and the distance to the
+    # frame's own patches at least this many patches away (a texture repeats itself)
 
 
 VARIANTS = [
@@ -90,6 +97,9 @@ VARIANTS = [
     Variant("luminance equalised (references and frames)", preprocess="equalise"),
     Variant("luminance CLAHE (references and frames)", preprocess="clahe"),
     Variant("luminance standardised (references and frames)", preprocess="standardise"),
+    Variant("mean of 3 nearest reference patches", k=3),
+    Variant("map less its median", minus_median=True),
+    Variant("lower of references and own frame (4+ patches away)", own_frame=4),
 ]
 
 
@@ -184,7 +194,9 @@ def _distances(v: Variant, test: torch.Tensor, refs: torch.Tensor) -> torch.Tens
     for r in v.aggregate:
         t, m = _aggregate(test, (r,)), _aggregate(refs, (r,))
         d = t.shape[-1]
-        if v.scorer == "knn":
+        if v.scorer == "knn" and v.k > 1:
+            dist = _k_nearest(t.reshape(b, g * gw, d), m.reshape(-1, d), v.k)
+        elif v.scorer == "knn":
             dist = _nearest(t.reshape(b, g * gw, d), m.reshape(-1, d))
         else:  # SubspaceAD-style: squared residual off the normal patches' principal subspace
             m = m.reshape(-1, d)
@@ -194,7 +206,34 @@ def _distances(v: Variant, test: torch.Tensor, refs: torch.Tensor) -> torch.Tens
             q = t.reshape(-1, d) - mu
             dist = ((q - (q @ vt[:k].T) @ vt[:k]) ** 2).sum(-1)
         total += dist.reshape(b, g, gw) / len(v.aggregate)
+    if v.own_frame:
+        total = torch.minimum(total, _own_frame(test, v.own_frame))
+    if v.minus_median:
+        total = total - total.reshape(b, -1).median(1).values[:, None, None]
     return total
+
+
+def _k_nearest(features: torch.Tensor, memory: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, P) mean cosine distance of each patch to its k nearest memory rows."""
+    n, p, d = features.shape
+    sims = features.reshape(n * p, d) @ memory.T
+    return (1.0 - sims.topk(k, dim=1).values).clamp_min(0.0).mean(1).reshape(n, p)
+
+
+def _own_frame(test: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, g, g') cosine distance of each patch to the nearest patch of its own frame that is
+    at least ``radius`` patches away (Chebyshev): a texture's normal grain recurs within the
+    frame, a defect does not (unless it is large, which is what this gives up)."""
+    b, g, gw, d = test.shape
+    yy, xx = torch.meshgrid(torch.arange(g), torch.arange(gw), indexing="ij")
+    pos = torch.stack([yy.ravel(), xx.ravel()], 1)
+    near = (pos[:, None] - pos[None]).abs().max(-1).values < radius
+    t = torch.nn.functional.normalize(test.reshape(b, g * gw, d), dim=-1)
+    out = torch.empty(b, g * gw)
+    for i in range(b):
+        sims = (t[i] @ t[i].T).masked_fill_(near, -2.0)
+        out[i] = (1.0 - sims.max(1).values).clamp_min(0.0)
+    return out.reshape(b, g, gw)
 
 
 def _foreground(test: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
@@ -252,6 +291,24 @@ def prepare(name: str, seeds: list[int], limit: int | None) -> Prepared:
     return Prepared(split, shots, seeds, masks, shapes, labels, idx)
 
 
+def _quality(p: Prepared, scores: np.ndarray, maps: list[np.ndarray], match_ms: float) -> dict:
+    """evaluate's metrics of one draw: image AUROC, pixel AUROC, PRO (and the matching ms)."""
+    return {"image_auroc": em.auroc(p.labels, scores),
+            "pixel_auroc": em.auroc(np.concatenate([m.ravel() for m in p.masks]),
+                                    np.concatenate([m.ravel() for m in maps])),
+            "pixel_pro": em.pro_auc(p.masks, maps), "match_ms": match_ms}
+
+
+def _row(p: Prepared, size: int, layers: tuple[int, ...], technique: str, per_seed: list[dict],
+         backbone_ms: float) -> dict:
+    """One table row: the draws' mean of each metric, ms/frame = backbone + matching."""
+    row = {"dataset": p.split.name, "shots": p.shots, "image_size": size, "layers": list(layers),
+           "technique": technique, "seeds": p.seeds,
+           **{k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]}, "backbone_ms": backbone_ms}
+    row["ms_per_frame"] = row["backbone_ms"] + row["match_ms"]
+    return row
+
+
 def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[[str], None],
             layers: tuple[int, ...] = LAYERS) -> list[dict]:
     feats = Features(size, layers)
@@ -283,18 +340,81 @@ def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[
             match_ms = 1000 * (time.perf_counter() - t0) / len(images)
             maps = [upsample_map(m, w, h, sigma=4.0 * max(h, w) / 256) for m, (h, w) in zip(dist, p.shapes,
                                                                                           strict=True)]
-            per_seed.append({
-                "image_auroc": em.auroc(p.labels, scores),
-                "pixel_auroc": em.auroc(np.concatenate([m.ravel() for m in p.masks]),
-                                        np.concatenate([m.ravel() for m in maps])),
-                "pixel_pro": em.pro_auc(p.masks, maps), "match_ms": match_ms})
-        row = {"dataset": p.split.name, "shots": p.shots, "image_size": size, "layers": list(layers),
-               "technique": v.name if layers == LAYERS else f"blocks {'+'.join(map(str, layers))}",
-               "seeds": p.seeds, **{k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]},
-               "backbone_ms": backbone_ms}
-        row["ms_per_frame"] = row["backbone_ms"] + row["match_ms"]
-        rows.append(row)
+            per_seed.append(_quality(p, scores, maps, match_ms))
+        rows.append(row := _row(p, size, layers, v.name if layers == LAYERS
+                                else f"blocks {'+'.join(map(str, layers))}", per_seed, backbone_ms))
         progress(f"  {v.name:<36} image {row['image_auroc']:.3f} pixel {row['pixel_auroc']:.3f} "
+                 f"PRO {row['pixel_pro']:.3f}  {row['ms_per_frame']:.0f} ms")
+    return rows
+
+
+class WholeFrames:
+    """DINOv2-S blocks 5+8 of a frame fed whole, at its own shape, resized by ``factor`` (one
+    pixel scale for every frame: references and frames of different sizes see the surface
+    at the same scale) or, with ``fit``, so its short side is ``fit`` px (one scale per frame,
+    as tiling gives). The position embedding is resampled for each shape (timm's dynamic size)."""
+
+    def __init__(self, factor: float = 0.0, fit: int = 0) -> None:
+        import timm
+        from safetensors.torch import load_file
+
+        from inference.backbones import IMAGENET_MEAN, IMAGENET_STD, dinov2_weights_path
+
+        self.factor, self.fit = factor, fit
+        self.vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518,
+                                     dynamic_img_size=True)
+        self.vit.load_state_dict(load_file(str(dinov2_weights_path(None))))
+        self.vit.eval()
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def __call__(self, im: np.ndarray) -> torch.Tensor:
+        """(h/14, w/14, 768) unit-norm features, as ``Features`` gives for a square."""
+        h, w = im.shape[:2]
+        f = self.fit / min(h, w) if self.fit else self.factor
+        hh, ww = max(14, round(h * f / 14) * 14), max(14, round(w * f / 14) * 14)
+        x = cv2.resize(im, (ww, hh), interpolation=cv2.INTER_AREA if hh < h else cv2.INTER_CUBIC)
+        x = (torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255 - self.mean) / self.std
+        vit = self.vit
+        t = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        parts = []
+        for i, block in enumerate(vit.blocks):
+            t = block(t)
+            if i in LAYERS:
+                parts.append(torch.nn.functional.normalize(t[0, 1:], dim=-1))
+            if i >= max(LAYERS):
+                break
+        return torch.nn.functional.normalize(torch.cat(parts, -1), dim=-1).reshape(hh // 14, ww // 14, -1)
+
+
+def pixel_scale(p: Prepared, scales: list[str], progress: Callable[[str], None]) -> list[dict]:
+    """Rows for frames fed whole at their own shape, not squashed: ``fit`` (short side 224 px,
+    each frame its own scale) or a fixed factor (``0.75``: every frame at 3/4 of its pixels),
+    the question item 2 of the issue leaves open ("tiles, or an equivalent that keeps the
+    pixel scale"). Bottle's frames all have one size, so only the magnetic tiles tell them apart."""
+    images = [read_rgb(p.split.test[i].path) for i in p.tests]
+    rows = []
+    for scale in scales:
+        feats = WholeFrames(fit=224) if scale == "fit" else WholeFrames(factor=float(scale))
+        t0 = time.perf_counter()
+        test = [feats(im) for im in images]
+        backbone_ms = 1000 * (time.perf_counter() - t0) / len(images)
+        per_seed = []
+        for seed in p.seeds:
+            memory = torch.cat([feats(read_rgb(x)).reshape(-1, 768)
+                                for x in p.split.references(p.shots, seed)])
+            t0 = time.perf_counter()
+            dist = [_nearest(t.reshape(1, -1, t.shape[-1]), memory).reshape(t.shape[:2]).numpy()
+                    for t in test]
+            scores = np.array([_image_scores(Variant("whole"), d[None], None)[0] for d in dist])
+            match_ms = 1000 * (time.perf_counter() - t0) / len(images)
+            maps = [upsample_map(d, w, h, sigma=4.0 * max(h, w) / 256) for d, (h, w) in zip(dist, p.shapes,
+                                                                                          strict=True)]
+            per_seed.append(_quality(p, scores, maps, match_ms))
+        name = "whole frame, short side 224 px" if scale == "fit" else f"whole frame at {scale}x its pixels"
+        rows.append(row := _row(p, 224, LAYERS, name, per_seed, backbone_ms))
+        progress(f"  {name:<36} image {row['image_auroc']:.3f} pixel {row['pixel_auroc']:.3f} "
                  f"PRO {row['pixel_pro']:.3f}  {row['ms_per_frame']:.0f} ms")
     return rows
 
@@ -403,12 +523,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the learning-line table: memory rows, ms and quality as operators "
                          "confirm 16/64/200 normals, at each --memory-tolerance (seed 0; about "
                          "15 min on 2 cores); written to benchmarks/results/memory.json")
+    ap.add_argument("--pixel-scale", default=None, metavar="SCALES",
+                    help="only frames fed whole at their own shape instead of squashed: 'fit' "
+                         "(short side 224 px) and/or fixed factors, e.g. fit,0.5,0.75,1 (3 seeds); "
+                         "written to benchmarks/results/pixel_scale.json")
     ap.add_argument("--json", default=None,
                     help="where to write the rows (default: benchmarks/results/fewshot.json; "
                          "none with --quick)")
     a = ap.parse_args(argv)
-    if a.only and (a.memory or a.blocks):
-        ap.error("--only picks rows of the technique table; --memory and --blocks are other tables")
+    if sum(bool(x) for x in (a.only, a.memory, a.blocks, a.pixel_scale)) > 1:
+        ap.error("--only, --memory, --blocks and --pixel-scale each pick a different table: one at a time")
     if a.only and not a.json and not a.quick:
         ap.error("--only needs --json: a partial table would replace benchmarks/results/fewshot.json")
     if a.torch_threads:
@@ -427,6 +551,20 @@ def main(argv: list[str] | None = None) -> int:
         _write(Path(a.json or "benchmarks/results/memory.json"), {"rows": mem})
         return 0
     seeds = [0] if a.quick else list(range(a.seeds))
+    if a.pixel_scale:
+        scales = [x.strip() for x in a.pixel_scale.split(",")]
+        for x in scales:
+            if x != "fit":
+                try:
+                    if float(x) <= 0:
+                        raise ValueError
+                except ValueError:
+                    ap.error(f"--pixel-scale: {x!r} is neither 'fit' nor a positive factor")
+        rows = [r for n in names for r in pixel_scale(
+            prepare(n, seeds, None), scales, lambda m: print(m, file=sys.stderr, flush=True))]
+        print(table(rows))
+        _write(Path(a.json or "benchmarks/results/pixel_scale.json"), {"rows": rows})
+        return 0
     if a.blocks:
         sets = [tuple(int(b) for b in x.split("+")) for x in a.blocks.split(",")]
         rows = []
