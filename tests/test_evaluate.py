@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import pytest
@@ -171,11 +172,14 @@ def test_few_shot_stream_protocol_scores_a_line_as_a_worker_does(tmp_path, capsy
     out = tmp_path / "s.json"
     rc = main(["evaluate", "--no-progress", "--data", str(root), "--shots", "1", "--protocol", "stream",
                "--image-size", "112", "--seeds", "1", "--stream-bank", "8", "--warmup", "2",
-               "--calibration", "3", "--json", str(out)])
+               "--calibration", "3", "--json", str(out), "--plots", str(tmp_path / "plots")])
     r = capsys.readouterr()
     assert rc == 0, r.err
     res = json.loads(out.read_text())
     assert res["protocol"] == "stream" and res["stream_bank"] == 8 and res["calibration_normals"] == 3
+    # pictures named for the bank, so a run with it does not overwrite the run without
+    assert Path(res["plots"]["roc"]).name == "bottle_patch-knn_1shot_stream_bank8_roc.png", res["plots"]
+    assert all(Path(p).is_file() for p in res["plots"].values())
     assert res["stream"].startswith("70 frames: 66 normal, 4 defective"), res["stream"]
     assert abs(res["image_auroc"] - runs[8].metrics["image_auroc"]) < 1e-9  # the CLI is this path
     assert "few-shot stream: 74 frames" in r.err and "camera bank 8" in r.err
