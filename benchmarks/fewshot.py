@@ -5,7 +5,8 @@ changed: resolution, reference rotations, photometric and scale views of the
 references, per-image luminance normalisation of references and frames alike,
 neighbourhood aggregation, a PCA
 subspace instead of nearest patch, the mean of k nearest patches, each map less its
-median, the frame's own patches beside the references, map smoothing, foreground
+median, the frame's own patches beside the references, each patch's brightness
+relative to its frame joined to its features, map smoothing, foreground
 masking, the image score; and (``--pixel-scale``) frames fed whole at their own shape
 at one pixel scale or at each frame's own. The backbone's patch features of each
 test set are computed once per resolution (DINOv2-S blocks 5 and 8, what the scorer uses) and every variant
@@ -42,7 +43,7 @@ import torch
 
 from benchmarks._markdown import markdown_table
 from inference import eval_metrics as em
-from inference.backbones import DinoV2Backbone
+from inference.backbones import DinoV2Backbone, resize_batch
 from inference.scoring import PatchKNNScorer, _nearest, aggregate_patches, novel_rows
 from inference.visualize import upsample_map
 from linewatch.evaluate import Split, _eval_shape, load_split, read_mask
@@ -74,6 +75,8 @@ class Variant:
     minus_median: bool = False  # each map less its own median (a frame's overall distance taken out)
     own_frame: int = 0  # > 0: the lower of the references' distance and the distance to the
     # frame's own patches at least this many patches away (a texture repeats itself)
+    brightness: float = 0.0  # > 0: a reference patch must also match the patch's brightness
+    # relative to its frame's median: distance + brightness * (difference)^2
 
 
 VARIANTS = [
@@ -100,6 +103,8 @@ VARIANTS = [
     Variant("mean of 3 nearest reference patches", k=3),
     Variant("map less its median", minus_median=True),
     Variant("lower of references and own frame (4+ patches away)", own_frame=4),
+    Variant("patch brightness joined to the features, weight 1", brightness=1.0),
+    Variant("patch brightness joined to the features, weight 3", brightness=3.0),
 ]
 
 
@@ -213,6 +218,28 @@ def _distances(v: Variant, test: torch.Tensor, refs: torch.Tensor) -> torch.Tens
     return total
 
 
+def _relative_brightness(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """(B, g, g) each patch's mean grey (0-1) of the squashed frame, less the frame's median
+    patch: where a region is lighter or darker than the rest of its frame."""
+    grid = size // 14
+    sq = resize_batch(images, size).astype(np.float32).mean(-1) / 255.0
+    cells = sq.reshape(len(images), grid, 14, grid, 14).mean((2, 4))
+    return torch.from_numpy(cells - np.median(cells.reshape(len(images), -1), 1)[:, None, None])
+
+
+def _with_brightness(test: torch.Tensor, refs: torch.Tensor, bt: torch.Tensor, br: torch.Tensor,
+                     weight: float) -> torch.Tensor:
+    """(B, g, g) nearest reference patch by cosine distance + weight * brightness difference^2."""
+    b, g, gw, d = test.shape
+    q, m = test.reshape(-1, d), refs.reshape(-1, d)
+    lq, lm = bt.reshape(-1), br.reshape(-1)
+    out = torch.empty(q.shape[0])
+    for i in range(0, q.shape[0], 4096):
+        dist = (1.0 - q[i:i + 4096] @ m.T) + weight * (lq[i:i + 4096, None] - lm[None]) ** 2
+        out[i:i + 4096] = dist.min(1).values.clamp_min(0.0)
+    return out.reshape(b, g, gw)
+
+
 def _k_nearest(features: torch.Tensor, memory: torch.Tensor, k: int) -> torch.Tensor:
     """(N, P) mean cosine distance of each patch to its k nearest memory rows."""
     n, p, d = features.shape
@@ -320,11 +347,15 @@ def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[
         backbone[pre] = 1000 * (time.perf_counter() - t0) / len(images)  # preprocessing included
         progress(f"{p.split.name} {size} px{' ' + pre if pre else ''}: backbone {backbone[pre]:.0f} ms/frame")
     views_needed = list(dict.fromkeys((v.preprocess, d) for v in variants for d in v.views))
-    ref_views = {}
+    ref_views, bright = {}, {}
+    if any(v.brightness for v in variants):
+        bright["test"] = _relative_brightness(images, size)
     for seed in p.seeds:
         refs = [read_rgb(x) for x in p.split.references(p.shots, seed)]
         ref_views[seed] = {(pre, d): feats([_view(PREPROCESS[pre](r), d) for r in refs]).float()
                            for pre, d in views_needed}
+        if bright:
+            bright[seed] = _relative_brightness(refs, size)
     rows = []
     for v in variants:
         per_seed = []
@@ -332,7 +363,8 @@ def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[
         for seed in p.seeds:
             refs = torch.cat([ref_views[seed][(v.preprocess, d)] for d in v.views])
             t0 = time.perf_counter()
-            dist = _distances(v, test, refs).numpy()
+            dist = (_with_brightness(test, refs, bright["test"], bright[seed], v.brightness)
+                    if v.brightness else _distances(v, test, refs)).numpy()
             if v.smooth > 0:
                 dist = np.stack([cv2.GaussianBlur(m, (0, 0), v.smooth) for m in dist])
             mask = _foreground(test, refs).numpy() if v.foreground else None
