@@ -85,6 +85,27 @@ def test_fewshot_technique_benchmark_runs_end_to_end(tmp_path):
     assert "| bottle 1-shot | baseline" in r.stdout
 
 
+def test_presets_benchmark_times_the_scorer_it_names(tmp_path):
+    """``python -m benchmarks.presets`` (the README's CPU and GPU table; the GPU figures come from
+    the device machine, ``--device cuda``, which CI does not have): one setting, one frame a
+    dataset, in the JSON shape the table comes from; an unknown setting is refused by name."""
+    from tests.conftest import shared_data
+
+    shared_data("magnetic_tile")  # skips where ../shared/data is absent
+    out = tmp_path / "presets.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.presets", "--frames", "1", "--repeats", "1",
+                        "--batch-sizes", "1,2", "--settings", "defaults (224 px)", "--json", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["setting"], x["dataset"]) for x in rows] == [("defaults (224 px)", "bottle"),
+                                                           ("defaults (224 px)", "magnetic_tile")]
+    assert all(set(x["ms_per_frame"]) == {"1", "2"} and min(x["ms_per_frame"].values()) > 0 for x in rows)
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.presets", "--settings", "fast"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown 'fast'" in bad.stderr
+
+
 def test_stream_bank_benchmark_runs_the_shipped_path_end_to_end(tmp_path):
     """``python -m benchmarks.stream_bank`` on bottle, one draw, no bank and a bank every frame
     enters: the README table's code path and JSON shape. Every frame enters the bank under
