@@ -76,6 +76,60 @@ def time_scorer(scorer, images: list[np.ndarray], batch: int, repeats: int, devi
     return float(np.median(times))
 
 
+# the scorer's other paths, for --parity: each built on the device and on the CPU, fed the
+# same calls, every score compared (a tensor left on the wrong device fails here, or, where
+# a failure falls back on purpose, shows in bank_failures)
+PARITY: dict[str, dict] = {
+    "--stream-bank 4 (a camera's bank, warm)": {"stream_bank": 4, "warmup": 2},
+    "--zoom": {"zoom": True},
+    "--aggregate 1,3": {"aggregate": (1, 3)},
+    "--reference-augment rotate": {"reference_augment": "rotate"},
+    "--method mutual (zero-shot, then few-shot)": {"method": "mutual", "warmup": 2},
+}
+
+
+def _calls(scorer, refs: list[np.ndarray], images: list[np.ndarray]) -> list[float]:
+    """Every score the scorer's path gives. patch-knn: fitted, scored, a normal learned (the
+    incremental path; a test photo stands in, parity does not care), scored again, and with a
+    bank two rounds on one camera (the second against a warm bank); mutual: two rounds on one
+    camera (warm-up, then its bank), then confirmed normals turn it few-shot."""
+    mutual = hasattr(scorer, "mode")
+    out: list[float] = []
+    if not mutual:
+        scorer.fit(refs)
+        out += [r.score for r in scorer.score(images)]
+        scorer.add_normals(images[:1])
+        out += [r.score for r in scorer.score(images)]
+    if getattr(scorer, "per_camera", False):
+        half = len(images) // 2
+        for batch in (images[:half], images[half:]):
+            results = scorer.score(batch, ["cam"] * len(batch))
+            out += [r.score for r in results]
+            scorer.admit(results)
+    if mutual:
+        scorer.fit(refs)
+        out += [r.score for r in scorer.score(images, ["cam"] * len(images))]
+    return out
+
+
+def parity(device: str, data: dict, weights: str | None) -> list[dict]:
+    """Largest |device score - CPU score| of each PARITY path on each dataset."""
+    rows = []
+    for setting, kwargs in PARITY.items():
+        for name, (refs, images) in data.items():
+            got = {}
+            for where in (device, "cpu"):
+                scorer = ScorerSettings(weights=weights, **kwargs).build(where)
+                got[where] = np.array(_calls(scorer, refs, images))
+                failures = getattr(scorer, "bank_failures", 0)
+            diff = float(np.max(np.abs(got[device] - got["cpu"])))
+            rows.append({"setting": setting, "dataset": name, "device": device, "scores": len(got["cpu"]),
+                         "max_score_difference_vs_cpu": diff, "bank_failures": failures})
+            print(f"{setting:<44} {name:<14} {len(got['cpu'])} scores, |score - CPU's| <= {diff:.2g}, "
+                  f"bank failures {failures}", file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.presets", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"only these rows, '|'-separated, from: {' | '.join(SETTINGS)}")
     ap.add_argument("--check", action="store_true", help="also score one batch on the CPU and report "
                                                          "the largest score difference")
+    ap.add_argument("--parity", action="store_true",
+                    help="instead of timing: run the scorer's other paths (camera banks, zoom, aggregation, "
+                         "rotated references, learned normals, mutual scoring) on --device and on the CPU, "
+                         "and report the largest score difference of each")
     ap.add_argument("--json", default="benchmarks/results/presets.json")
     a = ap.parse_args(argv)
     batches = [int(b) for b in a.batch_sizes.split(",")]
@@ -106,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: torch sees no CUDA device here")
     data = {name: frames(Path(a.data), name, a.frames) for name in ("bottle", "magnetic_tile")}
+    if a.parity:
+        rows = parity(a.device, data, a.weights)
+        print(markdown_table(["path", "data", "scores compared", "largest diff. from CPU", "bank failures"],
+                             [[r["setting"], r["dataset"], r["scores"],
+                               f"{r['max_score_difference_vs_cpu']:.2g}", r["bank_failures"]] for r in rows]))
+        print(f"wrote {save_rows(a.json, rows)}", file=sys.stderr)
+        return 0
     # the process's first scorer pays for thread pools, allocator growth and kernel selection:
     # without this pass the first row measured 1.5x its own time when measured later
     warm = ScorerSettings(weights=a.weights, **SETTINGS[names[0]]).build(a.device)
