@@ -79,12 +79,13 @@ def _await(reader: TallyReader, expected: set, timeout_s: float = 600) -> None:
 
 
 def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fps: float,
-              workdir: Path, precision: str = "fp32") -> dict:
+              workdir: Path, precision: str = "fp32", device: str = "cpu") -> dict:
     """One worker, two phases on the same topics: a backlog drained as fast as it can
     (throughput), then frames paced below capacity (latency). The paced phase reuses the
     worker the backlog warmed up, as a camera meets a worker that has been running; one start
     and one group join per scorer instead of two."""
-    extra = ("--precision", precision) if precision != "fp32" else ()
+    extra = (("--precision", precision) if precision != "fp32" else ()) + (
+        ("--device", device) if device != "cpu" and scorer != "noop" else ())  # noop runs no model
     label = scorer if precision == "fp32" else f"{scorer}-{precision}"
     topics = Topics(f"bench-{label}")
     create_topics(broker.bootstrap, topics, partitions=4)
@@ -131,13 +132,15 @@ def bench_one(broker, refs: Path, scorer: str, frames: int, paced: int, paced_fp
                 paced / max(1e-9, sum(v for k, v in paced_steps.items() if k != "poll")), 2)}
 
 
-def model_alone_ms(frames: int, batch: int = 8) -> float:
+def model_alone_ms(frames: int, batch: int = 8, device: str = "cpu") -> float:
     """ms per frame of the fp32 patch-knn scorer on the throughput run's frames, in batches of
     ``batch``, in this process with no Kafka: the worker's 'score' step against this is what
     running inside the pipeline costs the model (its client threads, the other processes)."""
+    import torch
+
     import inference
 
-    scorer = inference.create_scorer("patch-knn")
+    scorer = inference.create_scorer("patch-knn", device=device)
     scorer.fit(SyntheticConveyor(seed=0).normals(4))
     conveyor = SyntheticConveyor(seed=1, defect_rate=0.1)
     images = [conveyor.frame(i).image for i in range(frames)]
@@ -145,7 +148,15 @@ def model_alone_ms(frames: int, batch: int = 8) -> float:
     t0 = time.perf_counter()
     for i in range(0, frames, batch):
         scorer.score(images[i:i + batch])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return 1000 * (time.perf_counter() - t0) / frames
+
+
+def _gpu_name(device: str) -> str:
+    import torch
+
+    return f"the real scorer on {torch.cuda.get_device_name(device)}"
 
 
 def overhead(row: dict) -> dict[str, float]:
@@ -167,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paced-fps", type=float, default=4.0)
     ap.add_argument("--int8", action="store_true",
                     help="also run the real scorer with --precision int8 (CPU workers) in the same run")
+    ap.add_argument("--device", default="cpu",
+                    help="the real scorer's torch device in the worker, e.g. cuda (default: %(default)s)")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "pipeline.json"))
     a = ap.parse_args(argv)
+    if a.int8 and a.device != "cpu":
+        ap.error("--int8 is the CPU workers' precision: run it without --device")
     workdir = Path(tempfile.mkdtemp(prefix="linewatch-bench-"))
     refs = workdir / "refs"
     refs.mkdir()
@@ -183,13 +198,15 @@ def main(argv: list[str] | None = None) -> int:
         for scorer, precision in runs:
             print(f"running {scorer} ({precision}) ...", flush=True)
             rows.append(bench_one(broker, refs, scorer, a.frames, a.paced_frames, a.paced_fps, workdir,
-                                  precision))
+                                  precision, a.device))
     print("timing the model alone (no Kafka) ...", flush=True)
-    alone = model_alone_ms(a.frames)
+    alone = model_alone_ms(a.frames, device=a.device)
     real, noop = rows[:2]
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                   + (_gpu_name(a.device) if a.device != "cpu" else "no GPU"),
+        "device": a.device,
         "rows": rows,
         "ratio_noop_over_real_fps": round(noop["frames_per_second"] / real["frames_per_second"], 2),
         "pipeline_share_of_real_latency_p50": round(noop["latency_ms_p50"] / real["latency_ms_p50"], 3),

@@ -62,8 +62,13 @@ def test_pipeline_benchmark_splits_the_workers_time_by_step(tmp_path):
         assert row["paced_busy_frames_per_second"] > 0
     shares = res["overhead_share_of_model_time"]
     assert abs(shares["total"] - sum(v for k, v in shares.items() if k != "total")) < 1e-3
-    assert res["model_alone_ms_per_frame"] > 0
+    assert res["model_alone_ms_per_frame"] > 0 and res["device"] == "cpu"
     assert "pipeline overhead, all steps but the model" in r.stdout
+    # --device runs the real scorer's worker on a GPU (README, measured on the device machine;
+    # CI has none); int8 is the CPU workers' precision, so the two together are refused
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--int8", "--device", "cuda"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--int8 is the CPU workers' precision" in bad.stderr
 
 
 def test_fewshot_technique_benchmark_runs_end_to_end(tmp_path):
