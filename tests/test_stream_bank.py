@@ -133,14 +133,16 @@ def test_the_worker_admits_to_the_bank_what_the_references_alone_would_not_alert
 
 def test_a_frame_dead_lettered_by_routing_stays_out_of_its_cameras_bank(backbone, bottle, monkeypatch):
     """A frame scored but dead-lettered ``processing_failed`` (routing it failed with and
-    without explanations) leaves no trace in its camera's bank: it may be replayed from the
-    dead letters and would then meet itself there. Routing's failure is injected; the
-    processor, scorer and bank are the real ones."""
+    without explanations) leaves no trace in its camera's bank, nor, zero-shot, in the score
+    window its camera's thresholds come from: it may be replayed from the dead letters and
+    would then meet itself there. Routing's failure is injected; the processor, scorers,
+    banks and windows are the real ones."""
     import consumers.process as process
     from consumers.process import FrameProcessor
-    from inference.calibration import Thresholds
+    from inference.calibration import StreamThresholds, Thresholds
     from inference.scoring import PatchKNNScorer
-    from linewatch.wire import Topics
+    from inference.settings import ScorerSettings
+    from linewatch.wire import Topics, parse_dead_letter
     from monitoring.metrics import CameraSeries
 
     good, _ = bottle
@@ -158,9 +160,21 @@ def test_a_frame_dead_lettered_by_routing_stays_out_of_its_cameras_bank(backbone
     monkeypatch.setattr(process, "route", route)
     outs = proc.process(records(good[1:5], 0))
     proc.committed()
-    dead = [o for o in outs if o.topic == Topics("lw").deadletter]
-    assert len(dead) == 1 and b"processing_failed" in b"".join(v for _, v in dead[0].headers), dead
+    dead = [parse_dead_letter(o.headers) for o in outs if o.topic == Topics("lw").deadletter]
+    assert [(d.reason, d.source.offset) for d in dead] == [("processing_failed", 2)], dead
     assert len(scorer.banks.frames(("l1", "cam-a"))) == 3  # the three routed frames, not the fourth
+
+    # a zero-shot camera: nor does it enter its bank or the window its thresholds come from
+    mutual = ScorerSettings(method="mutual", warmup=2).build()
+    windows = StreamThresholds(min_scores=2)
+    proc = FrameProcessor(mutual, Thresholds(1e9, 1e9, 0, False), Topics("lw"), "w-dl0", 10**8, 10**8,
+                          CameraSeries("w-dl0"), stream_thresholds=windows)
+    proc.process(records(good[5:8], 10))  # warm-up: scored against each other, not observed
+    proc.committed()
+    proc.process(records(good[1:5], 0))  # seq 2 again cannot be routed
+    proc.committed()
+    assert len(mutual.banks.frames(("l1", "cam-a"))) == 3 + 3
+    assert windows.count(("l1", "cam-a", "mutual")) == 3
 
 
 def test_a_bank_that_fails_falls_back_to_the_references_and_says_so(backbone, bottle, caplog):
