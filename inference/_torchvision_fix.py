@@ -53,16 +53,18 @@ def apply() -> bool:
         return False
     except (AttributeError, RuntimeError):
         pass
+    if importlib.util.find_spec("torchvision") is None:  # nothing will register fake kernels
+        return False
     library = ops_library()
-    if library is None:  # no torchvision: nothing will register fake kernels
-        return False
-    try:
-        # what torchvision's own import does first; where it works the real operators are
-        # registered, and declaring them too would abort torchvision's import
-        torch.ops.load_library(str(library))
-        return False
-    except OSError:  # a build for another torch (the CUDA wheel beside a CPU torch)
-        pass
+    if library is not None:  # none: a torchvision without its ops library, which needs the schemas
+        try:
+            # what torchvision's own import does first; where it works the real operators are
+            # registered, and declaring them too would abort torchvision's import. (Linux and
+            # macOS: on Windows torchvision adds a DLL folder first, which this does not.)
+            torch.ops.load_library(str(library))
+            return False
+        except OSError:  # a build for another torch (the CUDA wheel beside a CPU torch)
+            pass
     if _LIB is None:
         # The Library object must stay alive for the schemas to stay registered.
         _LIB = torch.library.Library("torchvision", "DEF")
