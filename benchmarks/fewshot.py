@@ -326,7 +326,7 @@ def _quality(p: Prepared, scores: np.ndarray, maps: list[np.ndarray], match_ms: 
             "pixel_pro": em.pro_auc(p.masks, maps), "match_ms": match_ms}
 
 
-def _row(p: Prepared, size: int, layers: tuple[int, ...], technique: str, per_seed: list[dict],
+def _row(p: Prepared, size: int | str, layers: tuple[int, ...], technique: str, per_seed: list[dict],
          backbone_ms: float) -> dict:
     """One table row: the draws' mean of each metric, ms/frame = backbone + matching."""
     row = {"dataset": p.split.name, "shots": p.shots, "image_size": size, "layers": list(layers),
@@ -445,7 +445,8 @@ def pixel_scale(p: Prepared, scales: list[str], progress: Callable[[str], None])
                                                                                           strict=True)]
             per_seed.append(_quality(p, scores, maps, match_ms))
         name = "whole frame, short side 224 px" if scale == "fit" else f"whole frame at {scale}x its pixels"
-        rows.append(row := _row(p, 224, LAYERS, name, per_seed, backbone_ms))
+        label = "short side 224" if scale == "fit" else f"{scale}x"  # not a square model size
+        rows.append(row := _row(p, label, LAYERS, name, per_seed, backbone_ms))
         progress(f"  {name:<36} image {row['image_auroc']:.3f} pixel {row['pixel_auroc']:.3f} "
                  f"PRO {row['pixel_pro']:.3f}  {row['ms_per_frame']:.0f} ms")
     return rows
@@ -584,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     seeds = [0] if a.quick else list(range(a.seeds))
     if a.pixel_scale:
+        if a.quick or a.sizes:
+            ap.error("--pixel-scale feeds every test frame whole at its own scale: --quick and "
+                     "--sizes do not apply")
         scales = [x.strip() for x in a.pixel_scale.split(",")]
         for x in scales:
             if x != "fit":

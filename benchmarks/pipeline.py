@@ -184,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.int8 and a.device != "cpu":
         ap.error("--int8 is the CPU workers' precision: run it without --device")
+    if a.device != "cpu":
+        import torch
+
+        if not a.device.startswith("cuda") or not torch.cuda.is_available():
+            ap.error(f"--device {a.device}: the benchmark runs the worker on cpu or a CUDA device, "
+                     f"and torch here sees {torch.cuda.device_count()} CUDA devices")
     workdir = Path(tempfile.mkdtemp(prefix="linewatch-bench-"))
     refs = workdir / "refs"
     refs.mkdir()

@@ -106,9 +106,13 @@ def test_presets_benchmark_times_the_scorer_it_names(tmp_path):
     assert [(x["setting"], x["dataset"]) for x in rows] == [("defaults (224 px)", "bottle"),
                                                            ("defaults (224 px)", "magnetic_tile")]
     assert all(set(x["ms_per_frame"]) == {"1", "2"} and min(x["ms_per_frame"].values()) > 0 for x in rows)
-    bad = subprocess.run([sys.executable, "-m", "benchmarks.presets", "--settings", "fast"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "unknown 'fast'" in bad.stderr
+    for args, says in ((["--settings", "fast"], "unknown 'fast'"),
+                       (["--check"], "give --device"),  # the CPU against itself
+                       (["--parity"], "give --device"),
+                       (["--parity", "--device", "cuda", "--repeats", "2"], "--parity times nothing")):
+        bad = subprocess.run([sys.executable, "-m", "benchmarks.presets", *args],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and says in bad.stderr, (args, bad.stderr[-500:])
 
 
 def test_stream_bank_benchmark_runs_the_shipped_path_end_to_end(tmp_path):
