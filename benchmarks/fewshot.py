@@ -6,7 +6,8 @@ references, per-image luminance normalisation of references and frames alike,
 neighbourhood aggregation, a PCA
 subspace instead of nearest patch, the mean of k nearest patches, each map less its
 median, the frame's own patches beside the references, each patch's brightness
-relative to its frame joined to its features, map smoothing, foreground
+relative to its frame joined to its features, test-time views of each frame (flips,
+rotations) averaged, map smoothing, foreground
 masking, the image score; and (``--pixel-scale``) frames fed whole at their own shape
 at one pixel scale or at each frame's own. The backbone's patch features of each
 test set are computed once per resolution (DINOv2-S blocks 5 and 8, what the scorer uses) and every variant
@@ -77,6 +78,10 @@ class Variant:
     # frame's own patches at least this many patches away (a texture repeats itself)
     brightness: float = 0.0  # > 0: a reference patch must also match the patch's brightness
     # relative to its frame's median: distance + brightness * (difference)^2
+    tta: tuple = ()  # test-time views of each frame (rotations, "flip x", "flip y"): each view's
+    # map turned back and the maps averaged
+    tta_match: str = "same"  # same: a frame's view against the references in that view (what is
+    # normal does not change); all: against the references in every view (rotation-invariant)
 
 
 VARIANTS = [
@@ -105,6 +110,11 @@ VARIANTS = [
     Variant("lower of references and own frame (4+ patches away)", own_frame=4),
     Variant("patch brightness joined to the features, weight 1", brightness=1.0),
     Variant("patch brightness joined to the features, weight 3", brightness=3.0),
+    Variant("test-time views 0, flip x, flip y, 180, each against its references",
+            tta=(0, "flip x", "flip y", 180)),
+    Variant("test-time views 0, flip x, flip y, 180, against every reference view",
+            tta=(0, "flip x", "flip y", 180), tta_match="all"),
+    Variant("test-time views 0, 90, 180, 270, each against its references", tta=(0, 90, 180, 270)),
 ]
 
 
@@ -145,6 +155,8 @@ PHOTOMETRIC: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "contrast 0.8": lambda im: _contrast(im, 0.8), "contrast 1.25": lambda im: _contrast(im, 1.25),
     "zoom 1.3": lambda im: _zoom(im, 1.3), "zoom 1/1.3": lambda im: _zoom(im, 1 / 1.3),
     "blur 1": lambda im: cv2.GaussianBlur(im, (0, 0), 1.0),
+    "flip x": lambda im: np.ascontiguousarray(im[:, ::-1]),
+    "flip y": lambda im: np.ascontiguousarray(im[::-1]),
 }
 
 
@@ -171,6 +183,15 @@ PREPROCESS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 def _view(image: np.ndarray, view: int | str) -> np.ndarray:
     return PHOTOMETRIC[view](image) if isinstance(view, str) else _rotate(image, view)
+
+
+def _view_back(grid: np.ndarray, view: int | str) -> np.ndarray:
+    """A patch map of a frame seen in ``view`` (a rotation by 90s or a flip), turned back."""
+    if view == "flip x":
+        return grid[:, ::-1]
+    if view == "flip y":
+        return grid[::-1]
+    return np.rot90(grid, -int(view) // 90)
 
 
 class Features:
@@ -346,7 +367,13 @@ def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[
         tests[pre] = feats([PREPROCESS[pre](im) for im in images]).float()
         backbone[pre] = 1000 * (time.perf_counter() - t0) / len(images)  # preprocessing included
         progress(f"{p.split.name} {size} px{' ' + pre if pre else ''}: backbone {backbone[pre]:.0f} ms/frame")
-    views_needed = list(dict.fromkeys((v.preprocess, d) for v in variants for d in v.views))
+    for view in dict.fromkeys(t for v in variants for t in v.tta if t != 0):  # frames seen turned
+        t0 = time.perf_counter()
+        tests[("", view)] = feats([_view(im, view) for im in images]).float()
+        backbone[("", view)] = 1000 * (time.perf_counter() - t0) / len(images)
+    tests[("", 0)], backbone[("", 0)] = tests.get(""), backbone.get("")
+    views_needed = list(dict.fromkeys([(v.preprocess, d) for v in variants for d in v.views]
+                                      + [("", t) for v in variants for t in v.tta]))
     ref_views, bright = {}, {}
     if any(v.brightness for v in variants):
         bright["test"] = _relative_brightness(images, size)
@@ -360,11 +387,19 @@ def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[
     for v in variants:
         per_seed = []
         test, backbone_ms = tests[v.preprocess], backbone[v.preprocess]
+        if v.tta:
+            backbone_ms = sum(backbone[("", t)] for t in v.tta)
         for seed in p.seeds:
             refs = torch.cat([ref_views[seed][(v.preprocess, d)] for d in v.views])
             t0 = time.perf_counter()
-            dist = (_with_brightness(test, refs, bright["test"], bright[seed], v.brightness)
-                    if v.brightness else _distances(v, test, refs)).numpy()
+            if v.tta:
+                every = torch.cat([ref_views[seed][("", t)] for t in v.tta])
+                dist = np.mean([np.stack([_view_back(m, t) for m in _distances(
+                    v, tests[("", t)], ref_views[seed][("", t)] if v.tta_match == "same" else every).numpy()])
+                    for t in v.tta], axis=0)
+            else:
+                dist = (_with_brightness(test, refs, bright["test"], bright[seed], v.brightness)
+                        if v.brightness else _distances(v, test, refs)).numpy()
             if v.smooth > 0:
                 dist = np.stack([cv2.GaussianBlur(m, (0, 0), v.smooth) for m in dist])
             mask = _foreground(test, refs).numpy() if v.foreground else None
