@@ -361,17 +361,16 @@ def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[
             layers: tuple[int, ...] = LAYERS) -> list[dict]:
     feats = Features(size, layers)
     images = [read_rgb(p.split.test[i].path) for i in p.tests]
+    # the test frames' features per (preprocessing, view): each preprocessing as seen, and the
+    # turned views that test-time variants score
     tests, backbone = {}, {}
-    for pre in dict.fromkeys(v.preprocess for v in variants):  # each preprocessing's own features
+    for pre, view in dict.fromkeys([(v.preprocess, 0) for v in variants]
+                                   + [("", t) for v in variants for t in v.tta]):
         t0 = time.perf_counter()
-        tests[pre] = feats([PREPROCESS[pre](im) for im in images]).float()
-        backbone[pre] = 1000 * (time.perf_counter() - t0) / len(images)  # preprocessing included
-        progress(f"{p.split.name} {size} px{' ' + pre if pre else ''}: backbone {backbone[pre]:.0f} ms/frame")
-    for view in dict.fromkeys(t for v in variants for t in v.tta if t != 0):  # frames seen turned
-        t0 = time.perf_counter()
-        tests[("", view)] = feats([_view(im, view) for im in images]).float()
-        backbone[("", view)] = 1000 * (time.perf_counter() - t0) / len(images)
-    tests[("", 0)], backbone[("", 0)] = tests.get(""), backbone.get("")
+        tests[(pre, view)] = feats([_view(PREPROCESS[pre](im), view) for im in images]).float()
+        backbone[(pre, view)] = 1000 * (time.perf_counter() - t0) / len(images)  # preprocessing included
+        progress(f"{p.split.name} {size} px{' ' + pre if pre else ''}{f' view {view}' if view else ''}: "
+                 f"backbone {backbone[(pre, view)]:.0f} ms/frame")
     views_needed = list(dict.fromkeys([(v.preprocess, d) for v in variants for d in v.views]
                                       + [("", t) for v in variants for t in v.tta]))
     ref_views, bright = {}, {}
@@ -386,9 +385,9 @@ def measure(p: Prepared, size: int, variants: list[Variant], progress: Callable[
     rows = []
     for v in variants:
         per_seed = []
-        test, backbone_ms = tests[v.preprocess], backbone[v.preprocess]
-        if v.tta:
-            backbone_ms = sum(backbone[("", t)] for t in v.tta)
+        test = tests[(v.preprocess, 0)]
+        backbone_ms = (sum(backbone[("", t)] for t in v.tta) if v.tta  # a backbone pass per view
+                       else backbone[(v.preprocess, 0)])
         for seed in p.seeds:
             refs = torch.cat([ref_views[seed][(v.preprocess, d)] for d in v.views])
             t0 = time.perf_counter()
