@@ -74,9 +74,9 @@ def _features(scorer, paths) -> dict:
     todo = list(dict.fromkeys(str(p) for p in paths))
     for i in range(0, len(todo), 8):
         images = [read_rgb(p) for p in todo[i:i + 8]]
-        for idx, f in scorer._grouped_features(images):
+        for idx, f in scorer._grouped_features(images):  # (1, n, H, W, D): one test view
             for j, k in enumerate(idx):
-                out[todo[i + k]] = (f[j].to(torch.float16), images[k].shape[:2])
+                out[todo[i + k]] = (f[0, j].to(torch.float16), images[k].shape[:2])
     return out
 
 
@@ -103,7 +103,8 @@ def run_stream(scorer, samples: list, feats: dict, refs: list[str], th, policy: 
         s = samples[i]
         f = feats[str(s.path)][0].float()[None]  # (1, H, W, D)
         t0 = time.perf_counter()
-        alone, dist = scorer._results(f)  # the references alone
+        alone, dist = scorer._results(f[None])  # the references alone (one test view)
+        dist = dist[0]
         r = alone[0]
         if policy != "none" and combine == "min":
             r = scorer._with_banks(alone, dist, f, ["eval"])[0]
@@ -158,7 +159,7 @@ def measure(datasets: tuple[str, ...], seeds: int, bank_size: int, calibration: 
         calibrated = []
         for draw in draws:  # the thresholds a worker calibrates on the references alone
             scorer.fit_views([feats[p][0].reshape(-1, feats[p][0].shape[-1]) for p in draw[:shots]])
-            held = [scorer._results(feats[p][0].float()[None])[0][0].score for p in draw[shots:]]
+            held = [scorer._results(feats[p][0].float()[None, None])[0][0].score for p in draw[shots:]]
             calibrated.append(thresholds_from_normals(held))
         for policy in policies:
             per_seed = []

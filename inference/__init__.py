@@ -117,7 +117,8 @@ def _build(s: ScorerSettings, device: str) -> Scorer:
     if s.method == "patch-knn":
         scorer = PatchKNNScorer(bb, device=device, augment=s.reference_augment,
                                 adapt_steps=s.adapt_steps, tiling=s.tiling, aggregate=s.aggregate,
-                                memory_tolerance=tolerance, stream_bank=s.stream_bank, warmup=s.warmup)
+                                memory_tolerance=tolerance, stream_bank=s.stream_bank, warmup=s.warmup,
+                                test_views=s.test_views)
         if s.zoom:
             from inference.zoom import ZoomScorer
 

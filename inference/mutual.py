@@ -113,7 +113,8 @@ class MutualScorer(CameraBanks):
         """Each frame's (V, P, D) variants: per layer, per neighbourhood size."""
         out: list[FrameFeatures | None] = [None] * len(images)
         n_layers = len(self.backbone.layers) if hasattr(self.backbone, "layers") else 1
-        for idx, f in self._extract._grouped_features(images):  # (n, H, W, L*D)
+        for idx, views in self._extract._grouped_features(images):  # (1, n, H, W, L*D): one view
+            f = views[0]
             n, h, w, d = f.shape
             per_layer = [torch.nn.functional.normalize(p, dim=-1)
                          for p in f.split(d // n_layers, dim=-1)]

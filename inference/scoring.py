@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from inference.backbones import DinoV2Backbone, PatchBackbone
-from inference.settings import DEFAULTS, MAX_MEMORY_TOLERANCE
+from inference.settings import DEFAULTS, MAX_MEMORY_TOLERANCE, TEST_VIEWS
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,21 @@ def augmented_views(image: np.ndarray, augment: str) -> list[np.ndarray]:
     return views
 
 
+# test-time views of a frame (``test_views``): flips of its (height, width) axes. Each is its own
+# inverse and keeps the frame's shape, so a view's patch grid (tiles included) is flipped back
+# onto the frame's before its distances are averaged with the others'.
+TEST_VIEW_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": ((),),
+    "flips": ((), (1,), (0,), (0, 1)),  # as seen, mirrored left-right, top-bottom, turned 180 degrees
+}
+assert tuple(TEST_VIEW_FLIPS) == TEST_VIEWS  # settings.TEST_VIEWS names them for the command line
+
+
+def view_of(image: np.ndarray, view: tuple[int, ...]) -> np.ndarray:
+    """``image`` (H, W[, C]) as test view ``view`` sees it (flipped along those axes)."""
+    return np.ascontiguousarray(np.flip(image, view)) if view else image
+
+
 TILE_ASPECT = 1.5  # frames whose long side is >= 1.5x the short side are scored as tiles
 MAX_TILES = 8  # a backbone pass per tile: beyond 8:1 the tiles themselves are squashed
 
@@ -175,8 +190,8 @@ class FrameGroup:
     """Prepared frames that share one tile grid, so their patches stack into one tensor."""
 
     index: list[int]  # positions in the prepared list
-    features: torch.Tensor  # (N, P, D) float16, unit-norm rows
-    nearest: torch.Tensor  # (N, P) float32 cosine distance to the nearest memory patch
+    features: torch.Tensor  # (V, N, P, D) float16, unit-norm rows, per test view
+    nearest: torch.Tensor  # (V, N, P) float32 cosine distance to the nearest patch of the view's memory
 
 
 class CameraBanks:
@@ -229,6 +244,13 @@ class PatchKNNScorer(CameraBanks):
     keep their false-alarm bound. The bank is consulted once it holds ``warmup`` frames;
     frames enter it through :meth:`admit` (a worker passes its committed frames that did
     not alert). Measured in ``benchmarks/stream_bank.py``.
+
+    ``test_views`` ``"flips"`` also scores each frame mirrored left-right, top-bottom and turned
+    180 degrees, each view against the references seen the same way (a memory per view, so
+    what counts as normal, and a part's orientation, mean what they meant), the maps flipped
+    back and averaged before the image score: four backbone passes of the same frame see its
+    patches through four different contexts, and a defect shows in all of them where a
+    view's noise does not (``benchmarks/fewshot.py``, "test-time views").
     """
 
     name = "patch-knn"
@@ -246,9 +268,17 @@ class PatchKNNScorer(CameraBanks):
         stream_bank: int = 0,
         warmup: int = DEFAULTS.warmup,
         max_streams: int = 256,
+        test_views: str = "none",
     ) -> None:
         if stream_bank and not 2 <= warmup <= stream_bank:
             raise ValueError(f"need 2 <= warmup <= stream_bank, got warmup {warmup}, bank {stream_bank}")
+        if test_views not in TEST_VIEW_FLIPS:
+            raise ValueError(f"test_views must be one of {', '.join(TEST_VIEWS)}, got {test_views!r}")
+        if stream_bank and test_views != "none":
+            raise ValueError("a camera's bank holds one view of each frame: stream_bank needs "
+                             "test_views 'none'")
+        self.test_views = test_views
+        self.views = TEST_VIEW_FLIPS[test_views]
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
         self.adapt_steps = adapt_steps  # > 0: train a head on pseudo-anomalies at fit (inference/adapt.py)
@@ -264,7 +294,7 @@ class PatchKNNScorer(CameraBanks):
             raise ValueError(f"memory_tolerance must be a cosine distance in [0, "
                              f"{MAX_MEMORY_TOLERANCE}], got {memory_tolerance}")
         self.memory_tolerance = memory_tolerance  # novelty filter on added frames (add_normals)
-        self._memory: torch.Tensor | None = None  # (M, D), unit norm
+        self._memory: torch.Tensor | None = None  # (V, M, D): per test view, unit-norm rows
         self._memory_epoch = 0  # +1 each time fit() replaces the memory (rows only append between)
         self._feature_epoch = 0  # +1 each time fit() trains a new head
         self.stream_bank, self.warmup = stream_bank, warmup
@@ -273,29 +303,46 @@ class PatchKNNScorer(CameraBanks):
 
     @property
     def memory_size(self) -> int:
-        return 0 if self._memory is None else int(self._memory.shape[0])
+        return 0 if self._memory is None else int(self._memory.shape[-2])
 
     def raw_patch_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(B, H, W, D) unit-norm concatenated layer features of the frozen backbone."""
-        x = self.backbone.preprocess(list(images)).to(self.device)
+        return self._patch_features(self.backbone.preprocess(list(images)).to(self.device))
+
+    def _patch_features(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)
         parts = [torch.nn.functional.normalize(p.float(), dim=-1) for p in feats.patch_tokens]
         return torch.nn.functional.normalize(torch.cat(parts, dim=-1), dim=-1)
 
     def _square_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        f = self.raw_patch_features(images)
+        """(V, B, g, g, D): each image in every test view, each view's grid flipped back onto
+        the image's, so patch (y, x) of every view is the same place. The views are flipped on
+        the device after preprocessing (resizing is done once: on a GPU the CPU's resize, not
+        the backbone, is what a frame waits for), all in one backbone batch."""
+        x = self.backbone.preprocess(list(images)).to(self.device)  # (B, 3, S, S)
+        if len(self.views) > 1:
+            x = torch.cat([x.flip([2 + a for a in v]) if v else x for v in self.views])
+        f = self._patch_features(x)
         if self.head is not None:
             with torch.no_grad():
                 f = self.head(f)
-        return f
+        f = f.reshape(len(self.views), len(images), *f.shape[1:])
+        if len(self.views) == 1:
+            return f
+        return torch.stack([f[m].flip([1 + a for a in v]) if v else f[m] for m, v in enumerate(self.views)])
+
+    def _aggregate(self, f: torch.Tensor) -> torch.Tensor:
+        """:func:`aggregate_patches` of (V, n, H, W, D) features, view by view."""
+        return aggregate_patches(f.flatten(0, 1), self.aggregate).reshape(*f.shape[:-1], -1)
 
     def _grouped_features(self, images: Sequence[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
-        """Frames grouped by tile grid: [(positions, (n, rows*g, cols*g, D) features)], one
-        backbone batch for all tiles of all frames."""
+        """Frames grouped by tile grid: [(positions, (V, n, rows*g, cols*g, D) features)], V the
+        test views (1 without), one backbone batch for all tiles of all frames. A view keeps a
+        tile's shape, so each tile is flipped on its own and the frame's grid is joined as
+        without views."""
         grids = [tile_grid(im.shape[0], im.shape[1], self.tiling) for im in images]
         if all(g == (1, 1) for g in grids):
-            return [(list(range(len(images))), aggregate_patches(self._square_features(images),
-                                                                  self.aggregate))]
+            return [(list(range(len(images))), self._aggregate(self._square_features(images)))]
         pieces = [t for im, (r, c) in zip(images, grids, strict=True) for t in cut_tiles(im, r, c)]
         f = self._square_features(pieces)
         start = np.cumsum([0] + [r * c for r, c in grids])
@@ -303,10 +350,10 @@ class PatchKNNScorer(CameraBanks):
         for grid in dict.fromkeys(grids):
             idx = [i for i, g in enumerate(grids) if g == grid]
             r, c = grid
-            t = torch.stack([f[start[i]:start[i + 1]] for i in idx])  # (n, r*c, g, g, D)
-            n, _, gh, gw, d = t.shape
-            t = t.reshape(n, r, c, gh, gw, d).permute(0, 1, 3, 2, 4, 5).reshape(n, r * gh, c * gw, d)
-            out.append((idx, aggregate_patches(t, self.aggregate)))
+            t = torch.stack([f[:, start[i]:start[i + 1]] for i in idx], dim=1)  # (V, n, r*c, g, g, D)
+            v, n, _, gh, gw, d = t.shape
+            t = t.reshape(v, n, r, c, gh, gw, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(v, n, r * gh, c * gw, d)
+            out.append((idx, self._aggregate(t)))
         return out
 
     def fit(self, normals: Sequence[np.ndarray]) -> None:
@@ -344,9 +391,10 @@ class PatchKNNScorer(CameraBanks):
         self.add_views([v for views in self.memory_views(normals) for v in views])
 
     def memory_views(self, normals: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
-        """Per normal, the (P, D) rows of each of its views that :meth:`add_normals` offers the
-        memory (before the novelty filter): what a learning worker keeps of a learned frame,
-        so that a refit after evicting old ones needs no backbone pass (:meth:`fit_views`)."""
+        """Per normal, the (V, P, D) rows (one (P, D) per test view) of each of its reference
+        views (``augment``) that :meth:`add_normals` offers the memory (before the novelty
+        filter): what a learning worker keeps of a learned frame, so that a refit after
+        evicting old ones needs no backbone pass (:meth:`fit_views`)."""
         if len(normals) == 0:
             return []
         counts = [len(augmented_views(im, self.augment)) for im in normals]
@@ -354,14 +402,25 @@ class PatchKNNScorer(CameraBanks):
         per_view: list[torch.Tensor] = [torch.empty(0)] * len(views)
         for idx, f in self._grouped_features(views):
             for j, i in enumerate(idx):
-                per_view[i] = f[j].reshape(-1, f.shape[-1])
+                per_view[i] = f[:, j].reshape(f.shape[0], -1, f.shape[-1])
         starts = np.cumsum([0, *counts]).tolist()
         return [per_view[a:b] for a, b in itertools.pairwise(starts)]
 
-    def add_views(self, views: Sequence[torch.Tensor]) -> None:
-        """Append rows from :meth:`memory_views` (any float type), through the novelty filter."""
+    def _rows(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Rows from :meth:`memory_views` as float32 (V, P, D) on the device; (P, D) is one
+        view's (a scorer without test views)."""
         rows = [v.to(self.device, torch.float32) for v in views]
-        self._memory = novel_rows(self._memory, rows, self.memory_tolerance)
+        rows = [r[None] if r.dim() == 2 else r for r in rows]
+        bad = next((tuple(r.shape) for r in rows if r.dim() != 3 or r.shape[0] != len(self.views)), None)
+        if bad is not None:
+            raise ValueError(f"memory rows of shape {bad}: this scorer keeps {len(self.views)} test "
+                             f"view(s) of each patch ({self.test_views!r}), (V, P, D)")
+        return rows
+
+    def add_views(self, views: Sequence[torch.Tensor]) -> None:
+        """Append rows from :meth:`memory_views` (any float type), through the novelty filter
+        (a patch is dropped only where every test view of it has a kept row that near)."""
+        self._memory = novel_rows(self._memory, self._rows(views), self.memory_tolerance)
 
     def fit_views(self, views: Sequence[torch.Tensor]) -> None:
         """:meth:`fit` from rows :meth:`memory_views` gave, without the backbone. Not with a
@@ -371,8 +430,7 @@ class PatchKNNScorer(CameraBanks):
             raise RuntimeError("fit_views() cannot retrain the adapted head: call fit() with the images")
         if len(views) == 0:
             raise ValueError("fit_views() needs at least one view's rows")
-        rows = [v.to(self.device, torch.float32) for v in views]
-        memory = novel_rows(None, rows, self.memory_tolerance)  # an error here keeps the old memory
+        memory = novel_rows(None, self._rows(views), self.memory_tolerance)  # an error keeps the old memory
         self._memory, self._memory_epoch = memory, self._memory_epoch + 1
 
     def score(self, images: Sequence[np.ndarray],
@@ -388,8 +446,8 @@ class PatchKNNScorer(CameraBanks):
         out: list[ScoreResult | None] = [None] * len(images)
         for idx, f in self._grouped_features(images):
             results, dist = self._results(f)
-            if self.stream_bank and streams is not None:
-                results = self._with_banks(results, dist, f, [streams[i] for i in idx])
+            if self.stream_bank and streams is not None:  # one test view (the constructor's check)
+                results = self._with_banks(results, dist.mean(dim=0), f[0], [streams[i] for i in idx])
             for i, r in zip(idx, results, strict=True):
                 out[i] = r
         return out  # type: ignore[return-value]
@@ -446,14 +504,17 @@ class PatchKNNScorer(CameraBanks):
             self.banks.add(key, rows)
 
     def _results(self, f: torch.Tensor) -> tuple[list[ScoreResult], torch.Tensor]:
-        """Results of (B, H, W, D) features against the whole memory, and their (B, H*W)
-        nearest-patch distances."""
+        """Results of (V, B, H, W, D) features (per test view) against the whole memory, and
+        their (V, B, H*W) nearest-patch distances, each view against its own memory; a
+        frame's map is the views' mean. The embedding is the frame's as seen (view 0), so
+        drift means the same with or without test views."""
         assert self._memory is not None
-        b, h, w, d = f.shape
-        dist = _nearest(f.reshape(b, h * w, d), self._memory)
-        img_scores = self._image_scores(dist)
-        maps = dist.reshape(b, h, w).cpu().numpy().astype(np.float32)
-        emb = torch.nn.functional.normalize(f.reshape(b, h * w, d).mean(dim=1), dim=-1)
+        v, b, h, w, d = f.shape
+        dist = torch.stack([_nearest(f[m].reshape(b, h * w, d), self._memory[m]) for m in range(v)])
+        mean = dist.mean(dim=0)
+        img_scores = self._image_scores(mean)
+        maps = mean.reshape(b, h, w).cpu().numpy().astype(np.float32)
+        emb = torch.nn.functional.normalize(f[0].reshape(b, h * w, d).mean(dim=1), dim=-1)
         return [
             ScoreResult(score=float(s), anomaly_map=m, embedding=e)
             for s, m, e in zip(img_scores.tolist(), maps, emb.float().cpu().numpy(), strict=True)
@@ -475,15 +536,15 @@ class PatchKNNScorer(CameraBanks):
             chunk = images[i:i + batch_size]
             for idx, f in self._grouped_features(chunk):
                 res, dist = self._results(f)
-                index, feats, nearest = by_grid.setdefault(tuple(f.shape[1:3]), ([], [], []))
+                index, feats, nearest = by_grid.setdefault(tuple(f.shape[2:4]), ([], [], []))
                 index += [i + j for j in idx]
-                feats.append(f.reshape(f.shape[0], -1, f.shape[-1]).to(torch.float16))
+                feats.append(f.reshape(*f.shape[:2], -1, f.shape[-1]).to(torch.float16))
                 nearest.append(dist)
                 for j, r in zip(idx, res, strict=True):
                     results[i + j] = r
             if on_batch is not None:
                 on_batch(len(chunk))
-        groups = [FrameGroup(index, torch.cat(feats), torch.cat(nearest))
+        groups = [FrameGroup(index, torch.cat(feats, dim=1), torch.cat(nearest, dim=1))
                   for index, feats, nearest in by_grid.values()]
         return PreparedFrames(groups, self.memory_size, self._memory_epoch, self._feature_epoch,
                               results)  # type: ignore[arg-type]
@@ -497,12 +558,14 @@ class PatchKNNScorer(CameraBanks):
             return None
         scores = [0.0] * len(prepared.results)
         for g in prepared.groups:
+            views = range(g.features.shape[0])
             if prepared.memory_epoch != self._memory_epoch:
-                g.nearest = _nearest(g.features, self._memory)
+                g.nearest = torch.stack([_nearest(g.features[m], self._memory[m]) for m in views])
             elif prepared.memory_rows < self.memory_size:
-                fresh = _nearest(g.features, self._memory[prepared.memory_rows:])
+                fresh = torch.stack([_nearest(g.features[m], self._memory[m, prepared.memory_rows:])
+                                     for m in views])
                 g.nearest = torch.minimum(g.nearest, fresh)
-            for i, v in zip(g.index, self._image_scores(g.nearest).tolist(), strict=True):
+            for i, v in zip(g.index, self._image_scores(g.nearest.mean(dim=0)).tolist(), strict=True):
                 scores[i] = v
         prepared.memory_rows, prepared.memory_epoch = self.memory_size, self._memory_epoch
         return scores

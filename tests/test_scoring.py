@@ -327,6 +327,87 @@ def test_frames_of_mixed_shapes_prepared_and_rescored_match_a_full_pass(scorer):
     assert kept[2] <= scorer.memory_tolerance + 1e-3 < first[2].score
 
 
+@pytest.fixture(scope="module")
+def small_backbone():
+    """DINOv2-S at 112 px: the views' arithmetic, not their quality, is what is checked here."""
+    return inference.ScorerSettings(image_size=112).build().backbone
+
+
+def _bottle_frames(n: int, side: int = 150) -> list[np.ndarray]:
+    root = shared_data("mvtec_ad", "bottle")
+    return [cv2.resize(read_rgb(x), (side, side)) for x in
+            sorted((root / "train" / "good").glob("*.png"))[:n]]
+
+
+def test_test_views_score_each_view_against_its_own_references_and_average_the_maps(small_backbone):
+    """--test-views flips: a frame is also seen mirrored left-right, top-bottom and turned 180
+    degrees, each view matched against the references seen the same way, and its map is the
+    views' maps flipped back and averaged (its score the top 1 % of that map). Checked against
+    four plain scorers, one per view, each fitted on flipped references and scoring flipped
+    frames, a tiled strip among them (a view keeps the frame's tile grid)."""
+    from inference.scoring import PatchKNNScorer, view_of
+
+    p = _bottle_frames(8)
+    defect = cv2.resize(read_rgb(sorted((shared_data("mvtec_ad", "bottle") / "test" / "broken_small")
+                                        .glob("*.png"))[0]), (150, 150))
+    refs = [p[0], np.hstack(p[1:4]), np.vstack(p[5:7])]
+    frames = [p[4], defect, np.hstack([p[5], defect, p[6]]), np.vstack([defect, p[7]])]
+    # the whole memory (tolerance 0): the novelty filter keeps a patch in every view where any
+    # view of it is new, so a filtered memory per view holds more than filtering each view alone
+    views = PatchKNNScorer(small_backbone, test_views="flips", memory_tolerance=0.0)
+    views.fit(refs)
+    got = views.score(frames)
+    maps = []
+    for v in views.views:
+        one = PatchKNNScorer(small_backbone, memory_tolerance=0.0)
+        one.fit([view_of(r, v) for r in refs])
+        maps.append([view_of(r.anomaly_map, v) for r in one.score([view_of(f, v) for f in frames])])
+    for i, r in enumerate(got):
+        want = np.mean([m[i] for m in maps], axis=0)
+        np.testing.assert_allclose(r.anomaly_map, want, atol=1e-5)
+        k = max(1, round(0.01 * want.size))
+        assert r.score == pytest.approx(np.sort(want.ravel())[-k:].mean(), abs=1e-5)
+    assert got[2].anomaly_map.shape == (8, 24) and got[3].anomaly_map.shape == (16, 8)  # strips: tiles
+    assert got[1].score > got[0].score  # the broken bottle stands out in the averaged views too
+    plain = PatchKNNScorer(small_backbone, memory_tolerance=0.0)
+    plain.fit(refs)
+    assert not np.allclose(plain.score(frames)[1].anomaly_map, got[1].anomaly_map, atol=1e-3)
+
+
+def test_test_views_calibration_frames_and_refits_from_kept_rows_match_a_full_pass(small_backbone):
+    """With test views the memory holds every patch in each view: calibration frames kept for
+    recalibration are rescored per view as a full pass scores them, and a learning worker's
+    refit from kept rows (memory_views -> fit_views) gives the memory fit() gives. Rows of
+    another view count are refused, naming what the scorer keeps."""
+    from inference.calibration import CalibrationFrames
+    from inference.scoring import PatchKNNScorer
+
+    p = _bottle_frames(9)
+    scorer = PatchKNNScorer(small_backbone, test_views="flips", memory_tolerance=0.02)
+    scorer.fit([p[0]])
+    frames = [p[1], np.hstack(p[2:5]), np.vstack(p[5:7]), p[7]]
+    held = CalibrationFrames(frames, batch_size=3)
+    first = held.results(scorer)
+    np.testing.assert_allclose([r.score for r in first], [r.score for r in scorer.score(frames)], atol=1e-6)
+    scorer.add_normals([p[8], np.hstack(p[2:5])])
+    full = [r.score for r in scorer.score(frames)]
+    np.testing.assert_allclose(held.scores(scorer), full, atol=1e-3)
+    assert full[1] < first[1].score  # the strip is now in memory: its scores really moved
+    scorer.fit([p[8]])  # a new memory: the kept frames are matched against it in full, per view
+    np.testing.assert_allclose(held.scores(scorer), [r.score for r in scorer.score(frames)], atol=1e-3)
+    scorer.add_normals([p[0], np.hstack(p[2:5])])
+
+    rows = scorer.memory_views([p[8], p[0], np.hstack(p[2:5])])  # in the order the memory took them
+    assert [tuple(v.shape[:1]) for views in rows for v in views] == [(4,)] * 3  # 4 views of each
+    again = PatchKNNScorer(small_backbone, test_views="flips", memory_tolerance=0.02)
+    again.fit_views([v.half() for views in rows for v in views])  # as a learner keeps them
+    assert again.memory_size == scorer.memory_size
+    np.testing.assert_allclose([r.score for r in again.score(frames)],
+                               [r.score for r in scorer.score(frames)], atol=1e-3)
+    with pytest.raises(ValueError, match="4 test view"):
+        again.fit_views([rows[0][0][0]])  # one view's (P, D) rows
+
+
 def test_strips_tiled_find_defects_that_squashing_loses():
     """Strips of three bottle photos (2700x900 px): tiled scoring keeps each photo at model
     resolution; squashed, each photo gets a third of the width, and a small break

@@ -47,6 +47,7 @@ CASES: dict[str, tuple[dict[str, Any], Any]] = {
     "precision": ({**CLIP, "precision": "int8"}, lambda s, d: _backbone(s).precision),
     "reference_augment": ({**EFF, "reference_augment": "rotate"}, lambda s, d: s.augment),
     "tiling": ({**EFF, "tiling": False}, lambda s, d: s.tiling),
+    "test_views": ({**EFF, "test_views": "flips"}, lambda s, d: (s.views, s.memory_size)),
     "aggregate": ({**EFF, "aggregate": (1, 3)}, lambda s, d: s.aggregate),
     "zoom": ({**EFF, "zoom": True}, lambda s, d: type(s).__name__),
     "zoom_top_k": ({**EFF, "zoom": True, "zoom_top_k": 3}, lambda s, d: s.top_k),
@@ -199,6 +200,10 @@ def test_a_setting_given_to_calibrate_reaches_the_profile_workers_scorer(
     (["--scorer", "mutual", "--warmup", "40"], "--warmup"),  # above the bank of 32
     (["--scorer", "mutual", "--backbone", TINY, "--random-init"], "mutual scoring is implemented"),
     (["--scorer", "mutual"], "needs no profile"),
+    (["--scorer", "mutual", "--test-views", "flips"], "--test-views"),
+    (["--test-views", "flips", "--zoom"], "--zoom"),  # zoom's crops see one view
+    (["--test-views", "flips", "--stream-bank", "16"], "--stream-bank"),  # a bank holds one view
+    (["--test-views", "flips", "--adapt-steps", "3"], "--adapt-steps"),
 ])
 def test_an_option_the_scorer_would_ignore_is_refused_by_name(flags: list[str], named: str,
                                                                tmp_path: Path, capsys) -> None:
