@@ -35,6 +35,7 @@ SETTINGS: dict[str, dict] = {
     "--preset quality (336 px)": dict(PRESETS["quality"]),
     "448 px": {"image_size": 448},
     "--preset quality --reference-augment rotate": {**PRESETS["quality"], "reference_augment": "rotate"},
+    "--test-views flips (224 px)": {"test_views": "flips"},
 }
 
 
@@ -84,6 +85,7 @@ PARITY: dict[str, dict] = {
     "--zoom": {"zoom": True},
     "--aggregate 1,3": {"aggregate": (1, 3)},
     "--reference-augment rotate": {"reference_augment": "rotate"},
+    "--test-views flips": {"test_views": "flips"},
     "--method mutual (zero-shot, then few-shot)": {"method": "mutual", "warmup": 2},
 }
 
