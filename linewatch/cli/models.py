@@ -95,10 +95,11 @@ def model_args(p: argparse.ArgumentParser, vocabulary: bool = False) -> None:
                    help="patch-knn: flips: also score each frame mirrored left-right, top-bottom "
                         "and turned 180 degrees, each view against the references seen the same "
                         "way (orientation still counts), maps averaged; 4 backbone passes a frame. "
-                        "Bottle 1-shot image AUROC 0.990 -> 0.996, magnetic tile 4-shot 0.81 -> "
-                        "0.83 at 224 px (technique table, squashed frames); with --preset "
-                        "quality (evaluate): tiles 0.821/0.709/0.749 -> 0.827/0.717/0.759 image/pixel/"
-                        f"PRO, bottle unchanged, 4x the time on CPU ({_default('test_views')})")
+                        "linewatch evaluate, image/pixel/PRO: bottle 1-shot 0.990/0.985/0.929 -> "
+                        "0.996/0.986/0.930, magnetic tile 4-shot 0.809/0.696/0.717 -> 0.816/0.706/"
+                        "0.729 at 224 px; with --preset quality tiles 0.821/0.709/0.749 -> "
+                        "0.827/0.717/0.759, bottle unchanged; about 4x the time on CPU "
+                        f"({_default('test_views')})")
     g.add_argument("--aggregate", type=_sizes, default=_NOT_GIVEN, metavar="R[,R]",
                    help="patch-knn: describe each patch also by the mean of its r x r "
                         "neighbourhood, e.g. 1,3 (PatchCore's local aggregation); pays on objects "
