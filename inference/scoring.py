@@ -111,11 +111,6 @@ TEST_VIEW_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
 assert tuple(TEST_VIEW_FLIPS) == TEST_VIEWS  # settings.TEST_VIEWS names them for the command line
 
 
-def view_of(image: np.ndarray, view: tuple[int, ...]) -> np.ndarray:
-    """``image`` (H, W[, C]) as test view ``view`` sees it (flipped along those axes)."""
-    return np.ascontiguousarray(np.flip(image, view)) if view else image
-
-
 TILE_ASPECT = 1.5  # frames whose long side is >= 1.5x the short side are scored as tiles
 MAX_TILES = 8  # a backbone pass per tile: beyond 8:1 the tiles themselves are squashed
 

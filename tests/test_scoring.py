@@ -339,13 +339,19 @@ def _bottle_frames(n: int, side: int = 150) -> list[np.ndarray]:
             sorted((root / "train" / "good").glob("*.png"))[:n]]
 
 
+def _flipped(image: np.ndarray, view: tuple[int, ...]) -> np.ndarray:
+    """``image`` flipped along ``view``'s axes, on the host: the test's own view of a frame,
+    beside the scorer's (which flips its tensors on the device)."""
+    return np.ascontiguousarray(np.flip(image, view)) if view else image
+
+
 def test_test_views_score_each_view_against_its_own_references_and_average_the_maps(small_backbone):
     """--test-views flips: a frame is also seen mirrored left-right, top-bottom and turned 180
     degrees, each view matched against the references seen the same way, and its map is the
     views' maps flipped back and averaged (its score the top 1 % of that map). Checked against
     four plain scorers, one per view, each fitted on flipped references and scoring flipped
     frames, a tiled strip among them (a view keeps the frame's tile grid)."""
-    from inference.scoring import PatchKNNScorer, view_of
+    from inference.scoring import PatchKNNScorer
 
     p = _bottle_frames(8)
     defect = cv2.resize(read_rgb(sorted((shared_data("mvtec_ad", "bottle") / "test" / "broken_small")
@@ -360,8 +366,8 @@ def test_test_views_score_each_view_against_its_own_references_and_average_the_m
     maps = []
     for v in views.views:
         one = PatchKNNScorer(small_backbone, memory_tolerance=0.0)
-        one.fit([view_of(r, v) for r in refs])
-        maps.append([view_of(r.anomaly_map, v) for r in one.score([view_of(f, v) for f in frames])])
+        one.fit([_flipped(r, v) for r in refs])
+        maps.append([_flipped(r.anomaly_map, v) for r in one.score([_flipped(f, v) for f in frames])])
     for i, r in enumerate(got):
         want = np.mean([m[i] for m in maps], axis=0)
         np.testing.assert_allclose(r.anomaly_map, want, atol=1e-5)
